@@ -1,0 +1,194 @@
+"""The `recjax` command: train, evaluate, recommend, and data {info, download, export}.
+
+Errors from bad input (RecjaxError) print as one line `recjax: error: ...` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from recjax.errors import ConfigError, RecjaxError
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return args.func(args) or 0
+  except RecjaxError as e:
+    print(f"recjax: error: {e}", file=sys.stderr)
+    return 2
+  except KeyError as e:  # unknown raw user/item ids
+    print(f"recjax: error: {e.args[0] if e.args else e}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="recjax", description="JAX recommender-systems research framework")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  train = sub.add_parser("train", help="train a model and test it")
+  train.add_argument("model", help="model name (pop, bpr, sasrec)")
+  train.add_argument("--dataset", default=None, help="dataset name (synthetic, ml-100k, gowalla, beauty, ...)")
+  train.add_argument("--data-dir", default=None, help="folder holding datasets (default: $RECJAX_DATA)")
+  train.add_argument("--protocol", default=None, help="evaluation protocol preset (recbole-general, ...)")
+  train.add_argument("--config", default=None, help="Python file with get_config() -> dict of overrides")
+  train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+  train.add_argument("--epochs", type=int, default=None)
+  train.add_argument("--seed", type=int, default=None)
+  train.add_argument("--out", default=None, help="output folder (default: runs/MODEL-DATASET)")
+  train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+  train.set_defaults(func=cmd_train)
+
+  evaluate = sub.add_parser("evaluate", help="evaluate a trained run's best checkpoint")
+  evaluate.add_argument("--run", required=True, help="a run's output folder")
+  evaluate.add_argument("--data-dir", default=None)
+  evaluate.set_defaults(func=cmd_evaluate)
+
+  recommend = sub.add_parser("recommend", help="top-K items for one user of a trained run")
+  recommend.add_argument("--run", required=True)
+  recommend.add_argument("--user", required=True, help="raw user id as in the dataset")
+  recommend.add_argument("--k", type=int, default=10)
+  recommend.add_argument("--data-dir", default=None)
+  recommend.set_defaults(func=cmd_recommend)
+
+  data = sub.add_parser("data", help="dataset tools")
+  data_sub = data.add_subparsers(dest="data_command", required=True)
+  info = data_sub.add_parser("info", help="counts, sparsity, sequence lengths")
+  info.add_argument("name")
+  info.add_argument("--data-dir", default=None)
+  info.set_defaults(func=cmd_data_info)
+  download = data_sub.add_parser("download", help="download a public dataset (MovieLens) into --data-dir")
+  download.add_argument("name")
+  download.add_argument("--data-dir", default=None)
+  download.set_defaults(func=cmd_data_download)
+  export = data_sub.add_parser("export", help="write a protocol's exact split as RecBole benchmark files")
+  export.add_argument("name")
+  export.add_argument("--protocol", default="recbole-general")
+  export.add_argument("--seed", type=int, default=2020)
+  export.add_argument("--data-dir", default=None)
+  export.add_argument("--out", required=True, help="folder to write NAME/NAME.{train,valid,test}.inter into")
+  export.set_defaults(func=cmd_data_export)
+  return parser
+
+
+def _train_config(args) -> dict:
+  from recjax.config import build_config
+
+  config = build_config(args.model, args.config, args.set)
+  for key, value in (("dataset", args.dataset), ("data_dir", args.data_dir), ("protocol", args.protocol),
+                     ("epochs", args.epochs), ("seed", args.seed)):
+    if value is not None:
+      config[key] = value
+  return config
+
+
+def cmd_train(args) -> int:
+  from recjax import experiment
+
+  out = Path(args.out or f"runs/{args.model}-{args.dataset or 'synthetic'}")
+  config = _train_config(args)
+  if args.resume:
+    saved = _saved_config(out)
+    if saved is None:
+      raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
+    config = saved
+  elif (out / "metrics.json").exists() or (out / "checkpoints").exists():
+    raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+  metrics = experiment.train(config, out, resume=args.resume)
+  print(json.dumps({"out": str(out), "valid": metrics["valid"], "test": metrics["test"],
+                    "epochs_run": metrics["epochs_run"], "train_epoch_s": round(metrics["train_epoch_s"], 4)}))
+  return 0
+
+
+def _saved_config(run: Path) -> dict | None:
+  path = run / "config.json"
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def _load_run(run_dir: str, data_dir: str | None):
+  """(experiment, best params) of a finished or interrupted run."""
+  from recjax import experiment
+
+  config = _saved_config(Path(run_dir))
+  if config is None:
+    raise ConfigError(f"--run {run_dir}: no config.json there; is it a recjax run folder?")
+  if data_dir:
+    config["data_dir"] = data_dir
+  exp = experiment.build(config)
+  return exp, experiment.restore_best_params(exp, run_dir)
+
+
+def cmd_evaluate(args) -> int:
+  from recjax import experiment
+
+  exp, params = _load_run(args.run, args.data_dir)
+  result = {phase: experiment.make_evaluator(exp, phase)(params) for phase in ("valid", "test")}
+  print(json.dumps(result, indent=2, sort_keys=True))
+  return 0
+
+
+def cmd_recommend(args) -> int:
+  import jax
+
+  from recjax import tasks
+  from recjax.data import samplers
+
+  exp, params = _load_run(args.run, args.data_dir)
+  split = exp.split
+  everything = split.train.concat(split.valid).concat(split.test)
+  user = split.train.user_id(args.user)
+  inputs = samplers.eval_inputs(everything, np.array([user]), exp.protocol.max_len)
+  scores = np.asarray(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs)))[0]
+  scores[0] = -np.inf
+  scores[everything.item[everything.user == user]] = -np.inf   # recommend only unseen items
+  top = np.argsort(-scores, kind="stable")[:args.k]
+  titles = everything.item_features.get("movie_title")
+  for rank, item in enumerate(top, 1):
+    title = titles[item] if titles is not None else ""
+    title = " ".join(title) if isinstance(title, tuple) else title
+    print(f"{rank:>3}  {everything.item_vocab[item]:>8}  {scores[item]:+.4f}  {title}")
+  return 0
+
+
+def cmd_data_info(args) -> int:
+  from recjax.data.datasets import dataset_info, load_dataset, resolve_data_dir
+
+  loaded = load_dataset(args.name, resolve_data_dir(args.data_dir))
+  print(json.dumps(dataset_info(loaded.interactions), indent=2, default=str))
+  return 0
+
+
+def cmd_data_download(args) -> int:
+  from recjax.data.datasets import download, resolve_data_dir
+
+  data_dir = resolve_data_dir(args.data_dir)
+  if data_dir is None:
+    raise ConfigError("data download: give --data-dir or set RECJAX_DATA")
+  print(download(args.name, data_dir))
+  return 0
+
+
+def cmd_data_export(args) -> int:
+  from recjax import experiment
+  from recjax.config import default_config
+  from recjax.data.export import export_recbole_split
+
+  config = default_config("bpr")
+  config.update(dataset=args.name, data_dir=args.data_dir, protocol=args.protocol, seed=args.seed)
+  exp = experiment.build(config)
+  for path in export_recbole_split(exp.split, Path(args.out), args.name):
+    print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

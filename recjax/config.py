@@ -1,0 +1,151 @@
+"""Run configuration: a plain nested dict with checked overrides.
+
+A config is built from the defaults of a model (`default_config("sasrec")`), optionally a Python
+config file exposing `get_config() -> dict` of overrides, and `--set key=value` strings. Every
+override must name an existing key (dotted for nested ones, e.g. `model.dim=32`) and keep the
+default's type; a misspelt key is an error, never a silent None.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+from typing import Any, Mapping
+
+from recjax.errors import ConfigError
+
+# Run-level defaults shared by all models; each model's entry in MODEL_DEFAULTS overrides them.
+BASE = {
+    "dataset": "synthetic",
+    "data_dir": None,
+    "protocol": "recbole-general",
+    "seed": 2020,
+    "epochs": 300,
+    "batch_size": 2048,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,
+    "loss": "bpr",
+    "l2_weight": 0.0,
+    "num_negatives": 1,
+    "training": "pairs",          # pairs | sequence (whole sequences) | prefix (RecBole's scheme)
+    "eval_every": 1,
+    "patience": 10,               # evaluations without gain before stopping (RecBole: stopping_step)
+    "valid_metric": None,         # None: the protocol's
+    "eval_budget_mb": 256,        # device memory for one chunk of [users, items] scores
+    "keep_checkpoints": 2,
+    "preprocess": {"dedup": False, "min_rating": None, "user_core": 0, "item_core": 0},
+    "model": {},
+}
+
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pop": {"epochs": 0, "loss": None, "training": None},
+    "bpr": {"loss": "bpr"},
+    "sasrec": {
+        "protocol": "recbole-sequential", "training": "sequence", "loss": "ce", "batch_size": 128,
+        "epochs": 200, "eval_every": 5, "patience": 5,
+    },
+}
+
+
+def default_config(model: str) -> dict[str, Any]:
+  """The full default config of a model: BASE, the model's run defaults, its hyperparameters."""
+  from recjax.models import default_hparams  # models import nothing from here
+
+  if model not in MODEL_DEFAULTS:
+    raise ConfigError(f"unknown model {model!r}; known: {', '.join(sorted(MODEL_DEFAULTS))}")
+  config = copy.deepcopy(BASE)
+  config.update(copy.deepcopy(MODEL_DEFAULTS[model]))
+  config["model"] = {"name": model, **default_hparams(model)}
+  return config
+
+
+def parse_value(text: str) -> Any:
+  """`--set` values are Python literals when they parse (1e-3, [10, 20], None), else strings."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def set_key(config: dict[str, Any], dotted: str, value: Any, source: str = "--set") -> None:
+  """Set an existing (possibly nested) key, checking the type against the default's."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node.get(part), dict):
+      raise ConfigError(f"{source}: unknown config key {'.'.join(parents[:i + 1])!r}")
+    node = node[part]
+  if leaf not in node:
+    known = ", ".join(sorted(node))
+    raise ConfigError(f"{source}: unknown config key {dotted!r}; known here: {known}")
+  if dotted == "model.name":
+    raise ConfigError(f"{source}: the model is chosen by the command's MODEL argument, not model.name")
+  node[leaf] = _checked(dotted, node[leaf], value, source)
+
+
+def _checked(key: str, default: Any, value: Any, source: str) -> Any:
+  if default is None or value is None:
+    return value
+  if isinstance(default, bool) or isinstance(value, bool):
+    if isinstance(default, bool) and isinstance(value, bool):
+      return value
+  elif isinstance(default, float) and isinstance(value, (int, float)):
+    return float(value)
+  elif isinstance(default, int) and isinstance(value, int):
+    return value
+  elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+    return type(default)(value)
+  elif isinstance(default, type(value)):
+    return value
+  raise ConfigError(f"{source}: {key} expects {type(default).__name__}, got {value!r}")
+
+
+def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | list[str],
+                    source: str = "--set") -> dict[str, Any]:
+  """A copy of `config` with overrides applied: a mapping (nested dicts allowed) or `key=value` strings."""
+  config = copy.deepcopy(config)
+  if isinstance(overrides, Mapping):
+    for key, value in _flatten(overrides):
+      set_key(config, key, value, source)
+    return config
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"{source}: expected key=value, got {item!r}")
+    set_key(config, key.strip(), parse_value(text.strip()), source)
+  return config
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = ""):
+  for key, value in mapping.items():
+    if isinstance(value, Mapping) and value:
+      yield from _flatten(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+  """Overrides from a Python file defining `get_config() -> dict`."""
+  spec = importlib.util.spec_from_file_location("recjax_user_config", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"{path}: cannot load as a Python config file")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except FileNotFoundError as e:
+    raise ConfigError(f"{path}: config file not found") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: a config file must define get_config() returning a dict")
+  overrides = module.get_config()
+  if not isinstance(overrides, Mapping):
+    raise ConfigError(f"{path}: get_config() must return a dict, got {type(overrides).__name__}")
+  return dict(overrides)
+
+
+def build_config(model: str, config_file: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+  """Defaults of `model`, then the config file's overrides, then `--set` strings."""
+  config = default_config(model)
+  if config_file:
+    config = apply_overrides(config, load_config_file(config_file), source=config_file)
+  return apply_overrides(config, list(overrides))

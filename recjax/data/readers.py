@@ -1,0 +1,468 @@
+"""Format readers: raw files -> `Interactions`.
+
+Every reader parses with pandas (C engine) on the fast path and, only when something is wrong,
+re-scans the text line by line to name the exact file and 1-based line in a `DataError`.
+Raw ids are kept as str tokens; dense ids are numbered 1.. in order of first appearance.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recjax.data.interactions import Interactions, build_vocab, from_columns
+from recjax.errors import ConfigError, DataError
+
+_SUB = "\x1f"   # stands in for multi-character separators such as "::"
+ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
+_INTER_FIELDS = {"user_id": "token", "item_id": "token", "timestamp": "float", "rating": "float"}
+
+
+def _object_array(values: list) -> np.ndarray:
+  out = np.empty(len(values), dtype=object)
+  out[:] = values
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+  name: str
+  kind: str                 # token | token_seq | float | float_seq
+  required: bool = False    # an empty value is an error
+
+
+# ----------------------------------------------------------------------------- generic parsing
+
+def _read_text(path: Path) -> str:
+  """File contents as str: UTF-8, falling back to latin-1 (MovieLens ships latin-1 files)."""
+  try:
+    raw = path.read_bytes()
+  except FileNotFoundError:
+    raise DataError(path, "file not found") from None
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    text = raw.decode("latin-1")
+  return text.removeprefix("\ufeff")
+
+
+def _check_value(field: _Field, value: str) -> str | None:
+  """Why one raw value is invalid for its field, or None."""
+  if value == "":
+    return "missing value" if field.required else None
+  try:
+    if field.kind == "float":
+      float(value)
+    elif field.kind == "float_seq":
+      [float(v) for v in value.split()]
+  except ValueError:
+    return f"{value!r} is not a number"
+  return None
+
+
+def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, quoted: bool,
+            problem: str) -> DataError:
+  """Slow path, only on bad input: the first offending line as a DataError."""
+  display_sep = "::" if sep == _SUB else sep
+  for number, line in enumerate(text.split("\n")[header:], start=header + 1):
+    line = line.rstrip("\r")
+    if line == "":
+      continue
+    values = next(csv.reader([line], delimiter=sep)) if quoted else line.split(sep)
+    if len(values) != len(fields):
+      names = ", ".join(f.name for f in fields)
+      return DataError(path, f"expected {len(fields)} fields separated by {display_sep!r} ({names}), found "
+                       f"{len(values)}", line=number)
+    for field, value in zip(fields, values):
+      why = _check_value(field, value)
+      if why:
+        return DataError(path, f"field {field.name!r}: {why}", line=number)
+  return DataError(path, f"could not parse: {problem}")
+
+
+def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, header: int = 0,
+                 quoted: bool = False) -> dict[str, np.ndarray]:
+  """Typed columns of a delimited text with exactly len(fields) fields per non-blank line.
+
+  Returns: {field name: [n] array}: token -> object str, float -> float64 (empty -> NaN),
+    token_seq -> object tuples (space separated), float_seq -> object float32 arrays.
+  """
+  if len(sep) > 1:
+    text, sep = text.replace(sep, _SUB), _SUB
+  assert header in (0, 1)
+  start = 0 if header == 0 else (text.find("\n") + 1 or len(text))   # offset of the first data line
+  if text[start:].strip() == "":
+    raise DataError(path, "no data lines after the header" if header else "file is empty", line=max(header, 1))
+  kinds = {i: np.float64 if f.kind == "float" else str for i, f in enumerate(fields)}
+  try:
+    df = pd.read_csv(
+        io.StringIO(text), sep=sep, header=None, skiprows=header, dtype=kinds, keep_default_na=False,
+        na_values={i: [""] for i, f in enumerate(fields) if f.kind == "float"}, engine="c",
+        quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, skip_blank_lines=True)
+  except (ValueError, TypeError, pd.errors.ParserError) as exc:
+    raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
+  ok = df.shape[1] == len(fields)
+  # No row has too many fields (else pandas raised), so equal totals mean every row is complete.
+  ok = ok and (quoted or text.count(sep, start) == (len(fields) - 1) * len(df))
+  for i, f in enumerate(fields):
+    if ok and f.required:
+      ok = not (df[i].isna().any() if f.kind == "float" else (df[i] == "").any())
+  if not ok:
+    raise _locate(path, text, fields, sep, header, quoted, "inconsistent fields")
+  try:
+    return {f.name: _convert(df[i], f.kind) for i, f in enumerate(fields)}
+  except ValueError as exc:
+    raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
+
+
+def _convert(column: pd.Series, kind: str) -> np.ndarray:
+  if kind == "float":
+    return column.to_numpy(np.float64)
+  if kind == "token_seq":
+    return _object_array([tuple(v.split()) for v in column])
+  if kind == "float_seq":
+    return _object_array([np.array(v.split(), np.float32) for v in column])
+  return column.to_numpy(object)
+
+
+def _row_lines(text: str, header: int) -> np.ndarray:
+  """1-based line numbers of the non-blank lines after the header (error messages only)."""
+  lines = text.split("\n")
+  return np.array([i + 1 for i in range(header, len(lines)) if lines[i].rstrip("\r") != ""])
+
+
+def _features(path: Path, text: str, columns: dict[str, np.ndarray], key: str, header: int) -> dict:
+  """{feature: {raw id: value}} from parsed columns; a repeated id is a DataError."""
+  keys = columns.pop(key)
+  uniq, first = np.unique(keys.astype(str), return_index=True)
+  if len(uniq) != len(keys):
+    dup = np.setdiff1d(np.arange(len(keys)), first)[0]
+    raise DataError(path, f"{key} {str(keys[dup])!r} appears twice", line=int(_row_lines(text, header)[dup]))
+  return {name: dict(zip(keys, values)) for name, values in columns.items()}
+
+
+# ----------------------------------------------------------------------------- RecBole atomic files
+
+def _atomic_header(path: Path, text: str, inter: bool) -> list[_Field]:
+  """Fields of a typed header `name:type<TAB>...`; on .inter files the id columns are required."""
+  first = text.split("\n", 1)[0].rstrip("\r")
+  if first.strip() == "":
+    raise DataError(path, "file is empty (expected a header `field:type<TAB>...`)", line=1)
+  fields, seen = [], set()
+  for entry in first.split("\t"):
+    name, colon, kind = entry.partition(":")
+    if not colon:
+      raise DataError(path, f"header field {entry!r} has no type (expected name:type, type one of "
+                      f"{', '.join(ATOMIC_TYPES)})", line=1)
+    if kind not in ATOMIC_TYPES:
+      raise DataError(path, f"header field {name!r} has unknown type {kind!r} (expected one of "
+                      f"{', '.join(ATOMIC_TYPES)})", line=1)
+    if name in seen:
+      raise DataError(path, f"header field {name!r} appears twice", line=1)
+    seen.add(name)
+    if inter and name in _INTER_FIELDS:   # the mapped fields are read with their own meaning
+      fields.append(_Field(name, _INTER_FIELDS[name], required=True))
+    else:
+      fields.append(_Field(name, kind, required=name in ("user_id", "item_id")))
+  return fields
+
+
+def _read_atomic_file(path: Path, required: tuple[str, ...], inter: bool) -> tuple[str, dict[str, np.ndarray]]:
+  text = _read_text(path)
+  fields = _atomic_header(path, text, inter)
+  for name in required:
+    if name not in [f.name for f in fields]:
+      raise DataError(path, f"missing column {name!r} (header has {', '.join(f.name for f in fields)})", line=1)
+  return text, _parse_table(path, text, fields, "\t", header=1)
+
+
+def read_atomic(directory: str | Path, name: str) -> Interactions:
+  """RecBole atomic files `{name}.inter` (required), `{name}.item`, `{name}.user` (optional).
+
+  Headers are typed `field:type` (token, token_seq, float, float_seq), fields tab separated,
+  sequences space separated within a field. `.inter` fields user_id, item_id, timestamp, rating map
+  to the Interactions columns; other `.inter` fields go into `columns`. `.item`/`.user` fields
+  become item/user features aligned to the dense ids (ids only present in the feature file are
+  dropped; ids missing from it get padding values).
+  """
+  directory = Path(directory)
+  _, cols = _read_atomic_file(directory / f"{name}.inter", ("user_id", "item_id"), inter=True)
+  feats = {}
+  for kind in ("user", "item"):
+    path = directory / f"{name}.{kind}"
+    if path.exists():
+      text, feat_cols = _read_atomic_file(path, (f"{kind}_id",), inter=False)
+      feats[kind] = _features(path, text, feat_cols, f"{kind}_id", header=1)
+  extra = {k: v for k, v in cols.items() if k not in _INTER_FIELDS}
+  return from_columns(cols["user_id"], cols["item_id"], timestamp=cols.get("timestamp"), rating=cols.get("rating"),
+                      columns=extra, user_features=feats.get("user"), item_features=feats.get("item"), name=name)
+
+
+# ----------------------------------------------------------------------------- MovieLens raw formats
+
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western")
+_RATING_FIELDS = [_Field("user_id", "token", True), _Field("item_id", "token", True),
+                  _Field("rating", "float", True), _Field("timestamp", "float", True)]
+
+
+def _tokens(*names: str) -> list[_Field]:
+  return [_Field(n, "token", required=i == 0) for i, n in enumerate(names)]
+
+
+def _ml100k_items(path: Path) -> dict:
+  text = _read_text(path)
+  fields = _tokens("item_id", "movie_title", "release_date", "video_release_date", "url", *ML100K_GENRES)
+  cols = _parse_table(path, text, fields, "|")
+  flags = np.stack([cols.pop(g) == "1" for g in ML100K_GENRES], axis=1)   # [n, 19]
+  names = np.array(ML100K_GENRES, dtype=object)
+  cols = {"item_id": cols["item_id"], "movie_title": cols["movie_title"],
+          "release_year": _object_array([d[-4:] for d in cols["release_date"]]),
+          "genres": _object_array([tuple(names[row]) for row in flags])}
+  return _features(path, text, cols, "item_id", header=0)
+
+
+def _movies(path: Path, sep: str, header: int, quoted: bool) -> dict:
+  """`id<sep>title (year)<sep>Genre|Genre` -> movie_title, release_year, genres."""
+  text = _read_text(path)
+  cols = _parse_table(path, text, _tokens("item_id", "movie_title", "genres"), sep, header=header, quoted=quoted)
+  titles = pd.Series(cols["movie_title"], dtype=object)
+  years = titles.str.extract(r"\((\d{4})\)\s*$", expand=False).fillna("")
+  genres = [() if g in ("", "(no genres listed)") else tuple(g.split("|")) for g in cols["genres"]]
+  cols = {"item_id": cols["item_id"], "movie_title": cols["movie_title"],
+          "release_year": years.to_numpy(object), "genres": _object_array(genres)}
+  return _features(path, text, cols, "item_id", header=header)
+
+
+def _users(path: Path, sep: str, names: tuple[str, ...]) -> dict | None:
+  """Demographics from an optional users file; None when it is absent."""
+  if not path.exists():
+    return None
+  text = _read_text(path)
+  return _features(path, text, _parse_table(path, text, _tokens("user_id", *names), sep), "user_id", 0)
+
+
+def _check_csv_header(path: Path, text: str, expected: tuple[str, ...]) -> None:
+  got = tuple(h.strip() for h in text.split("\n", 1)[0].rstrip("\r").split(","))
+  if got[:len(expected)] != expected or len(got) != len(expected):
+    raise DataError(path, f"expected header {','.join(expected)}, found {','.join(got)}", line=1)
+
+
+MOVIELENS_VARIANTS = ("ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m")
+
+
+def read_movielens(directory: str | Path, variant: str) -> Interactions:
+  """MovieLens as distributed by GroupLens, from the directory holding the unzipped files.
+
+  ml-100k: `u.data` (user item rating timestamp, tab separated), `u.item` (pipe separated,
+    latin-1: title, release date, 19 genre flags), `u.user` (age|gender|occupation|zip).
+  ml-1m / ml-10m: `ratings.dat` (`::` separated), `movies.dat` (`id::title (year)::A|B`),
+    ml-1m `users.dat` (`id::gender::age::occupation::zip`).
+  ml-20m / ml-25m / ml-32m: `ratings.csv` (header userId,movieId,rating,timestamp), `movies.csv`
+    (movieId,title,genres, quoted CSV).
+  Item features: movie_title (str, as in the file), release_year (str, "" when unknown), genres
+  (tuple of str). User features (ml-100k, ml-1m): age, gender, occupation, zip_code (str).
+  """
+  directory = Path(directory)
+  if variant not in MOVIELENS_VARIANTS:
+    raise ConfigError(f"unknown MovieLens variant {variant!r}; known: {', '.join(MOVIELENS_VARIANTS)}")
+  users = items = None
+  if variant == "ml-100k":
+    path = directory / "u.data"
+    cols = _parse_table(path, _read_text(path), _RATING_FIELDS, "\t")
+    items = _ml100k_items(directory / "u.item") if (directory / "u.item").exists() else None
+    users = _users(directory / "u.user", "|", ("age", "gender", "occupation", "zip_code"))
+  elif variant in ("ml-1m", "ml-10m"):
+    path = directory / "ratings.dat"
+    cols = _parse_table(path, _read_text(path), _RATING_FIELDS, "::")
+    movies = directory / "movies.dat"
+    items = _movies(movies, "::", 0, quoted=False) if movies.exists() else None
+    if variant == "ml-1m":
+      users = _users(directory / "users.dat", "::", ("gender", "age", "occupation", "zip_code"))
+  else:
+    path = directory / "ratings.csv"
+    text = _read_text(path)
+    _check_csv_header(path, text, ("userId", "movieId", "rating", "timestamp"))
+    cols = _parse_table(path, text, _RATING_FIELDS, ",", header=1)
+    movies = directory / "movies.csv"
+    if movies.exists():
+      _check_csv_header(movies, _read_text(movies), ("movieId", "title", "genres"))
+      items = _movies(movies, ",", 1, quoted=True)
+  return from_columns(cols["user_id"], cols["item_id"], timestamp=cols["timestamp"], rating=cols["rating"],
+                      user_features=users, item_features=items, name=variant)
+
+
+# ----------------------------------------------------------------------------- generic tables
+
+def _table_frame(path: Path, sep: str | None) -> tuple[pd.DataFrame, np.ndarray | None]:
+  """(non-blank rows of the file, 1-based line of each row; None for Parquet, which has no lines)."""
+  if path.suffix.lower() in (".parquet", ".pq"):
+    try:
+      return pd.read_parquet(path), None
+    except ImportError as exc:
+      raise DataError(path, f"reading Parquet needs pyarrow or fastparquet ({exc})") from None
+  sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+  try:
+    df = pd.read_csv(io.StringIO(_read_text(path)), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False)
+  except pd.errors.EmptyDataError:
+    raise DataError(path, "file is empty", line=1) from None
+  except pd.errors.ParserError as exc:
+    found = re.search(r"line (\d+)", str(exc))
+    raise DataError(path, f"could not parse: {exc}", line=int(found.group(1)) if found else None) from None
+  blank = (df == "").all(axis=1).to_numpy()
+  if blank.all():
+    raise DataError(path, "no data lines after the header", line=1)
+  return df[~blank].reset_index(drop=True), np.flatnonzero(~blank) + 2   # line 1 is the header
+
+
+def _row_error(path: Path, lines: np.ndarray | None, bad: np.ndarray, message: str) -> DataError:
+  """DataError at the first True row of `bad` [n]: by line for text files, by row for Parquet."""
+  row = int(np.flatnonzero(bad)[0])
+  if lines is None:
+    return DataError(path, f"row {row}: {message}")
+  return DataError(path, message, line=int(lines[row]))
+
+
+def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: bool) -> np.ndarray:
+  """float64 [n] of a column; with `dates`, date strings / datetimes become seconds since the epoch."""
+  if dates and pd.api.types.is_datetime64_any_dtype(values):
+    values = values.dt.tz_localize(None) if values.dt.tz is not None else values
+    return (values - pd.Timestamp(0)).dt.total_seconds().to_numpy(np.float64)
+  number = pd.to_numeric(values, errors="coerce")
+  bad = number.isna().to_numpy()
+  if bad.any() and dates:
+    when = pd.to_datetime(values, errors="coerce", utc=True)
+    if not when.isna().any():
+      return (when - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
+  if bad.any():
+    raise _row_error(path, lines, bad, f"column {values.name!r}: {values[bad].iloc[0]!r} is not a number")
+  return number.to_numpy(np.float64)
+
+
+def read_table(path: str | Path, *, user_col: str, item_col: str, timestamp_col: str | None = None,
+               rating_col: str | None = None, sep: str | None = None, extra_cols: tuple[str, ...] = (),
+               name: str | None = None) -> Interactions:
+  """Interactions from a CSV/TSV (with a header line) or Parquet file, by column mapping.
+
+  `sep` defaults to tab for .tsv/.tab and comma otherwise. Timestamps may be numbers or
+  date strings (-> seconds since the epoch). Extra columns are kept in `columns`, as float64
+  when every value is numeric, else as str.
+  """
+  path = Path(path)
+  df, lines = _table_frame(path, sep)
+  for col in (user_col, item_col, timestamp_col, rating_col, *extra_cols):
+    if col is not None and col not in df.columns:
+      raise DataError(path, f"column {col!r} not found (columns: {', '.join(map(str, df.columns))})",
+                      line=None if lines is None else 1)
+  ids = {col: df[col].astype(str).to_numpy(object) for col in (user_col, item_col)}
+  for col, values in ids.items():
+    if (df[col].isna().to_numpy() | (values == "")).any():
+      raise _row_error(path, lines, df[col].isna().to_numpy() | (values == ""), f"column {col!r}: missing id")
+  extra = {}
+  for col in extra_cols:
+    number = pd.to_numeric(df[col], errors="coerce")
+    extra[col] = number.to_numpy(np.float64) if not number.isna().any() else df[col].astype(str).to_numpy(object)
+  timestamp = None if timestamp_col is None else _numeric(path, df[timestamp_col], lines, dates=True)
+  rating = None if rating_col is None else _numeric(path, df[rating_col], lines, dates=False)
+  return from_columns(ids[user_col], ids[item_col], timestamp=timestamp, rating=rating, columns=extra,
+                      name=name or path.stem)
+
+
+# ----------------------------------------------------------------------------- whitespace line formats
+
+_ASCII_SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 28, 29, 30, 31, 32])
+
+
+def _token_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Whitespace-separated tokens of every line.
+
+  Returns: (tokens [T] str, counts [lines] tokens per line, line numbers [lines] 1-based), with
+    blank lines dropped; tokens of line j are tokens[offsets[j]:offsets[j] + counts[j]].
+  """
+  text = _read_text(path)
+  tokens = np.array(text.split())
+  data = np.frombuffer(text.encode("utf-8"), np.uint8)
+  space = _ASCII_SPACE[data]
+  starts = ~space & np.concatenate([[True], space[:-1]])             # first byte of each token
+  counts = np.bincount(np.cumsum(data == 10)[starts], minlength=text.count("\n") + 1)
+  if counts.sum() != len(tokens):   # exotic unicode whitespace: count line by line instead
+    counts = pd.Series(text.split("\n"), dtype=object).str.split().str.len().to_numpy(np.int64)
+  keep = counts > 0
+  if not keep.any():
+    raise DataError(path, "file is empty", line=1)
+  return tokens, counts[keep], np.flatnonzero(keep) + 1
+
+
+def _check_ids(path: Path, tokens: np.ndarray, counts: np.ndarray, lines: np.ndarray) -> None:
+  """LightGCN ids are non-negative integers; name the line of the first one that is not."""
+  bad = ~np.char.isdigit(tokens)
+  if bad.any():
+    at = int(np.flatnonzero(bad)[0])
+    line = lines[np.searchsorted(np.cumsum(counts), at, side="right")]
+    raise DataError(path, f"id {str(tokens[at])!r} is not a non-negative integer", line=int(line))
+
+
+def _adjacency(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """`user item item ...` lines -> (line users [m], line numbers [m], item counts [m], items [n])."""
+  tokens, counts, lines = _token_lines(path)
+  _check_ids(path, tokens, counts, lines)
+  starts = np.cumsum(counts) - counts
+  is_item = np.ones(len(tokens), bool)
+  is_item[starts] = False
+  return tokens[starts], lines, counts - 1, tokens[is_item]
+
+
+def read_lightgcn(directory: str | Path, name: str | None = None) -> tuple[Interactions, Interactions]:
+  """LightGCN's published split: `train.txt` and `test.txt`, lines `user item item ...`.
+
+  Both share one vocabulary, numbered over train then test (first appearance). A train line
+  with a user and no items is allowed: the user gets an id but no interactions. A test line with
+  no items is skipped (a warning counts them). A test user absent from train is a DataError
+  (there is nothing to rank from); an item seen only in test is allowed and kept in the
+  vocabulary. No timestamps: rows keep the file order.
+
+  Returns: (train, test) Interactions over the same vocabularies.
+  """
+  directory = Path(directory)
+  train_path, test_path = directory / "train.txt", directory / "test.txt"
+  train_users, _, train_counts, train_items = _adjacency(train_path)
+  test_users, test_lines, test_counts, test_items = _adjacency(test_path)
+  if (test_counts == 0).any():
+    first = int(test_lines[test_counts == 0][0])
+    warnings.warn(f"{test_path}: skipped {(test_counts == 0).sum()} lines with a user and no items "
+                  f"(first at line {first})", stacklevel=2)
+  test_users, test_lines = test_users[test_counts > 0], test_lines[test_counts > 0]
+  unknown = ~np.isin(test_users, train_users)
+  if unknown.any():
+    at = int(np.flatnonzero(unknown)[0])
+    raise DataError(test_path, f"user {str(test_users[at])!r} does not appear in {train_path.name}",
+                    line=int(test_lines[at]))
+  m = len(train_users)
+  users, user_vocab = build_vocab(np.concatenate([train_users, np.repeat(test_users, test_counts[test_counts > 0])]))
+  items, item_vocab = build_vocab(np.concatenate([train_items, test_items]))
+  make = lambda u, i: Interactions(user=u, item=i, user_vocab=user_vocab, item_vocab=item_vocab,
+                                   name=name or directory.name)
+  n = len(train_items)
+  return make(np.repeat(users[:m], train_counts), items[:n]), make(users[m:], items[n:])
+
+
+def read_user_item_sequences(path: str | Path, name: str | None = None) -> Interactions:
+  """`user item` per line (whitespace separated), each user's lines in time order (SASRec format).
+
+  There are no timestamps in the file, so timestamp = running row index (0., 1., ...) which keeps
+  the file order through every time-ordered operation.
+  """
+  path = Path(path)
+  tokens, counts, lines = _token_lines(path)
+  if (counts != 2).any():
+    at = int(np.flatnonzero(counts != 2)[0])
+    raise DataError(path, f"expected 2 fields (user item), found {counts[at]}", line=int(lines[at]))
+  return from_columns(tokens[0::2], tokens[1::2], timestamp=np.arange(len(lines), dtype=np.float64),
+                      name=name or path.stem)

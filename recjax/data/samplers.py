@@ -1,0 +1,217 @@
+"""Seeded, vectorised batch makers: fixed-shape numpy dicts, last batch padded with weight 0.
+
+The order (and negatives) of epoch e come from `np.random.default_rng([seed, e])` only, so a resumed
+run replays exactly the batches an uninterrupted one would have seen. Padding rows are all zeros
+(id 0 is the padding id everywhere) with weight 0.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+
+from recjax.data.interactions import Interactions, user_sequences
+from recjax.errors import DataError
+
+Batch = dict[str, np.ndarray]
+
+
+class PairSampler:
+  """(user, positive, negatives) triples over every training row, reshuffled each epoch.
+
+  Batches: `user [B] int32`, `pos [B] int32`, `neg [B, n] int32` (uniform over [1, num_items)
+  minus the user's training items), `weight [B] float32`.
+  """
+
+  def __init__(self, train: Interactions, batch_size: int, num_negatives: int = 1, seed: int = 0):
+    if len(train) == 0:
+      raise DataError(train.name or "train", "PairSampler got no training interactions")
+    self.user, self.item = train.user.astype(np.int32), train.item.astype(np.int32)
+    self.negatives = NegativeSampler(train)
+    self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
+
+  @property
+  def num_batches(self) -> int:
+    return -(-len(self.user) // self.batch_size)
+
+  def epoch(self, epoch: int) -> Iterator[Batch]:
+    rng = np.random.default_rng([self.seed, epoch])
+    perm = rng.permutation(len(self.user))
+    for start in range(0, len(perm), self.batch_size):
+      rows = perm[start:start + self.batch_size]
+      user = self.user[rows]
+      batch = {"user": user, "pos": self.item[rows],
+               "neg": self.negatives.sample(rng, user, self.num_negatives),
+               "weight": np.ones(len(rows), np.float32)}
+      yield pad_batch(batch, self.batch_size)
+
+
+class SequenceSampler:
+  """Next-item training rows from each user's time-ordered training items (L = max_len).
+
+  mode "sequence" (SASRec paper): one row per user with >= 2 items; the last L+1 items give
+    `seq [B, L]` (items[:-1], left-padded, latest at L-1), `pos [B, L]` (items[1:], 0 = none),
+    `neg [B, L, n]` (0 where pos is 0), `weight [B, L]` (1 where pos > 0 on real rows).
+  mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
+    i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
+    `neg [B, n]`, `weight [B]`; sum over users of (n_u - 1) rows.
+  Negatives are uniform over [1, num_items) minus all of the user's training items. Rows are kept
+  as indices into the CSR item array and windows are gathered per batch, so memory is O(n).
+  """
+
+  def __init__(self, train: Interactions, max_len: int, batch_size: int, num_negatives: int = 1,
+               seed: int = 0, mode: str = "sequence"):
+    if mode not in ("sequence", "prefix"):
+      raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
+    self.items, offsets = user_sequences(train)
+    counts = np.diff(offsets)
+    if mode == "sequence":
+      self.row_user = np.flatnonzero(counts >= 2).astype(np.int32)
+      self.row_end = offsets[self.row_user + 1]                 # window ends after the last item
+    else:
+      user_of = np.repeat(np.arange(len(counts)), counts)        # user of each CSR position
+      target = np.flatnonzero(np.arange(len(self.items)) > offsets[user_of])   # position >= 1
+      self.row_user, self.row_end = user_of[target].astype(np.int32), target
+    if len(self.row_user) == 0:
+      raise DataError(train.name or "train", f"SequenceSampler({mode}) found no user with 2 or more training items")
+    self.starts = offsets[:-1]
+    self.negatives = NegativeSampler(train)
+    self.max_len, self.batch_size, self.num_negatives = max_len, batch_size, num_negatives
+    self.seed, self.mode = seed, mode
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.row_user)
+
+  @property
+  def num_batches(self) -> int:
+    return -(-self.num_rows // self.batch_size)
+
+  def epoch(self, epoch: int) -> Iterator[Batch]:
+    rng = np.random.default_rng([self.seed, epoch])
+    perm = rng.permutation(self.num_rows)
+    for start in range(0, len(perm), self.batch_size):
+      rows = perm[start:start + self.batch_size]
+      yield pad_batch(self.rows(rows, rng), self.batch_size)
+
+  def rows(self, rows: np.ndarray, rng: np.random.Generator) -> Batch:
+    """Unpadded batch for row indices [m]."""
+    user, end = self.row_user[rows], self.row_end[rows]
+    starts = self.starts[user]
+    n = self.num_negatives
+    if self.mode == "prefix":
+      seq = windows(self.items, starts, end, self.max_len)      # [m, L]
+      neg = self.negatives.sample(rng, user, n)
+      return {"seq": seq, "pos": self.items[end], "neg": neg, "weight": np.ones(len(rows), np.float32)}
+    full = windows(self.items, starts, end, self.max_len + 1)   # [m, L+1]
+    seq = np.ascontiguousarray(full[:, :-1])
+    pos = np.where(seq > 0, full[:, 1:], 0)                     # the first item is nobody's target
+    has = pos > 0
+    neg = np.zeros(pos.shape + (n,), np.int32)                  # [m, L, n]
+    neg[has] = self.negatives.sample(rng, np.broadcast_to(user[:, None], pos.shape)[has], n)
+    return {"seq": seq, "pos": pos, "neg": neg, "weight": has.astype(np.float32)}
+
+
+class NegativeSampler:
+  """Uniform negatives over [1, num_items) that are not among the user's training items.
+
+  Vectorised rejection: draw all, look the (user, item) keys up in the sorted positive keys, redraw
+  only the collisions until none is left.
+  """
+
+  def __init__(self, train: Interactions):
+    self.num_items = train.num_items
+    self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
+    per_user = np.bincount(self.keys // self.num_items, minlength=train.num_users)
+    full = np.flatnonzero(per_user >= self.num_items - 1)
+    if len(full):
+      raise DataError(train.name or "train", f"user {int(full[0])} ({train.user_vocab[full[0]]}) has interacted "
+                      f"with all {self.num_items - 1} items: no negative item can be sampled")
+
+  def sample(self, rng: np.random.Generator, user: np.ndarray, num: int) -> np.ndarray:
+    """`num` negatives for each of `user` (int [m]); int32 [m, num]."""
+    flat_user = np.repeat(user, num)
+    neg = rng.integers(1, self.num_items, size=len(flat_user)).astype(np.int32)
+    todo = np.flatnonzero(self.is_positive(flat_user, neg))
+    while len(todo):                                            # only collisions are redrawn
+      neg[todo] = rng.integers(1, self.num_items, size=len(todo))
+      todo = todo[self.is_positive(flat_user[todo], neg[todo])]
+    return neg.reshape(len(user), num)
+
+  def is_positive(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """bool [m]: (user, item) is a training interaction."""
+    key = user.astype(np.int64) * self.num_items + item
+    at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+    return self.keys[at] == key
+
+
+def windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
+  """The up to `width` items before each `end` and not before its `start`, left-padded with 0.
+
+  Args:
+    items: int [n] CSR items; starts, ends: int [m] positions in `items` (end exclusive).
+  Returns:
+    int32 [m, width]; row k ends with items[ends[k]-1] at column width-1.
+  """
+  index = ends[:, None] - width + np.arange(width)[None, :]      # [m, width]
+  if len(items) == 0:
+    return np.zeros(index.shape, np.int32)
+  return np.where(index >= starts[:, None], items[np.clip(index, 0, len(items) - 1)], 0).astype(np.int32)
+
+
+def eval_inputs(history: Interactions, users: np.ndarray, max_len: int) -> Batch:
+  """Evaluation inputs: `user [U] int32` and `seq [U, L] int32`, the last L items of each user's
+  history in time order, left-padded (latest at L-1)."""
+  items, offsets = user_sequences(history)
+  users = np.asarray(users, np.int64)
+  return {"user": users.astype(np.int32), "seq": windows(items, offsets[users], offsets[users + 1], max_len)}
+
+
+def csr_to_padded(items: np.ndarray, offsets: np.ndarray, users: np.ndarray, width: int | None = None) -> np.ndarray:
+  """Rows `items[offsets[u]:offsets[u+1]]` for each u in `users`, left-aligned and padded with 0.
+
+  Args:
+    items: int [n]; offsets: int [num_users+1]; users: int [U].
+    width: at least the longest selected row; defaults to it (and at least 1).
+  Returns:
+    int32 [U, W] (for positives / history masks in evaluation).
+  """
+  users = np.asarray(users, np.int64)
+  start, length = offsets[users], offsets[users + 1] - offsets[users]
+  longest = int(length.max(initial=0))
+  if width is None:
+    width = max(longest, 1)
+  elif width < longest:
+    raise ValueError(f"width {width} is shorter than the longest row ({longest})")
+  if len(items) == 0:
+    return np.zeros((len(users), width), np.int32)
+  index = start[:, None] + np.arange(width)[None, :]             # [U, W]
+  valid = np.arange(width)[None, :] < length[:, None]
+  return np.where(valid, items[np.clip(index, 0, len(items) - 1)], 0).astype(np.int32)
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+  """Pads every array along axis 0 to `size` rows of zeros (so padding weight is 0)."""
+  missing = size - len(next(iter(batch.values())))
+  if missing == 0:
+    return batch
+  return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+def prefetch_to_device(iterator: Iterable[Batch], size: int = 2, sharding=None) -> Iterator:
+  """Yields the batches of `iterator` already on device (`jax.device_put`, with `sharding` if
+  given), keeping `size` transfers in flight so host batching overlaps device work."""
+  queue = collections.deque()
+  iterator = iter(iterator)
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

@@ -1,0 +1,163 @@
+"""Train / valid / test splits of an `Interactions` (pure; seeded where random).
+
+Every splitter keeps the vocabularies and features, and keeps rows in their original order inside
+each part, so `len(train) + len(valid) + len(test) == len(inter)` with nothing lost or duplicated.
+Without timestamps, "time order" is file order (as in `user_sequences`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from recjax.data.interactions import Interactions, user_sequences
+from recjax.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Three parts over the same vocabularies; `name` says how they were made."""
+  train: Interactions
+  valid: Interactions
+  test: Interactions
+  name: str
+
+
+def leave_one_out(inter: Interactions) -> Split:
+  """Per user in time order (stable on ties): last -> test, second to last -> valid, rest -> train.
+
+  Mirrors RecBole's `split: {LS: valid_and_test}` with `order: TO`, except for tiny users: a user
+  with fewer than 3 interactions keeps them all in train (RecBole would give a 2-interaction user
+  a test row and no valid row).
+  """
+  order = np.lexsort((_time(inter), inter.user))
+  counts = np.bincount(inter.user, minlength=inter.num_users)
+  from_end = counts[inter.user[order]] - 1 - _group_rank(inter.user[order], counts)
+  part_sorted = np.where(counts[inter.user[order]] >= 3, np.clip(2 - from_end, 0, 2), 0)
+  return _from_parts(inter, order, part_sorted, "leave_one_out")
+
+
+def random_ratio(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
+  """Per user, a random permutation of the user's rows cut by RecBole 1.2.1's counts.
+
+  See `ratio_counts` for the rounding. `ratios` has 3 entries (train, valid, test) or 2 (train,
+  test; valid empty).
+  """
+  key = np.random.default_rng(seed).random(len(inter))
+  return _by_user_order(inter, np.lexsort((key, inter.user)), ratios, "random_ratio")
+
+
+def temporal_ratio(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.1)) -> Split:
+  """Per user in time order (stable on ties), the earliest rows to train, then valid, then test;
+  counts as in `random_ratio`."""
+  return _by_user_order(inter, np.lexsort((_time(inter), inter.user)), ratios, "temporal_ratio")
+
+
+def global_temporal(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.1)) -> Split:
+  """One global timeline cut at timestamp quantiles.
+
+  The cut times are the timestamps found at the RecBole counts (`ratio_counts` over all rows) in
+  the time-sorted rows; a row goes to train if its time is before the first cut, to valid if before
+  the second, else to test. Rows sharing a timestamp thus never straddle a cut (ties go to the
+  later part), so part sizes can differ slightly from the counts.
+  """
+  time = _time(inter)
+  cnt = ratio_counts(np.array([len(inter)]), ratios)[0]
+  sorted_time = np.append(np.sort(time, kind="stable"), np.inf)
+  cuts = sorted_time[np.cumsum(cnt)[:-1]]                      # [parts-1]
+  part = (time[:, None] >= cuts[None, :]).sum(1)
+  if len(cnt) == 2:
+    part = part * 2                                            # (train, test): valid stays empty
+  return _from_parts(inter, np.arange(len(inter)), part, "global_temporal")
+
+
+def given(train: Interactions, test: Interactions, valid: Interactions | None = None) -> Split:
+  """A split from pre-split parts (e.g. LightGCN's train.txt / test.txt) over one vocabulary.
+
+  Raises DataError naming the part and the first bad id when an id is outside [1, table size) of
+  train's vocabularies, or when a part has different vocabulary sizes. `valid=None` -> 0 rows.
+  """
+  if valid is None:
+    valid = train.subset(np.zeros(0, np.int64))
+  where = train.name or "given split"
+  for part_name, part in (("train", train), ("valid", valid), ("test", test)):
+    if (part.num_users, part.num_items) != (train.num_users, train.num_items):
+      raise DataError(where, f"{part_name} has vocabulary sizes ({part.num_users}, {part.num_items}), "
+                      f"train has ({train.num_users}, {train.num_items})")
+    for kind, ids, size in (("user", part.user, train.num_users), ("item", part.item, train.num_items)):
+      bad = np.flatnonzero((ids < 1) | (ids >= size))
+      if len(bad):
+        raise DataError(where, f"{part_name}: {kind} id {int(ids[bad[0]])} (row {int(bad[0])}) outside [1, {size})")
+  return Split(train, valid, test, "given")
+
+
+def history_csr(inter: Interactions) -> tuple[np.ndarray, np.ndarray]:
+  """Each user's items in time order as CSR `(items [n] int32, offsets [num_users+1])`, e.g. the
+  training history to mask in evaluation (an alias of `user_sequences`)."""
+  return user_sequences(inter)
+
+
+def check_split(split: Split) -> None:
+  """DataError if the training part is empty; nothing else is checked."""
+  if len(split.train) == 0:
+    raise DataError(split.train.name or split.name, f"split {split.name!r} has an empty training part")
+
+
+def ratio_counts(n: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
+  """Part sizes per group exactly as RecBole 1.2.1's `_calcu_split_ids`.
+
+  With ratios normalised to sum 1: `cnt[k] = int(r[k] * n)` for k >= 1, `cnt[0] = n - sum(cnt[1:])`;
+  then for i = 1.. (last part first) while `cnt[0] > 1`, a part with `0 < r[-i] * n < 1` takes one
+  row from `cnt[0]` (so small users still get valid/test rows; a zero ratio stays empty).
+
+  Args:
+    n: int [G] group sizes.
+    ratios: [P] non-negative part ratios.
+  Returns:
+    int64 [G, P] counts, each row summing to n.
+  """
+  if len(ratios) not in (2, 3) or min(ratios) < 0 or sum(ratios) <= 0:
+    raise ValueError(f"ratios must be 2 or 3 non-negative numbers with a positive sum, got {list(ratios)}")
+  total = sum(float(r) for r in ratios)                          # Python sum, as RecBole
+  r = np.array([float(x) / total for x in ratios])
+  n = np.asarray(n, np.int64)
+  exact = r[None, :] * n[:, None]                                # [G, P]
+  cnt = exact.astype(np.int64)                                   # truncation == int() here
+  cnt[:, 0] = n - cnt[:, 1:].sum(1)
+  for i in range(1, len(r)):                                     # over parts, not groups
+    bump = (cnt[:, 0] > 1) & (exact[:, -i] > 0) & (exact[:, -i] < 1)
+    cnt[bump, -i] += 1
+    cnt[bump, 0] -= 1
+  return cnt
+
+
+def _time(inter: Interactions) -> np.ndarray:
+  return inter.timestamp if inter.timestamp is not None else np.arange(len(inter), dtype=np.float64)
+
+
+def _group_rank(sorted_groups: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """Position of each row inside its group, for rows sorted by group. [n]"""
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  return np.arange(len(sorted_groups)) - offsets[sorted_groups]
+
+
+def _by_user_order(inter: Interactions, order: np.ndarray, ratios: Sequence[float], name: str) -> Split:
+  """Cut each user's rows, taken in `order` (sorted by user), by `ratio_counts`."""
+  counts = np.bincount(inter.user, minlength=inter.num_users)
+  cnt = ratio_counts(counts, ratios)                             # [num_users, P]
+  user_sorted = inter.user[order]
+  rank = _group_rank(user_sorted, counts)
+  bounds = np.cumsum(cnt, axis=1)[user_sorted, :-1]              # [n, P-1]
+  part = (rank[:, None] >= bounds).sum(1)
+  if cnt.shape[1] == 2:
+    part = part * 2
+  return _from_parts(inter, order, part, name)
+
+
+def _from_parts(inter: Interactions, order: np.ndarray, part_sorted: np.ndarray, name: str) -> Split:
+  """Split from a part id (0 train, 1 valid, 2 test) for each row of `inter[order]`."""
+  part = np.empty(len(inter), np.int64)
+  part[order] = part_sorted
+  train, valid, test = (inter.subset(np.flatnonzero(part == p)) for p in range(3))
+  return Split(train, valid, test, name)

@@ -1,0 +1,142 @@
+"""Evaluation protocols: how a dataset is split and ranked, with presets from the literature.
+
+`recbole-general` and `recbole-sequential` mirror RecBole 1.2.1's defaults (`overall.yaml`):
+general models split each user's interactions at random 80/10/10 and rank all items with the
+training items masked; sequential models split leave-one-out in time order and mask only the
+padding item (RecBole's `FullSortEvalDataLoader` passes no history for sequential models).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from recjax.data.interactions import Interactions
+from recjax.errors import ConfigError
+from recjax.eval.metrics import check_metrics, parse_metric_key
+
+SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given")
+DISTRIBUTIONS = ("uniform", "popularity")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """A split and a ranking protocol.
+
+  Attributes:
+    name: preset or user name, for logs.
+    split: one of SPLITS.
+    ratios: train/valid/test shares for the ratio splits.
+    mask_history: mask the user's earlier items (train, + valid at test time) before top-k.
+    max_len: history length fed to sequential models.
+    ks, metrics: cut-offs and metric names (recjax.eval.metrics.METRIC_NAMES).
+    valid_metric: the "name@k" key used for early stopping and model selection.
+    sampled: number of sampled negatives, or None for full ranking.
+    sampled_distribution: "uniform" or "popularity".
+  """
+  name: str
+  split: str
+  ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+  mask_history: bool = True
+  max_len: int = 50
+  ks: tuple[int, ...] = (10,)
+  metrics: tuple[str, ...] = ("recall", "mrr", "ndcg", "hit", "precision")
+  valid_metric: str = "mrr@10"
+  sampled: int | None = None
+  sampled_distribution: str = "uniform"
+
+  def __post_init__(self):
+    if self.split not in SPLITS:
+      raise ConfigError(f"protocol {self.name!r}: unknown split {self.split!r}; valid: {', '.join(SPLITS)}")
+    if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
+      raise ConfigError(f"protocol {self.name!r}: ratios must be 3 non-negative shares summing to 1")
+    check_metrics(self.metrics, self.ks)
+    name, k = parse_metric_key(self.valid_metric)
+    if name not in self.metrics or k not in self.ks:
+      raise ConfigError(f"protocol {self.name!r}: valid_metric {self.valid_metric!r} is not computed "
+                        f"(metrics {list(self.metrics)}, ks {list(self.ks)})")
+    if self.sampled is not None and self.sampled < 1:
+      raise ConfigError(f"protocol {self.name!r}: sampled must be a positive count or None")
+    if self.sampled_distribution not in DISTRIBUTIONS:
+      raise ConfigError(f"protocol {self.name!r}: sampled_distribution must be one of {DISTRIBUTIONS}")
+
+
+PRESETS: dict[str, Protocol] = {p.name: p for p in (
+    Protocol("recbole-general", split="random_ratio", ratios=(0.8, 0.1, 0.1), mask_history=True),
+    Protocol("recbole-sequential", split="leave_one_out", mask_history=False, max_len=50),
+    Protocol("lightgcn", split="given", mask_history=True, ks=(20,), valid_metric="ndcg@20"),
+    Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
+             metrics=("hit", "ndcg", "mrr"), valid_metric="ndcg@10", sampled=100,
+             sampled_distribution="popularity"),
+)}
+
+
+def get_protocol(name: str) -> Protocol:
+  """The preset called `name`; ConfigError listing the presets when unknown."""
+  if name not in PRESETS:
+    raise ConfigError(f"unknown protocol {name!r}; valid: {', '.join(PRESETS)}")
+  return PRESETS[name]
+
+
+def item_sets(inter: Interactions, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Distinct items of each listed user, sorted, as CSR.
+
+  Args:
+    inter: interactions; users: [U] distinct dense user ids.
+  Returns:
+    (items [nnz] int32, offsets [U+1] int64): row r is items[offsets[r]:offsets[r+1]].
+  """
+  n = inter.num_items
+  keys = np.unique(inter.user.astype(np.int64) * n + inter.item)      # sorted by (user, item)
+  row_of = np.full(inter.num_users, -1, np.int64)
+  row_of[users] = np.arange(len(users))
+  rows = row_of[keys // n]
+  order = np.argsort(rows[rows >= 0], kind="stable")                  # rows follow `users` order
+  items = (keys[rows >= 0] % n).astype(np.int32)[order]
+  counts = np.bincount(rows[rows >= 0], minlength=len(users))
+  return items, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def padded_item_sets(inter: Interactions, users: np.ndarray) -> np.ndarray:
+  """item_sets as [U, W] int32, 0-padded, W = max(1, largest set)."""
+  items, offsets = item_sets(inter, users)
+  lengths = np.diff(offsets)
+  out = np.zeros((len(users), max(1, int(lengths.max(initial=0)))), np.int32)
+  rows = np.repeat(np.arange(len(users)), lengths)
+  out[rows, np.arange(len(items)) - offsets[rows]] = items
+  return out
+
+
+def eval_targets(split: Any, phase: str, mask_history: bool, csr: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, Any, Interactions]:
+  """Who is evaluated on what, for one phase of a split.
+
+  valid: positives = the valid items, history = train.
+  test:  positives = the test items, history = train + valid.
+
+  Args:
+    split: anything with `train`, `valid`, `test` Interactions (a recjax.data.splits.Split).
+    phase: "valid" or "test".
+    mask_history: whether the history items are excluded from the ranking.
+    csr: return exclude as CSR (items, offsets [U+1]) instead of padded; evaluate_full takes
+      both, and CSR keeps host memory linear when a few users have huge histories.
+  Returns:
+    users [U] (sorted, each with >= 1 positive), positives [U, P] (distinct, 0-padded),
+    exclude [U, H] (the history items, or [U, 1] zeros without masking), history Interactions.
+  """
+  if phase == "valid":
+    held_out, history = split.valid, split.train
+  elif phase == "test":
+    held_out, history = split.test, split.train.concat(split.valid)
+  else:
+    raise ConfigError(f"phase must be 'valid' or 'test', got {phase!r}")
+  users = np.unique(held_out.user).astype(np.int32)
+  positives = padded_item_sets(held_out, users)
+  if mask_history:
+    exclude = item_sets(history, users) if csr else padded_item_sets(history, users)
+  elif csr:
+    exclude = np.zeros(0, np.int32), np.zeros(len(users) + 1, np.int64)
+  else:
+    exclude = np.zeros((len(users), 1), np.int32)
+  return users, positives, exclude, history

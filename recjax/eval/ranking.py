@@ -1,0 +1,361 @@
+"""Ranking evaluation on device: full ranking over all items, and the sampled protocol.
+
+Full ranking: scores [U, N] for a chunk of users, the padding item 0 and (optionally) each
+user's history set to -inf, `lax.top_k`, hits against the held-out items, metric sums. One
+jitted call per chunk of users; the host only slices chunks and adds the sums. Chunks are sized
+to a memory budget and the last one is padded (weight 0) so nothing recompiles.
+
+Ties: `lax.top_k` puts the lower item id first among equal scores, i.e. the order of a stable
+argsort of -score. Sampled ranking counts ties against the target (pessimistic, see
+`sampled_rank`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recjax.eval.metrics import check_metrics, metric_sums
+
+Array = jnp.ndarray
+ScoreFn = Callable[[Any, Mapping[str, Array]], Array]               # (params, inputs) -> [U, N]
+ItemScoreFn = Callable[[Any, Mapping[str, Array], Array], Array]    # (..., items [U, C]) -> [U, C]
+Exclude = np.ndarray | tuple[np.ndarray, np.ndarray]                # padded [U, H] or CSR
+
+DEFAULT_BUDGET = 256 << 20
+DEFAULT_METRICS = ("recall", "mrr", "ndcg", "hit", "precision")
+
+
+# ----------------------------------------------------------------------------- device functions
+
+def full_ranking_topk(scores: Array, exclude: Array, k: int) -> Array:
+  """Top-k item ids per user with item 0 and the excluded items never recommended.
+
+  Args:
+    scores: [U, N] scores over the item table (column 0 = padding).
+    exclude: [U, H] int item ids to mask, 0-padded.
+    k: list length. With fewer than k unmasked items the list is padded with 0 (no item).
+  Returns:
+    [U, k] int32 item ids, best first; 0 marks an empty rank (never a hit).
+  """
+  u, n = scores.shape
+  mask = jnp.zeros((u, n), bool).at[jnp.arange(u)[:, None], exclude].set(True).at[:, 0].set(True)
+  masked = jnp.where(mask, -jnp.inf, scores)
+  _, ids = jax.lax.top_k(masked, min(k, n - 1))
+  ids = jnp.where(jnp.take_along_axis(mask, ids, axis=1), 0, ids)   # fewer unmasked items than k
+  return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
+
+
+def hits_from_topk(topk_ids: Array, positives: Array) -> Array:
+  """hits[u, r] = 1 when topk_ids[u, r] is one of the user's positives (0 ids never match).
+
+  Args:
+    topk_ids: [U, k] item ids; positives: [U, P] distinct item ids, 0-padded.
+  Returns:
+    [U, k] float32.
+  """
+  match = (topk_ids[:, :, None] == positives[:, None, :]) & (positives[:, None, :] > 0)   # [U, k, P]
+  return match.any(-1).astype(jnp.float32)
+
+
+def sampled_rank(scores: Array) -> Array:
+  """0-based rank of candidate 0 (the target) among [target, negatives...].
+
+  rank = #{j >= 1 : s_j >= s_0}: ties count against the target (pessimistic), so a constant
+  scorer ranks last rather than first.
+
+  Args:
+    scores: [U, C] with the target's score in column 0.
+  Returns:
+    [U] int32.
+  """
+  return (scores[:, 1:] >= scores[:, :1]).sum(-1).astype(jnp.int32)
+
+
+def gather_scorer(score_fn: ScoreFn) -> ItemScoreFn:
+  """score_fn_items(params, inputs, items [U, C]) -> [U, C] from a full scorer (scores all N)."""
+  def score_items(params, inputs, items):
+    return jnp.take_along_axis(score_fn(params, inputs), items, axis=1)
+  return score_items
+
+
+def make_full_ranking_eval(score_fn: ScoreFn, ks: Sequence[int] = (10,),
+                           metrics: Sequence[str] = DEFAULT_METRICS) -> Callable:
+  """Jitted chunk evaluator (params, inputs, exclude [U, H], positives [U, P], weight [U]) ->
+  ({"name@k": sum}, count), summed on device. Cached per (score_fn, ks, metrics), so calling it
+  again with the same scorer reuses the compiled function."""
+  metrics, ks = check_metrics(metrics, ks)
+  return _full_ranking_eval(score_fn, ks, metrics)
+
+
+@functools.lru_cache(maxsize=32)
+def _full_ranking_eval(score_fn: ScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...]) -> Callable:
+  @jax.jit
+  def evaluate_chunk(params, inputs, exclude, positives, weight):
+    topk = full_ranking_topk(score_fn(params, inputs), exclude, max(ks))
+    hits = hits_from_topk(topk, positives)
+    return metric_sums(hits, (positives > 0).sum(-1), ks, metrics, weight)
+  return evaluate_chunk
+
+
+def make_sampled_eval(score_fn_items: ItemScoreFn, ks: Sequence[int] = (10,),
+                      metrics: Sequence[str] = DEFAULT_METRICS) -> Callable:
+  """Jitted chunk evaluator (params, inputs, candidates [U, 1+n], weight [U]) -> (sums, count);
+  candidate 0 is the target, the only relevant item. Cached like make_full_ranking_eval."""
+  metrics, ks = check_metrics(metrics, ks)
+  return _sampled_eval(score_fn_items, ks, metrics)
+
+
+@functools.lru_cache(maxsize=32)
+def _sampled_eval(score_fn_items: ItemScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...]) -> Callable:
+  @jax.jit
+  def evaluate_chunk(params, inputs, candidates, weight):
+    rank = sampled_rank(score_fn_items(params, inputs, candidates))
+    hits = (rank[:, None] == jnp.arange(max(ks))).astype(jnp.float32)  # [U, K]
+    return metric_sums(hits, jnp.ones_like(weight), ks, metrics, weight)
+  return evaluate_chunk
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+def chunk_users(num_items: int, budget_bytes: int = DEFAULT_BUDGET, extra_bytes_per_user: int = 0) -> int:
+  """Users per chunk so that a chunk's [chunk, N] temporaries fit in `budget_bytes`.
+
+  Counted per user: float32 scores, the masked copy, top-k workspace (~4 x 4N bytes), the bool
+  mask (N) and `extra_bytes_per_user` (targets, exclusions).
+  """
+  per_user = 17 * num_items + extra_bytes_per_user
+  return max(1, int(budget_bytes // per_user))
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """Zero-pad axis 0 of x up to `rows`."""
+  return x if len(x) == rows else np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1))
+
+
+def _csr_to_padded(items: np.ndarray, offsets: np.ndarray, width: int | None = None) -> np.ndarray:
+  """Rows of a CSR (items [nnz], offsets [R+1]) as a 0-padded [R, width] array."""
+  lengths = np.diff(offsets)
+  width = max(1, int(lengths.max(initial=0))) if width is None else width
+  row = np.repeat(np.arange(len(lengths)), lengths)
+  col = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], lengths)
+  out = np.zeros((len(lengths), width), np.int32)
+  out[row, col] = items[offsets[0]:offsets[-1]]
+  return out
+
+
+def _exclude_rows(exclude: Exclude, start: int, stop: int, width: int) -> np.ndarray:
+  """Rows [start, stop) of the exclusions as a 0-padded [stop - start, width] array."""
+  if isinstance(exclude, tuple):
+    items, offsets = exclude
+    return _csr_to_padded(items, offsets[start:stop + 1], width)
+  return np.asarray(exclude[start:stop], np.int32)
+
+
+def _exclude_width(exclude: Exclude) -> int:
+  if isinstance(exclude, tuple):
+    return max(1, int(np.diff(exclude[1]).max(initial=0)))
+  return exclude.shape[1]
+
+
+def _select_exclude(exclude: Exclude, keep: np.ndarray) -> Exclude:
+  """Rows where keep [U] is True, padded or CSR."""
+  if not isinstance(exclude, tuple):
+    return exclude[keep]
+  items, offsets = exclude
+  lengths = np.diff(offsets)
+  new_items = items[offsets[0]:offsets[-1]][np.repeat(keep, lengths)]
+  return new_items, np.concatenate([[0], np.cumsum(lengths[keep])])
+
+
+def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable) -> tuple[dict, float]:
+  """Sum of step(*make_args(start, stop), weight) over chunks; results fetched once at the end."""
+  outs = []
+  for start in range(0, num_rows, chunk):
+    stop = min(start + chunk, num_rows)
+    weight = _pad_rows(np.ones(stop - start, np.float32), chunk)
+    outs.append(step(*make_args(start, stop), weight))
+  outs = jax.device_get(outs)
+  sums = {key: float(np.sum([np.float64(s[key]) for s, _ in outs])) for key in outs[0][0]}
+  return sums, float(np.sum([np.float64(c) for _, c in outs]))
+
+
+def _means(sums: dict, count: float, ks: Sequence[int], metrics: Sequence[str], prefix: str = "") -> dict[str, float]:
+  """{prefix + "name@k": sum / count} in (k, name) order."""
+  if count == 0:
+    raise ValueError("no user to evaluate (every user has 0 held-out items)")
+  return {f"{prefix}{name}@{k}": sums[f"{name}@{k}"] / count for k in ks for name in metrics}
+
+
+def _chunk_inputs(inputs: Mapping[str, np.ndarray], start: int, stop: int, chunk: int) -> dict:
+  return {name: _pad_rows(np.asarray(x[start:stop]), chunk) for name, x in inputs.items()}
+
+
+# ----------------------------------------------------------------------------- full ranking
+
+def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], positives: np.ndarray,
+                  exclude: Exclude, ks: Sequence[int] = (10,), metrics: Sequence[str] = DEFAULT_METRICS,
+                  budget_bytes: int = DEFAULT_BUDGET, num_items: int | None = None,
+                  chunk_size: int | None = None) -> dict[str, float]:
+  """Full-ranking metrics averaged over users with at least one positive.
+
+  Args:
+    score_fn: (params, inputs chunk) -> [chunk, N] scores; it is called with padded rows
+      (all-zero inputs) that get weight 0.
+    params: model parameters (any pytree).
+    inputs: name -> [U, ...] arrays, e.g. {"user": [U], "seq": [U, L]}.
+    positives: [U, P] distinct held-out item ids, 0-padded; users with none are dropped.
+    exclude: items to mask per user, [U, H] 0-padded or CSR (items, offsets [U+1]).
+    ks, metrics: cut-offs and metric names (see recjax.eval.metrics).
+    budget_bytes: device memory for one chunk's [chunk, N] temporaries.
+    num_items: N, for the chunk size; found by scoring one row when None.
+    chunk_size: users per chunk, overriding the budget.
+  Returns:
+    {"ndcg@10": mean, ...}.
+  """
+  metrics, ks = check_metrics(metrics, ks)
+  positives = np.asarray(positives, np.int32)
+  exclude = exclude if isinstance(exclude, tuple) else np.asarray(exclude, np.int32)
+  keep = (positives > 0).any(1)
+  if not keep.all():
+    inputs = {name: np.asarray(x)[keep] for name, x in inputs.items()}
+    positives, exclude = positives[keep], _select_exclude(exclude, keep)
+  num_rows, width = len(positives), _exclude_width(exclude)
+  if num_rows == 0:
+    return _means({}, 0.0, ks, metrics)
+  if chunk_size is None:
+    if num_items is None:
+      num_items = jax.eval_shape(score_fn, params, _chunk_inputs(inputs, 0, 1, 1)).shape[-1]
+    extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + 8)
+    chunk_size = chunk_users(num_items, budget_bytes, extra)
+  chunk = min(chunk_size, num_rows)
+  step = make_full_ranking_eval(score_fn, ks, metrics)
+  make_args = lambda start, stop: (
+      params, _chunk_inputs(inputs, start, stop, chunk),
+      _pad_rows(_exclude_rows(exclude, start, stop, width), chunk), _pad_rows(positives[start:stop], chunk))
+  return _means(*_run_chunks(step, num_rows, chunk, make_args), ks, metrics)
+
+
+# ----------------------------------------------------------------------------- sampled ranking
+
+def _exclusion_keys(exclude: Exclude, num_rows: int, num_items: int) -> np.ndarray:
+  """Sorted unique int64 keys row * num_items + item of every (row, excluded item) pair."""
+  if isinstance(exclude, tuple):
+    items, offsets = exclude
+    rows = np.repeat(np.arange(num_rows), np.diff(offsets))
+    items = items[offsets[0]:offsets[-1]]
+  else:
+    rows = np.repeat(np.arange(num_rows), exclude.shape[1])
+    items = np.asarray(exclude).reshape(-1)
+  return np.unique(rows.astype(np.int64) * num_items + items)
+
+
+def sample_negatives(targets: np.ndarray, exclude: Exclude, num_items: int, num_negatives: int,
+                     probs: np.ndarray | None = None, seed: int = 0, max_rounds: int = 64) -> np.ndarray:
+  """Distinct negatives per user, never item 0, the target or an excluded item.
+
+  Vectorised rejection: draw every open slot, reject those hitting the exclusion set or
+  repeating an earlier slot of the row, redraw only the rejected slots. Rows still open after
+  `max_rounds` (users who interacted with almost every item) are finished exactly, one by one.
+
+  Args:
+    targets: [U] target item per user.
+    exclude: the user's interacted items, [U, H] 0-padded or CSR (items, offsets [U+1]).
+    num_items: N (item table size, padding included).
+    num_negatives: n.
+    probs: [N] sampling weights (e.g. item counts); None = uniform over 1..N-1.
+  Returns:
+    [U, n] int32.
+  """
+  rng = np.random.default_rng(seed)
+  u = len(targets)
+  weights = np.ones(num_items) if probs is None else np.asarray(probs, np.float64).copy()
+  weights[0] = 0.0
+  cdf = np.cumsum(weights / weights.sum())
+  keys = np.union1d(_exclusion_keys(exclude, u, num_items), np.arange(u, dtype=np.int64) * num_items + targets)
+  keys = keys[weights[keys % num_items] > 0]                          # drop padding / never drawn
+  allowed = (weights > 0).sum() - np.bincount(keys // num_items, minlength=u)
+  if (allowed < num_negatives).any():
+    row = int(np.argmax(allowed < num_negatives))
+    raise ValueError(f"row {row} has only {allowed[row]} items to sample {num_negatives} negatives from")
+  draw = lambda size: np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), num_items - 1)
+  rows = np.arange(u, dtype=np.int64)[:, None]
+  neg = draw((u, num_negatives))
+  for round_ in range(max_rounds + 1):
+    todo = np.isin(rows * num_items + neg, keys) | _repeats(neg)
+    if not todo.any():
+      return neg.astype(np.int32)
+    if round_ < max_rounds:
+      neg[todo] = draw(int(todo.sum()))
+  for row in np.flatnonzero(todo.any(1)):                              # exact fallback
+    taken = keys[(keys // num_items) == row] % num_items
+    kept = neg[row][~todo[row]]
+    pool = np.setdiff1d(np.flatnonzero(weights > 0), np.concatenate([taken, kept]))
+    p = weights[pool] / weights[pool].sum()
+    neg[row][todo[row]] = rng.choice(pool, int(todo[row].sum()), replace=False, p=p)
+  return neg.astype(np.int32)
+
+
+def _repeats(x: np.ndarray) -> np.ndarray:
+  """[U, n] bool: True where x[u, j] equals an earlier entry of its row."""
+  order = np.argsort(x, axis=1, kind="stable")
+  srt = np.take_along_axis(x, order, 1)
+  dup_sorted = np.concatenate([np.zeros((len(x), 1), bool), srt[:, 1:] == srt[:, :-1]], 1)
+  dup = np.zeros_like(dup_sorted)
+  np.put_along_axis(dup, order, dup_sorted, 1)
+  return dup
+
+
+def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, np.ndarray],
+                     positives: np.ndarray, exclude: Exclude, num_negatives: int = 100,
+                     distribution: str = "uniform", item_counts: np.ndarray | None = None,
+                     num_items: int | None = None, seed: int = 0, ks: Sequence[int] = (10,),
+                     metrics: Sequence[str] = DEFAULT_METRICS, budget_bytes: int = DEFAULT_BUDGET,
+                     chunk_size: int | None = None) -> dict[str, float]:
+  """Sampled-ranking metrics: the target ranked among itself and `num_negatives` sampled items.
+
+  Only for comparison with papers that used it; every key is prefixed "sampled_"
+  ("sampled_ndcg@10"). Ties count against the target (`sampled_rank`).
+
+  Args:
+    score_fn_items: (params, inputs, items [U, C]) -> [U, C]; `gather_scorer(score_fn)` builds
+      one from a full scorer.
+    inputs: name -> [U, ...] arrays.
+    positives: [U] one target item per user (0 = no target, row dropped).
+    exclude: the user's interacted items, never sampled: [U, H] 0-padded or CSR.
+    distribution: "uniform" over items 1..N-1 or "popularity" (probability ∝ item_counts [N]).
+    num_items: N; defaults to len(item_counts).
+    seed: negatives depend only on the seed.
+    chunk_size: users per chunk (default: from budget_bytes and N, as a gathered full scorer
+      materialises [chunk, N] scores).
+  Returns:
+    {"sampled_ndcg@10": mean, ...}.
+  """
+  metrics, ks = check_metrics(metrics, ks)
+  if distribution not in ("uniform", "popularity"):
+    raise ValueError(f"distribution must be 'uniform' or 'popularity', got {distribution!r}")
+  if distribution == "popularity" and item_counts is None:
+    raise ValueError("popularity sampling needs item_counts [N]")
+  num_items = num_items if num_items is not None else len(item_counts) if item_counts is not None else None
+  if num_items is None:
+    raise ValueError("evaluate_sampled needs num_items (or item_counts)")
+  targets = np.asarray(positives, np.int64).reshape(-1)
+  exclude = exclude if isinstance(exclude, tuple) else np.asarray(exclude, np.int32)
+  keep = targets > 0
+  if not keep.all():
+    inputs = {name: np.asarray(x)[keep] for name, x in inputs.items()}
+    targets, exclude = targets[keep], _select_exclude(exclude, keep)
+  probs = item_counts if distribution == "popularity" else None
+  negatives = sample_negatives(targets, exclude, num_items, num_negatives, probs, seed)
+  candidates = np.concatenate([targets[:, None].astype(np.int32), negatives], 1)   # [U, 1+n]
+  num_rows = len(candidates)
+  if num_rows == 0:
+    return _means({}, 0.0, ks, metrics)
+  chunk = min(chunk_size or chunk_users(num_items, budget_bytes, 12 * candidates.shape[1]), num_rows)
+  step = make_sampled_eval(score_fn_items, ks, metrics)
+  make_args = lambda start, stop: (
+      params, _chunk_inputs(inputs, start, stop, chunk), _pad_rows(candidates[start:stop], chunk))
+  return _means(*_run_chunks(step, num_rows, chunk, make_args), ks, metrics, prefix="sampled_")

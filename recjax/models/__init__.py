@@ -1,0 +1,98 @@
+"""Model registry: names -> linen Modules, built from explicit keyword arguments.
+
+Every model exposes `user_repr(batch, train=False) -> [B, d]`, `item_repr() -> [N, d]` (row 0 =
+padding) and `__call__(batch, train=False) -> scores [B, N]` (used by `init_params`); sequential
+models also `sequence_repr(seq [B, L], train=False) -> [B, L, d]`. Each class carries
+`kind` in {"general", "sequential", "popularity"}, which picks the batches and losses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recjax.errors import ConfigError
+from recjax.models.mf import BPRMF
+from recjax.models.pop import Pop, pop_params
+from recjax.models.sasrec import SASRec
+
+MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec}
+
+# Set by `create_model` itself, never a hyperparameter; `parent`/`name` are linen's own fields.
+_SIZE_FIELDS = ("num_users", "num_items")
+_LINEN_FIELDS = ("parent", "name")
+
+__all__ = [
+  "BPRMF",
+  "MODELS",
+  "Pop",
+  "SASRec",
+  "create_model",
+  "default_hparams",
+  "example_batch",
+  "init_params",
+  "model_kind",
+  "pop_params",
+]
+
+
+def _model_class(name: str) -> type[nn.Module]:
+  if name not in MODELS:
+    raise ConfigError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+  return MODELS[name]
+
+
+def _fields(cls: type[nn.Module]) -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in _LINEN_FIELDS}
+
+
+def default_hparams(name: str) -> dict:
+  """The model's constructor defaults (sizes excluded), e.g. RecBole's for SASRec."""
+  return {
+    k: f.default
+    for k, f in _fields(_model_class(name)).items()
+    if k not in _SIZE_FIELDS and f.default is not dataclasses.MISSING
+  }
+
+
+def model_kind(name: str) -> str:
+  """The model's kind: "general" (pair batches), "sequential" (sequence batches) or "popularity" (counted)."""
+  return _model_class(name).kind
+
+
+def create_model(name: str, /, *, num_users: int, num_items: int, **kwargs) -> nn.Module:
+  """Builds model `name` with table sizes (including the padding row 0) and hyperparameters.
+
+  Raises:
+    ConfigError: unknown model name or a keyword the model does not take.
+  """
+  cls = _model_class(name)
+  fields = _fields(cls)
+  unknown = sorted(k for k in kwargs if k not in fields or k in _SIZE_FIELDS)
+  if unknown:
+    allowed = sorted(k for k in fields if k not in _SIZE_FIELDS)
+    raise ConfigError(f"model {name!r} got unknown hyperparameter(s) {unknown}; it takes {allowed}")
+  sizes = {"num_users": num_users, "num_items": num_items}
+  return cls(**{k: v for k, v in sizes.items() if k in fields}, **kwargs)
+
+
+def example_batch(model: nn.Module, batch_size: int = 2) -> dict:
+  """A padding-only evaluation batch (`user [B]`, `seq [B, max_len]`) for `init` / shape checks."""
+  max_len = getattr(model, "max_len", 1)
+  return {"user": jnp.zeros((batch_size,), jnp.int32), "seq": jnp.zeros((batch_size, max_len), jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: nn.Module, rng: jax.Array) -> dict:
+  return model.init({"params": rng}, example_batch(model))
+
+
+def init_params(model: nn.Module, rng: jax.Array) -> dict:
+  """Initial parameters `{"params": ...}` of every submodule (runs `__call__` once).
+
+  Jitted with the model static, so equal models share one compilation.
+  """
+  return _init(model, rng)

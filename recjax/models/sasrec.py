@@ -1,0 +1,112 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018).
+
+A causal Transformer encodes the user's item sequence; the state at position t predicts the item
+at t + 1 by a dot product with the (shared) item embedding table:
+
+  x_t = E[s_t] + P_t                        (item + learned position embedding)
+  x   = Drop(LN(x))                         (post-norm, RecBole 1.2.1)  |  Drop(x)  (pre-norm)
+  x   = Block_b(x, causal & key-padding mask)  for b = 1..num_blocks
+  x   = LN(x)                               (pre-norm only)
+  score(t, i) = <x_t, E_i>
+
+Sequences are left-padded with 0 and the latest item sits at index L-1, so positions are counted
+from the right: the last column always gets `P[max_len - 1]`, and a sequence padded to a shorter
+L gives the same outputs (padding keys are masked).
+
+Defaults are RecBole 1.2.1's SASRec (`hidden_size=64, inner_size=256, n_layers=2, n_heads=2,
+hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
+initializer_range=0.02, MAX_ITEM_LIST_LENGTH=50`). `pre_norm=True` gives the paper's ordering
+(LayerNorm before attention and feed-forward, a final LayerNorm); unlike the authors' code it
+does not scale the item embedding by sqrt(d) nor zero padded positions between blocks (their
+outputs never reach real positions: padding keys are masked and their loss weight is 0).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from recjax.nn.attention import TransformerBlock, causal_padding_mask
+from recjax.nn.embedding import embedding_table
+
+
+class SASRec(nn.Module):
+  """Causal self-attention sequence encoder with a tied item embedding for scoring.
+
+  Methods: `sequence_repr(seq [B, L]) -> [B, L, d]`, `user_repr(batch) -> [B, d]` (the state at
+  index L-1 of `batch["seq"]`, computed without the other positions' last-block outputs),
+  `item_repr() -> [N, d]`.
+  """
+
+  num_items: int
+  max_len: int = 50
+  dim: int = 64
+  num_blocks: int = 2
+  num_heads: int = 2
+  ffn_dim: int = 256
+  dropout: float = 0.5
+  attn_dropout: float = 0.5
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  pre_norm: bool = False
+  init_std: float = 0.02
+  kind: ClassVar[str] = "sequential"
+
+  def setup(self):
+    self.item_embedding = embedding_table(self.num_items, self.dim, init="normal", std=self.init_std)
+    self.position_embedding = self.param(
+      "position_embedding", initializers.normal(self.init_std), (self.max_len, self.dim), jnp.float32
+    )
+    # Post-norm normalises the input embedding; pre-norm normalises the last block's output.
+    self.norm = nn.LayerNorm(epsilon=self.layer_norm_eps)
+    self.input_dropout = nn.Dropout(self.dropout)
+    self.blocks = [
+      TransformerBlock(
+        num_heads=self.num_heads,
+        dim=self.dim,
+        ffn_dim=self.ffn_dim,
+        dropout=self.dropout,
+        attn_dropout=self.attn_dropout,
+        activation=self.activation,
+        layer_norm_eps=self.layer_norm_eps,
+        pre_norm=self.pre_norm,
+        init_std=self.init_std,
+      )
+      for _ in range(self.num_blocks)
+    ]
+
+  def _encode(self, seq: jnp.ndarray, train: bool, last_only: bool) -> jnp.ndarray:
+    """`seq [B, L]` -> `[B, L, d]`, or `[B, 1, d]` (position L-1) when `last_only`."""
+    length = seq.shape[-1]
+    if length > self.max_len:
+      raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
+    x = self.item_embedding(seq) + self.position_embedding[self.max_len - length :]  # [B, L, d]
+    if not self.pre_norm:
+      x = self.norm(x)
+    x = self.input_dropout(x, deterministic=not train)
+    mask = causal_padding_mask(seq)  # [B, 1, L, L]
+    for i, block in enumerate(self.blocks):
+      x = block(x, mask, train=train, last_only=last_only and i == self.num_blocks - 1)
+    if last_only and self.num_blocks == 0:
+      x = x[:, -1:]
+    if self.pre_norm:
+      x = self.norm(x)
+    return x
+
+  def sequence_repr(self, seq: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """`seq [B, L]` int (left-padded) -> the state at every position `[B, L, d]`."""
+    return self._encode(seq, train, last_only=False)
+
+  def user_repr(self, batch: dict, train: bool = False) -> jnp.ndarray:
+    """`batch["seq"] [B, L]` -> the state at the last position `[B, d]`."""
+    return self._encode(batch["seq"], train, last_only=True)[:, 0]
+
+  def item_repr(self) -> jnp.ndarray:
+    """The item table `[N, d]` shared by the input and the output (row 0 = padding)."""
+    return self.item_embedding.embedding
+
+  def __call__(self, batch: dict, train: bool = False) -> jnp.ndarray:
+    """Scores `[B, N]` of the next item; `model.init(rng, batch)` creates every parameter."""
+    return self.item_embedding.attend(self.user_repr(batch, train=train))

@@ -1,0 +1,153 @@
+"""Multi-head self-attention and a Transformer block (Vaswani et al. 2017), with masks built outside.
+
+Masks are boolean, True = "query may attend to key", broadcastable to `[B, H, Lq, Lk]`; a 3-D
+`[B, L, L]` mask gets a head axis. `causal_padding_mask` serves left-to-right models (SASRec),
+`padding_mask` bidirectional ones (BERT4Rec). A query with no allowed key (a padding position in
+a left-padded sequence, or a fully padded row) attends uniformly instead of producing NaN; its
+output is meaningless and must be ignored by the loss (its weight is 0).
+
+`last_only=True` computes the outputs of the last position only (`[B, 1, d]`): keys and values
+still cover every position, but the query projection, the attention rows, the output projection
+and the feed-forward network run for one position instead of L. SASRec's final block uses it
+when only the latest state is needed (prefix training, evaluation).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf form, as BERT / RecBole
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+  "swish": jax.nn.silu,
+  "silu": jax.nn.silu,
+  "tanh": jnp.tanh,
+  "sigmoid": jax.nn.sigmoid,
+}
+
+
+def padding_mask(seq: jnp.ndarray) -> jnp.ndarray:
+  """Bidirectional mask: every query may attend to every non-padding key.
+
+  Args:
+    seq: `[B, L]` int item ids, 0 = padding.
+
+  Returns:
+    `[B, 1, 1, L]` bool (broadcasts over heads and queries).
+  """
+  return (seq != 0)[:, None, None, :]
+
+
+def causal_padding_mask(seq: jnp.ndarray) -> jnp.ndarray:
+  """Causal mask that also hides padding keys: query i may attend to key j iff j <= i and seq[j] != 0.
+
+  Args:
+    seq: `[B, L]` int item ids, 0 = padding.
+
+  Returns:
+    `[B, 1, L, L]` bool.
+  """
+  length = seq.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L, L]
+  return causal[None, None] & padding_mask(seq)
+
+
+def _activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def _as_4d(mask: jnp.ndarray, last_only: bool) -> jnp.ndarray:
+  """`[B, L, L]` or `[B, h, Lq, L]` -> `[B, h, Lq', L]` with Lq' = 1 when `last_only`."""
+  if mask.ndim == 3:
+    mask = mask[:, None]
+  if last_only and mask.shape[-2] != 1:
+    mask = mask[..., -1:, :]
+  return mask
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """softmax(Q K^T / sqrt(d_h) masked) V over H heads, then an output projection.
+
+  Q = x W_q, K = x W_k, V = x W_v with d_h = dim / num_heads; dropout on the attention
+  probabilities (as BERT / RecBole). Weights ~ N(0, init_std^2), biases 0.
+  """
+
+  num_heads: int
+  dim: int
+  attn_dropout: float = 0.0
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool = False, last_only: bool = False):
+    """Args: x `[B, L, d]`, mask bool broadcastable to `[B, H, L, L]` (or `[B, L, L]`).
+
+    Returns: `[B, L, d]`, or `[B, 1, d]` when `last_only`.
+    """
+    if self.dim % self.num_heads:
+      raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+    head_dim = self.dim // self.num_heads
+    dense = lambda features, name, axis=-1: nn.DenseGeneral(  # noqa: E731
+      features, axis=axis, kernel_init=initializers.normal(self.init_std), name=name
+    )
+    queries = x[:, -1:] if last_only else x
+    q = dense((self.num_heads, head_dim), "query")(queries)  # [B, Lq, H, dh]
+    k = dense((self.num_heads, head_dim), "key")(x)  # [B, L, H, dh]
+    v = dense((self.num_heads, head_dim), "value")(x)  # [B, L, H, dh]
+    q = q * head_dim**-0.5  # scale the [B, Lq, H, dh] queries, not the [B, H, Lq, L] scores
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # [B, H, Lq, L]
+    scores = jnp.where(_as_4d(mask, last_only), scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # fully masked rows -> uniform, never NaN
+    probs = nn.Dropout(self.attn_dropout, deterministic=not train)(probs)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Lq, H, dh]
+    return dense(self.dim, "out", axis=(-2, -1))(context)  # [B, Lq, d]
+
+
+class TransformerBlock(nn.Module):
+  """Self-attention + position-wise feed-forward, each with dropout and a residual connection.
+
+  Post-norm (`pre_norm=False`, BERT / RecBole's SASRec):
+    h = LN(x + Drop(MHSA(x))),  y = LN(h + Drop(W_2 act(W_1 h)))
+  Pre-norm (`pre_norm=True`, the SASRec paper, Kang & McAuley 2018, Sec. III-B):
+    h = x + Drop(MHSA(LN(x))),  y = h + Drop(W_2 act(W_1 LN(h)))
+  (a pre-norm stack needs a final LN after its last block; the model owns it).
+  """
+
+  num_heads: int
+  dim: int
+  ffn_dim: int
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  pre_norm: bool = False
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool = False, last_only: bool = False):
+    """Args: x `[B, L, d]`, mask bool `[B, 1, L, L]` / `[B, L, L]` (or broadcastable).
+
+    Returns: `[B, L, d]`, or `[B, 1, d]` (the last position) when `last_only`.
+    """
+    act = _activation(self.activation)
+    attention = MultiHeadSelfAttention(
+      num_heads=self.num_heads, dim=self.dim, attn_dropout=self.attn_dropout, init_std=self.init_std, name="attention"
+    )
+    norm_attn = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_attn")
+    norm_ffn = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_ffn")
+    dense = lambda features, name: nn.Dense(features, kernel_init=initializers.normal(self.init_std), name=name)  # noqa: E731
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    ffn = lambda h: dense(self.dim, "ffn_out")(act(dense(self.ffn_dim, "ffn_in")(h)))  # noqa: E731
+
+    residual = x[:, -1:] if last_only else x  # [B, Lq, d]
+    if self.pre_norm:
+      h = residual + drop(attention(norm_attn(x), mask, train=train, last_only=last_only))
+      return h + drop(ffn(norm_ffn(h)))
+    h = norm_attn(residual + drop(attention(x, mask, train=train, last_only=last_only)))
+    return norm_ffn(h + drop(ffn(h)))

@@ -1,0 +1,81 @@
+"""Embedding tables: `nn.Embed` with named initialisers and optional logical axis names.
+
+A table is `[N, d]` with row 0 reserved for padding (recjax's dense ids start at 1). Lookups
+(`table(ids)`) gather rows; scoring against every row uses `table.attend(h)` = `h @ E^T`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax.nn import initializers
+
+Initializer = Callable[..., jnp.ndarray]
+
+# Logical axis names of an embedding table; a mesh rule such as ("vocab", "model") row-shards it.
+EMBED_AXES = ("vocab", "embed")
+
+INITS = ("normal", "xavier_normal", "xavier_uniform", "uniform")
+
+
+def embedding_init(init: str = "normal", *, std: float = 0.02) -> Initializer:
+  """Initialiser for an `[N, d]` table.
+
+  - "normal": N(0, std^2) (BERT / RecBole transformers, `initializer_range`);
+  - "xavier_normal": N(0, 2 / (N + d)), untruncated, as `torch.nn.init.xavier_normal_` (RecBole
+    BPR, Glorot & Bengio 2010);
+  - "xavier_uniform": U(-a, a) with a = sqrt(6 / (N + d));
+  - "uniform": U(-std, std).
+  """
+  if init == "normal":
+    return initializers.normal(stddev=std)
+  if init == "xavier_normal":
+    return initializers.variance_scaling(1.0, "fan_avg", "normal")
+  if init == "xavier_uniform":
+    return initializers.variance_scaling(1.0, "fan_avg", "uniform")
+  if init == "uniform":
+    return _symmetric_uniform(std)
+  raise ValueError(f"unknown embedding init {init!r}; expected one of {INITS}")
+
+
+def _symmetric_uniform(scale: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    return initializers.uniform(scale=2 * scale)(key, shape, dtype) - scale
+
+  return init
+
+
+def embedding_table(
+  num_embeddings: int,
+  features: int,
+  *,
+  init: str = "normal",
+  std: float = 0.02,
+  logical_axes: tuple[str, str] | None = None,
+  param_dtype=jnp.float32,
+  name: str | None = None,
+) -> nn.Embed:
+  """An `nn.Embed` of shape `[num_embeddings, features]` with a named initialiser.
+
+  Args:
+    num_embeddings: rows N, including the padding row 0.
+    features: width d.
+    init: one of `INITS` (see `embedding_init`).
+    std: scale for "normal" / "uniform".
+    logical_axes: e.g. `EMBED_AXES`; when given, the param is created boxed with
+      `nn.with_logical_partitioning` (unbox with `nn.meta.unbox` before handing params to code
+      that expects plain arrays). Off by default so params stay plain arrays.
+    param_dtype: dtype of the table.
+    name: submodule name (inside `setup`, the attribute name is used instead).
+
+  Returns:
+    The module; `module(ids [...]) -> [..., d]`, `module.attend(h [..., d]) -> [..., N]`,
+    `module.embedding -> [N, d]`.
+  """
+  init_fn = embedding_init(init, std=std)
+  if logical_axes is not None:
+    init_fn = nn.with_logical_partitioning(init_fn, logical_axes)
+  return nn.Embed(
+    num_embeddings=num_embeddings, features=features, embedding_init=init_fn, param_dtype=param_dtype, name=name
+  )

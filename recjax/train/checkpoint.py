@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a `TrainState` plus the fit loop's JSON bookkeeping.
+
+Layout: `directory/latest/<epoch>/` (the `keep` newest epochs) and `directory/best/<epoch>/`
+(one), each holding the state and a `meta` JSON item. Orbax writes a step into a temporary
+directory and renames it when complete, so a process killed mid-save leaves every earlier
+checkpoint intact; the leftover temporary directory is removed when a `Checkpointer` opens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _abstract(tree):
+  """Shapes, dtypes and shardings of `tree` (works on donated arrays too)."""
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(leaf, tree)
+
+
+def _save(manager: ocp.CheckpointManager, epoch: int, state, meta: dict) -> None:
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  manager.save(epoch, args=args, force=True)
+
+
+def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] | None:
+  epoch = manager.latest_step()
+  if epoch is None:
+    return None
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore())
+  out = manager.restore(epoch, args=args)
+  return epoch, out["state"], dict(out["meta"])
+
+
+class Checkpointer:
+  """Latest (keep-N) and best checkpoints of a training state under one directory.
+
+  Args:
+    directory: created if missing.
+    keep: how many of the newest epochs `save_latest` keeps.
+  """
+
+  def __init__(self, directory, keep: int = 3):
+    self.directory = Path(directory).absolute()
+    self._latest = _manager(self.directory / "latest", keep)
+    self._best = _manager(self.directory / "best", 1)
+
+  def latest_epochs(self) -> list[int]:
+    return sorted(self._latest.all_steps())
+
+  def best_epoch(self) -> int | None:
+    return self._best.latest_step()
+
+  def save_latest(self, epoch: int, state, meta: dict) -> None:
+    """Saves `state` and the JSON-serialisable `meta` as epoch `epoch`; drops the oldest beyond keep."""
+    _save(self._latest, epoch, state, meta)
+
+  def save_best(self, epoch: int, state, meta: dict) -> None:
+    """Saves `state` as the best so far, replacing the previous best once written."""
+    if epoch in self._best.all_steps():  # a resumed run redoing this epoch
+      self._best.delete(epoch)
+    _save(self._best, epoch, state, meta)
+
+  def restore_latest(self, template_state) -> tuple[int, Any, dict] | None:
+    """Returns `(epoch, state, meta)` of the newest checkpoint, or None if there is none.
+
+    `template_state` gives the tree structure, shapes, dtypes and shardings (its arrays may
+    have been donated).
+    """
+    return _restore(self._latest, template_state)
+
+  def restore_best(self, template_state) -> tuple[Any, dict] | None:
+    """Returns `(state, meta)` of the best checkpoint, or None if there is none."""
+    out = _restore(self._best, template_state)
+    return None if out is None else out[1:]
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

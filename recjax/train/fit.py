@@ -1,0 +1,218 @@
+"""The epoch loop: train, evaluate, keep the best, stop early, checkpoint, resume exactly."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from recjax.errors import TrainingError
+from recjax.train.checkpoint import Checkpointer
+from recjax.train.logging import JsonlLogger, ProgressBar, plot_curves
+from recjax.train.state import TrainState
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What `fit` returns.
+
+  Attributes:
+    state: the state after the last epoch run.
+    best_params: params at the best evaluation (None if nothing was evaluated).
+    best_valid: the validation metrics of that evaluation.
+    best_epoch: its epoch (0-based), or None.
+    epochs_run: epochs completed, counting those before a resume.
+    train_epoch_s: wall seconds of each epoch's training (device work included).
+    eval_s: wall seconds of each evaluation.
+    history: one row per epoch, as written to `log.jsonl`.
+    stopped_early: whether early stopping ended the run.
+  """
+  state: TrainState
+  best_params: Any
+  best_valid: dict[str, float]
+  best_epoch: int | None
+  epochs_run: int
+  train_epoch_s: list[float]
+  eval_s: list[float]
+  history: list[dict]
+  stopped_early: bool
+
+
+def _fresh_book() -> dict:
+  """The JSON bookkeeping saved with every checkpoint; "epoch" is the last completed one."""
+  return {"epoch": -1, "best_value": None, "best_epoch": None, "best_valid": {}, "bad_evals": 0,
+          "stopped_early": False, "history": [], "train_epoch_s": [], "eval_s": []}
+
+
+@jax.jit
+def _accumulate(acc, loss, index):
+  """Adds a step's loss on device; also records the first step whose loss is not finite.
+
+  acc: `(loss sum [], first non-finite step index [] or -1)`.
+  """
+  total, bad = acc
+  bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), index, bad)
+  return total + loss.astype(jnp.float32), bad
+
+
+def _train_epoch(state, train_step, batches: Iterable[dict], bar: ProgressBar):
+  """Runs one epoch; returns `(state, loss sum, first bad step or -1, steps, seconds)`."""
+  start = time.perf_counter()
+  acc = (jnp.zeros((), jnp.float32), jnp.full((), -1, jnp.int32))
+  steps = 0
+  with bar:
+    for batch in batches:
+      state, metrics = train_step(state, batch)
+      acc = _accumulate(acc, metrics["loss"], steps)
+      steps += 1
+      bar.update()
+    total, bad = jax.device_get(acc)  # the one host sync of the epoch
+    jax.block_until_ready(state)
+  return state, float(total), int(bad), steps, time.perf_counter() - start
+
+
+def _record_eval(book: dict, epoch: int, valid: dict, valid_metric: str, patience: int) -> bool:
+  """Updates the best / early-stopping bookkeeping; returns whether this evaluation is the best.
+
+  RecBole's rule (`stopping_step` = patience): a value >= the best so far is an improvement
+  (ties included); the run stops once more than `patience` evaluations in a row are not.
+  """
+  if valid_metric not in valid:
+    raise TrainingError(f"valid_metric {valid_metric!r} is not among the evaluation metrics {sorted(valid)}")
+  value = valid[valid_metric]
+  if math.isfinite(value) and (book["best_value"] is None or value >= book["best_value"]):
+    book.update(best_value=value, best_epoch=epoch, best_valid=valid, bad_evals=0)
+    return True
+  book["bad_evals"] += 1
+  book["stopped_early"] = book["bad_evals"] > patience
+  return False
+
+
+def _describe(row: dict, improved: bool) -> str:
+  line = f"epoch {row['epoch']:4d}  train_loss {row['train_loss']:.5f}  ({row['train_epoch_s']:.2f}s)"
+  if "valid" in row:
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in row["valid"].items())
+    line += f"  valid: {metrics}  ({row['eval_s']:.2f}s)" + ("  *best" if improved else "")
+  return line
+
+
+def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
+  """Restores `(state, book, best_params)` from `ckpt`, or returns the inputs if it is empty."""
+  restored = ckpt.restore_latest(state)
+  if restored is None:
+    log(f"resume: no checkpoint in {ckpt.directory}, starting from epoch 0")
+    return state, _fresh_book(), None
+  epoch, state, book = restored
+  best_params = None
+  if book["best_epoch"] == epoch and ckpt.best_epoch() != epoch:
+    # killed between saving latest and best: the latest state is the best one
+    ckpt.save_best(epoch, state, book)
+    best_params = jax.tree.map(jnp.copy, state.params)
+  elif book["best_epoch"] is not None:
+    best = ckpt.restore_best(state)
+    best_params = None if best is None else best[0].params
+  log(f"resume: restored epoch {epoch} from {ckpt.directory}")
+  return state, book, best_params
+
+
+def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterable[dict]],
+        evaluate: Callable[[Any], dict[str, float]], *, epochs: int, eval_every: int = 1,
+        valid_metric: str = "mrr@10", patience: int = 10, out_dir=None, resume: bool = False,
+        keep: int = 3, plot: bool = True, steps_per_epoch: int | None = None,
+        on_epoch: Callable[[int, TrainState, dict], None] | None = None,
+        log: Callable[[str], None] = print) -> FitResult:
+  """Trains for up to `epochs` epochs with validation, early stopping and checkpoints.
+
+  Epoch `e` (0-based) runs `train_step` over `batches(e)`; every `eval_every` epochs and at the
+  last epoch, `evaluate(state.params)` returns metrics (higher is better for `valid_metric`).
+  With `out_dir`: `log.jsonl` (one row per epoch), `checkpoints/latest/<epoch>` every epoch,
+  `checkpoints/best/<epoch>`, and `curves.png` at the end. A resumed run (`resume=True`)
+  continues after the newest checkpoint and, when `batches(e)` depends only on the seed and
+  `e`, ends with the same state, history and log rows as an uninterrupted one (timings aside).
+
+  Args:
+    state: the initial state (donated to `train_step`: use the returned one); when resuming,
+      a template for the restored one.
+    train_step: `step(state, batch) -> (state, metrics)` with a scalar `metrics["loss"]`.
+    batches: `batches(epoch) -> iterable of batches`.
+    evaluate: `evaluate(params) -> {metric: float}`.
+    epochs: the total number of epochs, counting those before a resume.
+    patience: RecBole's `stopping_step`; see `_record_eval`.
+    keep: how many latest checkpoints to keep.
+    plot: write `out_dir/curves.png` at the end (skipped with a message without matplotlib).
+    steps_per_epoch: progress-bar total (defaults to `len(batches(e))` or the last epoch's count).
+    on_epoch: called as `on_epoch(epoch, state, row)` after the epoch is logged and saved.
+    log: receives one human-readable line per epoch.
+
+  Raises:
+    TrainingError: a non-finite training loss (nothing of that epoch is saved, earlier
+      checkpoints are kept), an unknown `valid_metric`, or a fresh run into an `out_dir` that
+      already holds checkpoints.
+  """
+  if resume and out_dir is None:
+    raise ValueError("resume=True needs out_dir")
+  book, best_params, ckpt, logger = _fresh_book(), None, None, None
+  if out_dir is not None:
+    out_dir = Path(out_dir)
+    ckpt = Checkpointer(out_dir / "checkpoints", keep=keep)
+    if resume:
+      state, book, best_params = _resume(ckpt, state, log)
+    elif ckpt.latest_epochs():
+      ckpt.close()
+      raise TrainingError(f"{out_dir} already holds checkpoints: pass resume=True or use a new directory")
+    logger = JsonlLogger(out_dir / "log.jsonl", append=resume, last_epoch=book["epoch"])
+  try:
+    for epoch in range(book["epoch"] + 1, epochs):
+      if book["stopped_early"]:
+        break
+      epoch_batches = batches(epoch)
+      total = len(epoch_batches) if hasattr(epoch_batches, "__len__") else steps_per_epoch
+      bar = ProgressBar(total, desc=f"epoch {epoch}")
+      state, loss_sum, bad, steps, train_s = _train_epoch(state, train_step, epoch_batches, bar)
+      steps_per_epoch = steps_per_epoch or steps
+      if steps == 0:
+        raise TrainingError(f"batches({epoch}) yielded no batches")
+      if bad >= 0 or not math.isfinite(loss_sum):
+        kept = f"; the checkpoint of epoch {book['epoch']} is kept" if ckpt and book["epoch"] >= 0 else ""
+        where = f" at step {bad} of the epoch (global step {int(state.step) - steps + bad})" if bad >= 0 else ""
+        raise TrainingError(f"non-finite training loss in epoch {epoch}{where}{kept}")
+      row = {"epoch": epoch, "train_loss": loss_sum / steps, "train_epoch_s": train_s}
+      book["train_epoch_s"].append(train_s)
+      improved = False
+      if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
+        start = time.perf_counter()
+        valid = {k: float(v) for k, v in evaluate(state.params).items()}
+        row.update(eval_s=time.perf_counter() - start, valid=valid)
+        book["eval_s"].append(row["eval_s"])
+        improved = _record_eval(book, epoch, valid, valid_metric, patience)
+        if improved:
+          best_params = jax.tree.map(jnp.copy, state.params)  # the next step donates state.params
+      book["epoch"] = epoch
+      book["history"].append(row)
+      log(_describe(row, improved))
+      if logger:
+        logger.write(row)
+      if ckpt:
+        ckpt.save_latest(epoch, state, book)
+        if improved:
+          ckpt.save_best(epoch, state, book)
+      if on_epoch:
+        on_epoch(epoch, state, row)
+    if book["stopped_early"]:
+      log(f"early stop after epoch {book['epoch']}: no improvement of {valid_metric} in "
+          f"{book['bad_evals']} evaluations (best {book['best_value']} at epoch {book['best_epoch']})")
+  finally:
+    if logger:
+      logger.close()
+    if ckpt:
+      ckpt.close()
+  if out_dir is not None and plot:
+    plot_curves(book["history"], out_dir / "curves.png", log=log)
+  return FitResult(state=state, best_params=best_params, best_valid=book["best_valid"],
+                   best_epoch=book["best_epoch"], epochs_run=book["epoch"] + 1,
+                   train_epoch_s=book["train_epoch_s"], eval_s=book["eval_s"], history=book["history"],
+                   stopped_early=book["stopped_early"])

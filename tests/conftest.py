@@ -1,0 +1,36 @@
+"""Shared fixtures. Real data comes from env RECJAX_DATA; without it data tests skip, unless
+RECJAX_REQUIRE_DATA=1, which turns a missing directory or file into a failure."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _missing(reason: str):
+  if os.environ.get("RECJAX_REQUIRE_DATA") == "1":
+    pytest.fail(f"{reason} (RECJAX_REQUIRE_DATA=1)")
+  pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+  """The real-data root (RECJAX_DATA); skips the test when it is unset or not a directory."""
+  root = os.environ.get("RECJAX_DATA")
+  if not root:
+    _missing("real data not available: set RECJAX_DATA to the data directory (e.g. /work/shared/data)")
+  if not Path(root).is_dir():
+    _missing(f"RECJAX_DATA={root} is not a directory")
+  return Path(root)
+
+
+@pytest.fixture(scope="session")
+def data_file(data_dir):
+  """data_file("ml-100k/u.data") -> the path under the data root; skips (or fails) when absent."""
+  def find(relative: str) -> Path:
+    path = data_dir / relative
+    if not path.exists():
+      _missing(f"{path} not found under RECJAX_DATA")
+    return path
+  return find

@@ -1,0 +1,200 @@
+"""Losses against plain-numpy references, and the tasks that bind models to them."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recjax import losses, tasks
+from recjax.errors import ConfigError
+from recjax.models import BPRMF, SASRec, init_params
+
+RNG = np.random.default_rng(0)
+
+
+def _key(seed: int = 0) -> jax.Array:
+  return jax.random.key(seed, impl="rbg")  # compiles faster than threefry
+
+
+def _np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def _np_weighted_mean(values, weight):
+  return np.sum(weight * values) / max(np.sum(weight), losses.EPS)
+
+
+def _scores(shape, n):
+  pos = RNG.normal(size=shape).astype(np.float32) * 3
+  neg = RNG.normal(size=shape + (n,)).astype(np.float32) * 3
+  weight = (RNG.random(shape) > 0.3).astype(np.float32)
+  return pos, neg, weight
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4)])
+def test_bpr_matches_numpy(shape):
+  pos, neg, weight = _scores(shape, 3)
+  ref = _np_weighted_mean(np.mean(-_np_log_sigmoid(pos[..., None] - neg), -1), weight)
+  np.testing.assert_allclose(losses.bpr(pos, neg, weight), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4)])
+def test_bce_matches_numpy(shape):
+  pos, neg, weight = _scores(shape, 3)
+  sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))  # noqa: E731
+  per = -np.log(sig(pos)) - np.sum(np.log(1 - sig(neg)), -1)
+  np.testing.assert_allclose(losses.bce(pos, neg, weight), _np_weighted_mean(per, weight), rtol=1e-5)
+
+
+def test_sampled_losses_stable_for_large_scores():
+  pos, neg, weight = jnp.array([80.0, -80.0]), jnp.array([[-80.0], [80.0]]), jnp.ones(2)
+  for fn in (losses.bpr, losses.bce):
+    value, grads = jax.value_and_grad(fn, argnums=(0, 1))(pos, neg, weight)
+    chex.assert_tree_all_finite((value, grads))
+  np.testing.assert_allclose(losses.bpr(pos, neg, weight), (0 + 160) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3)])
+def test_softmax_ce_matches_numpy_and_excludes_padding(shape):
+  num_items = 7
+  logits = RNG.normal(size=shape + (num_items,)).astype(np.float32) * 2
+  target = RNG.integers(1, num_items, size=shape)
+  weight = (RNG.random(shape) > 0.3).astype(np.float32)
+  z = logits[..., 1:].astype(np.float64)
+  log_norm = np.log(np.sum(np.exp(z), -1))
+  per = log_norm - np.take_along_axis(logits, target[..., None], -1)[..., 0]
+  ref = _np_weighted_mean(per, weight)
+  np.testing.assert_allclose(losses.softmax_ce(logits, target, weight), ref, rtol=1e-5)
+  # the padding logit does not matter
+  bumped = logits.copy()
+  bumped[..., 0] = 50.0
+  np.testing.assert_allclose(losses.softmax_ce(bumped, target, weight), ref, rtol=1e-5)
+  grad = jax.grad(losses.softmax_ce)(jnp.asarray(logits), target, weight)
+  np.testing.assert_array_equal(grad[..., 0], 0.0)
+
+
+def test_zero_weight_rows_are_ignored():
+  logits = jnp.array([[0.0, 1.0, 2.0], [5.0, -3.0, 9.0]])
+  target = jnp.array([2, 0])  # the second row is padding: target 0, weight 0
+  weight = jnp.array([1.0, 0.0])
+  value, grad = jax.value_and_grad(losses.softmax_ce)(logits, target, weight)
+  np.testing.assert_allclose(value, np.log(np.exp(1.0) + np.exp(2.0)) - 2.0, rtol=1e-6)
+  chex.assert_tree_all_finite(grad)
+  np.testing.assert_array_equal(grad[1], 0.0)
+  pos, neg = jnp.array([1.0, 1e4]), jnp.array([[0.0], [-1e4]])
+  for fn in (losses.bpr, losses.bce):
+    np.testing.assert_allclose(fn(pos, neg, weight), fn(pos[:1], neg[:1], weight[:1]), rtol=1e-6)
+  assert float(losses.bpr(pos, neg, jnp.zeros(2))) == 0.0
+
+
+def test_l2():
+  a, b = np.arange(3.0), np.ones((2, 2))
+  np.testing.assert_allclose(losses.l2(a, b), 0.5 * (5.0 + 4.0))
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+def _pair_batch():
+  return {
+    "user": jnp.array([1, 2, 3, 0]),
+    "pos": jnp.array([4, 5, 6, 0]),
+    "neg": jnp.array([[1, 2], [3, 7], [8, 1], [0, 0]]),
+    "weight": jnp.array([1.0, 1.0, 1.0, 0.0]),
+  }
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_pairwise_loss_fn_matches_manual(loss):
+  model = BPRMF(num_users=4, num_items=9, dim=4)
+  params = init_params(model, _key())
+  batch = _pair_batch()
+  value, metrics = tasks.pairwise_loss_fn(model, loss=loss, l2_weight=0.5)(params, batch, _key(1))
+  users = np.asarray(params["params"]["user_embedding"]["embedding"])[batch["user"]]
+  items = np.asarray(params["params"]["item_embedding"]["embedding"])
+  pos = np.sum(users * items[batch["pos"]], -1)
+  neg = np.einsum("bd,bnd->bn", users, items[batch["neg"]])
+  base = getattr(losses, loss)(pos, neg, batch["weight"])
+  reg = 0.5 * (np.sum(users**2, -1) + np.sum(items[batch["pos"]] ** 2, -1) + np.sum(items[batch["neg"]] ** 2, (-2, -1)))
+  reg = _np_weighted_mean(reg, np.asarray(batch["weight"]))
+  np.testing.assert_allclose(value, base + 0.5 * reg, rtol=1e-5)
+  np.testing.assert_allclose(metrics["l2"], reg, rtol=1e-5)
+
+
+# The small SASRec of test_models.py: equal models share one compiled `init_params`.
+SMALL_SASREC = dict(num_items=13, max_len=6, dim=8, num_heads=2, ffn_dim=16)
+
+
+@pytest.fixture(scope="module")
+def sasrec():
+  """A dropout-free model (train == eval) and its parameters."""
+  model = SASRec(**SMALL_SASREC)
+  return model.clone(dropout=0.0, attn_dropout=0.0), init_params(model, _key())
+
+
+def test_next_item_loss_fn_whole_sequence_and_prefix_modes(sasrec):
+  model, params = sasrec
+  seq = jnp.array([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]], jnp.int32)
+  pos = jnp.array([[0, 0, 2, 3, 9], [5, 6, 7, 8, 10]], jnp.int32)
+  neg = jnp.broadcast_to(jnp.array([[1], [4]])[:, :, None], (2, 5, 1))
+  weight = (pos > 0).astype(jnp.float32)
+  items = np.asarray(params["params"]["item_embedding"]["embedding"])
+  h = np.asarray(model.apply(params, seq, method="sequence_repr"))  # dropout is 0: train == eval
+  for loss in ["ce", "bce", "bpr"]:
+    fn = tasks.next_item_loss_fn(model, loss=loss)  # eager: the three losses share compiled ops
+    whole, _ = fn(params, {"seq": seq, "pos": pos, "neg": neg, "weight": weight}, _key(1))
+    last = {"seq": seq, "pos": pos[:, -1], "neg": neg[:, -1], "weight": weight[:, -1]}
+    prefix, _ = fn(params, last, _key(1))
+    if loss == "ce":
+      logits = h @ items.T
+      ref_whole = losses.softmax_ce(logits, pos, weight)
+      ref_prefix = losses.softmax_ce(logits[:, -1], pos[:, -1], weight[:, -1])
+    else:
+      pos_s = np.sum(h * items[pos], -1)
+      neg_s = np.einsum("bld,blnd->bln", h, items[neg])
+      ref_whole = getattr(losses, loss)(pos_s, neg_s, weight)
+      ref_prefix = getattr(losses, loss)(pos_s[:, -1], neg_s[:, -1], weight[:, -1])
+    np.testing.assert_allclose(whole, ref_whole, rtol=1e-5)
+    np.testing.assert_allclose(prefix, ref_prefix, rtol=1e-5)
+
+
+def test_next_item_loss_uses_dropout_rng(sasrec):
+  _, params = sasrec
+  model = SASRec(**SMALL_SASREC)  # dropout 0.5
+  batch = {"seq": jnp.array([[0, 1, 2, 3, 4]]), "pos": jnp.array([5]), "neg": jnp.array([[6]]), "weight": jnp.ones(1)}
+  fn = jax.jit(tasks.next_item_loss_fn(model, loss="ce"))
+  a, b, c = (float(fn(params, batch, _key(s))[0]) for s in (1, 2, 1))
+  assert a != b and a == c
+
+
+def test_score_fn(sasrec):
+  model, params = sasrec
+  inputs = {"user": jnp.array([1, 2]), "seq": jnp.array([[0, 0, 1, 2, 3], [0, 0, 0, 0, 0]], jnp.int32)}
+  scores = tasks.score_fn(model)(params, inputs)
+  chex.assert_shape(scores, (2, 13))
+  chex.assert_tree_all_finite(scores)
+  h = model.apply(params, inputs["seq"], method="sequence_repr")[:, -1]
+  np.testing.assert_allclose(scores, h @ params["params"]["item_embedding"]["embedding"].T, rtol=1e-5, atol=1e-6)
+
+
+def test_create_loss_fn_registry():
+  model = BPRMF(num_users=4, num_items=9, dim=4)
+  fn = tasks.create_loss_fn("general", "bpr", model=model, l2_weight=0.1)
+  params = init_params(model, _key())
+  value, _ = fn(params, _pair_batch(), _key(1))
+  assert np.isfinite(value)
+  assert set(tasks.LOSSES) == {"general", "sequential"}
+  with pytest.raises(ConfigError, match="unknown loss"):
+    tasks.create_loss_fn("general", "ce", model=model)
+  with pytest.raises(ConfigError, match="unknown option"):
+    tasks.create_loss_fn("general", "bpr", model=model, l2=0.1)
+  with pytest.raises(ConfigError, match="unknown option"):
+    tasks.create_loss_fn("sequential", "ce", model=model, l2_weight=0.1)
+  with pytest.raises(ConfigError, match="popularity"):
+    tasks.create_loss_fn("popularity", "bpr", model=model)
+  with pytest.raises(ConfigError):
+    tasks.pairwise_loss_fn(model, loss="ce")
+  with pytest.raises(ConfigError):
+    tasks.next_item_loss_fn(model, loss="softmax")

@@ -1,0 +1,277 @@
+"""Models and attention layers: shapes, masks, causality, gradients, registry."""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.test_util import check_grads
+
+from recjax.errors import ConfigError
+from recjax.models import (
+  BPRMF,
+  MODELS,
+  SASRec,
+  create_model,
+  default_hparams,
+  example_batch,
+  init_params,
+  model_kind,
+  pop_params,
+)
+from recjax.models.pop import UNSEEN_SCORE
+from recjax.nn.attention import MultiHeadSelfAttention, TransformerBlock, causal_padding_mask, padding_mask
+from recjax.nn.embedding import EMBED_AXES, embedding_table
+from recjax.tasks import pairwise_loss_fn
+
+NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 7, 13, 8, 6
+SMALL_SASREC = dict(max_len=MAX_LEN, dim=DIM, num_heads=2, ffn_dim=16)
+
+
+def _key(seed: int = 1) -> jax.Array:
+  """An "rbg" key: XLA's RngBitGenerator compiles several times faster than threefry (fast tests)."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def _seq() -> jnp.ndarray:
+  """[3, L]: a left-padded row, a fully padded row, a full row."""
+  return jnp.array([[0, 0, 0, 3, 4, 5], [0] * MAX_LEN, [1, 2, 3, 4, 5, 12]], jnp.int32)
+
+
+@functools.lru_cache
+def _sasrec(pre_norm: bool = False) -> tuple[SASRec, dict]:
+  model = create_model("sasrec", num_users=NUM_USERS, num_items=NUM_ITEMS, pre_norm=pre_norm, **SMALL_SASREC)
+  return model, init_params(model, _key(0))
+
+
+@functools.lru_cache
+def _jit_apply(model, method: str):
+  """`f(params, x) -> model.apply(params, x, method=method)` (eval mode), jitted once per model."""
+  return jax.jit(lambda params, x: model.apply(params, x, method=method))
+
+
+def _seq_repr(model, params, seq):
+  return _jit_apply(model, "sequence_repr")(params, seq)
+
+
+def _user_repr(model, params, batch):
+  return _jit_apply(model, "user_repr")(params, batch)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_methods_shapes_and_finite(name):
+  kwargs = {"sasrec": SMALL_SASREC, "bpr": {"dim": DIM}, "pop": {}}[name]
+  model = create_model(name, num_users=NUM_USERS, num_items=NUM_ITEMS, **kwargs)
+  params = init_params(model, _key(0))
+  batch = {"user": jnp.array([1, 2, 0], jnp.int32), "seq": _seq()}
+  user, items, scores = jax.jit(
+    lambda p, b: (model.apply(p, b, method="user_repr"), model.apply(p, method="item_repr"), model.apply(p, b))
+  )(params, batch)
+  d = 1 if name == "pop" else DIM
+  chex.assert_shape(user, (3, d))
+  chex.assert_shape(items, (NUM_ITEMS, d))
+  chex.assert_shape(scores, (3, NUM_ITEMS))
+  chex.assert_type([user, items, scores], jnp.float32)
+  chex.assert_tree_all_finite((user, items, scores))
+  np.testing.assert_allclose(scores, user @ items.T, rtol=1e-6, atol=1e-6)
+  assert model_kind(name) == model.kind
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_sasrec_sequence_repr_and_padding_rows(pre_norm):
+  model, params = _sasrec(pre_norm=pre_norm)
+  seq = _seq()
+
+  @jax.jit
+  def run(params):
+    h = model.apply(params, seq, method="sequence_repr")
+    user = model.apply(params, {"seq": seq}, method="user_repr")
+    train_loss = lambda p: jnp.sum(model.apply(p, seq, True, method="sequence_repr", rngs={"dropout": _key()}) ** 2)  # noqa: E731
+    return h, user, jax.value_and_grad(train_loss)(params)
+
+  h, user, (train_loss, grads) = run(params)
+  chex.assert_shape(h, (3, MAX_LEN, DIM))
+  # train mode (dropout on) and gradients stay finite on the fully padded row
+  chex.assert_tree_all_finite((h, user, train_loss, grads))
+  # user_repr (last block computed for the last position only) equals the full encoder's last state
+  np.testing.assert_allclose(user, h[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_sasrec_is_causal(pre_norm):
+  model, params = _sasrec(pre_norm=pre_norm)
+  seqs = np.repeat(np.asarray(_seq()[2:]), MAX_LEN, axis=0)  # [L, L]: row t changes the items from t on
+  for t in range(1, MAX_LEN):
+    seqs[t, t:] = 7
+  h = _seq_repr(model, params, jnp.asarray(seqs))  # [L, L, d]
+  for t in range(1, MAX_LEN):
+    np.testing.assert_allclose(h[t, :t], h[0, :t], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(h[t, t], h[0, t])
+
+
+def test_sasrec_padding_keys_are_ignored():
+  """The same history padded to two lengths gives the same last state (positions count from the right)."""
+  model, params = _sasrec()
+  long = jnp.array([[0, 0, 0, 3, 4, 5]], jnp.int32)
+  short = long[:, -4:]
+  h_long = _user_repr(model, params, {"seq": long})
+  h_short = _user_repr(model, params, {"seq": short})
+  np.testing.assert_allclose(h_long, h_short, rtol=1e-5, atol=1e-6)
+
+
+def test_sasrec_rejects_too_long_sequences():
+  model, params = _sasrec()
+  with pytest.raises(ValueError, match="max_len"):
+    model.apply(params, jnp.ones((1, MAX_LEN + 1), jnp.int32), method="sequence_repr")
+
+
+def test_masks():
+  seq = jnp.array([[0, 2, 3]], jnp.int32)
+  np.testing.assert_array_equal(padding_mask(seq)[0, 0, 0], [False, True, True])
+  expected = np.array([[0, 0, 0], [0, 1, 0], [0, 1, 1]], bool)
+  np.testing.assert_array_equal(causal_padding_mask(seq)[0, 0], expected)
+
+
+def _numpy_attention(params, x, mask, num_heads):
+  """Reference multi-head attention in numpy (float64)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  x = np.asarray(x, np.float64)
+  proj = lambda name: np.einsum("bld,dhk->blhk", x, p[name]["kernel"]) + p[name]["bias"]  # noqa: E731
+  q, k, v = proj("query"), proj("key"), proj("value")
+  scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.asarray(mask), scores, -1e30)
+  scores = scores - scores.max(-1, keepdims=True)
+  probs = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+  context = np.einsum("bhqk,bkhd->bqhd", probs, v)
+  return np.einsum("bqhd,hdo->bqo", context, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def test_attention_matches_numpy_reference_and_masks_padding_keys():
+  seq = jnp.array([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]], jnp.int32)
+  mask = causal_padding_mask(seq)
+  x = jax.random.normal(_key(0), (2, 5, DIM))
+  layer = MultiHeadSelfAttention(num_heads=2, dim=DIM, attn_dropout=0.5, init_std=0.5)
+  params = jax.jit(layer.init)(_key(1), x, mask)
+  apply = jax.jit(layer.apply)
+  out = apply(params, x, mask)
+  ref = _numpy_attention(params, x, mask, 2)
+  real = np.asarray(seq != 0)
+  np.testing.assert_allclose(np.asarray(out)[real], ref[real], rtol=1e-4, atol=1e-5)
+  # values at padding positions never reach real positions
+  x2 = x.at[0, :2].set(100.0)
+  np.testing.assert_allclose(apply(params, x2, mask)[real], out[real], rtol=1e-5, atol=1e-5)
+  # a 3-D [B, L, L] mask means the same as [B, 1, L, L]
+  np.testing.assert_allclose(apply(params, x, mask[:, 0]), out, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_transformer_block_shapes_last_only_and_dropout(pre_norm):
+  block = TransformerBlock(num_heads=2, dim=DIM, ffn_dim=16, dropout=0.3, attn_dropout=0.3, pre_norm=pre_norm)
+  seq = _seq()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, MAX_LEN, DIM)), jnp.float32)
+  mask = causal_padding_mask(seq)
+
+  @jax.jit
+  def run(x):
+    params = block.init(_key(1), x, mask)
+    y_train = block.apply(params, x, mask, train=True, rngs={"dropout": _key(2)})
+    return block.apply(params, x, mask), block.apply(params, x, mask, last_only=True), y_train
+
+  y, y_last, y_train = run(x)
+  chex.assert_shape(y, (3, MAX_LEN, DIM))
+  chex.assert_shape(y_last, (3, 1, DIM))
+  np.testing.assert_allclose(y_last[:, 0], y[:, -1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(y_train, y)
+  chex.assert_tree_all_finite(y_train)
+
+
+def _check_param_grads(f, tree):
+  """check_grads of `f(tree)` in float64 on the flattened tree (one array keeps op-by-op work small)."""
+  with jax.enable_x64(True):
+    flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), tree))
+    check_grads(jax.jit(lambda v: f(unravel(v))), (flat,), order=1, modes=["rev"], eps=1e-5)
+
+
+def test_transformer_block_grads():
+  block = TransformerBlock(num_heads=2, dim=4, ffn_dim=8, layer_norm_eps=1e-6, init_std=0.3)
+  mask = causal_padding_mask(jnp.array([[0, 1, 2], [3, 4, 5]], jnp.int32))
+  x = jax.random.normal(_key(0), (2, 3, 4))
+  params = jax.jit(block.init)(_key(1), x, mask)
+  _check_param_grads(lambda px: block.apply(px[0], px[1], mask), (params, x))
+
+
+def test_sasrec_sequence_repr_grads():
+  model, params = _sasrec()
+  params = jax.tree.map(lambda p: 10 * p, params)  # larger weights than init_std = 0.02: a non-trivial check
+  _check_param_grads(lambda p: model.apply(p, _seq(), method="sequence_repr"), params)
+
+
+def test_bprmf_loss_grads():
+  model = BPRMF(num_users=5, num_items=9, dim=4)
+  batch = {
+    "user": jnp.array([1, 2, 4]),
+    "pos": jnp.array([1, 3, 8]),
+    "neg": jnp.array([[2, 5], [6, 7], [1, 2]]),
+    "weight": jnp.array([1.0, 1.0, 0.0]),
+  }
+  loss_fn = pairwise_loss_fn(model, loss="bpr", l2_weight=0.1)
+  _check_param_grads(lambda p: loss_fn(p, batch, _key(0))[0], init_params(model, _key(0)))
+
+
+def test_bprmf_init_is_xavier_normal():
+  model = BPRMF(num_users=2000, num_items=3000, dim=64)
+  params = init_params(model, _key(0))["params"]
+  for table, rows in [(params["user_embedding"]["embedding"], 2000), (params["item_embedding"]["embedding"], 3000)]:
+    np.testing.assert_allclose(np.std(table), np.sqrt(2 / (rows + 64)), rtol=0.02)
+
+
+def test_pop_params_and_ranking():
+  counts = np.array([0, 5, 0, 1, 9])
+  model = create_model("pop", num_users=3, num_items=5)
+  params = pop_params(counts)
+  items = model.apply(params, method="item_repr")
+  chex.assert_shape(items, (5, 1))
+  np.testing.assert_allclose(items[[1, 3, 4], 0], np.log([5, 1, 9]), rtol=1e-6)
+  assert items[0, 0] == UNSEEN_SCORE and items[2, 0] == UNSEEN_SCORE
+  scores = model.apply(params, {"user": jnp.array([1, 2])})
+  np.testing.assert_array_equal(np.argsort(-scores[0])[:3], [4, 1, 3])
+  np.testing.assert_array_equal(scores[0], scores[1])
+  # the initialised tree has the same structure as pop_params'
+  chex.assert_trees_all_equal_shapes(init_params(model, _key(0)), params)
+
+
+def test_embedding_table_logical_axes():
+  table = embedding_table(5, 3, init="xavier_uniform", logical_axes=EMBED_AXES)
+  variables = table.init(_key(0), jnp.array([1, 2]))
+  boxed = variables["params"]["embedding"]
+  assert boxed.names == EMBED_AXES
+  with pytest.raises(ValueError, match="unknown embedding init"):
+    embedding_table(5, 3, init="nope").init(_key(0), jnp.array([1]))
+
+
+def test_registry():
+  assert set(MODELS) == {"pop", "bpr", "sasrec"}
+  assert model_kind("pop") == "popularity" and model_kind("bpr") == "general" and model_kind("sasrec") == "sequential"
+  assert default_hparams("sasrec") == dict(
+    max_len=50, dim=64, num_blocks=2, num_heads=2, ffn_dim=256, dropout=0.5, attn_dropout=0.5,
+    activation="gelu", layer_norm_eps=1e-12, pre_norm=False, init_std=0.02,
+  )
+  assert default_hparams("bpr") == {"dim": 64, "embedding_init": "xavier_normal"}
+  assert default_hparams("pop") == {}
+  model = create_model("bpr", num_users=4, num_items=6, dim=3)
+  assert (model.num_users, model.num_items, model.dim) == (4, 6, 3)
+  assert example_batch(create_model("sasrec", num_users=1, num_items=3))["seq"].shape == (2, 50)
+  with pytest.raises(ConfigError, match="unknown model"):
+    create_model("nope", num_users=4, num_items=6)
+  with pytest.raises(ConfigError, match="unknown hyperparameter"):
+    create_model("bpr", num_users=4, num_items=6, hidden=3)
+  with pytest.raises(ConfigError, match="unknown hyperparameter"):
+    create_model("sasrec", num_users=4, num_items=6, num_users_=3, name="x")
+  with pytest.raises(ConfigError):
+    default_hparams("nope")
+  with pytest.raises(ConfigError):
+    model_kind("nope")

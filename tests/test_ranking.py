@@ -1,0 +1,228 @@
+"""Full and sampled ranking against numpy references; protocols and evaluation targets."""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recjax.data.interactions import Interactions
+from recjax.errors import ConfigError
+from recjax.eval import metrics as M
+from recjax.eval import protocols as P
+from recjax.eval import ranking as R
+
+METRICS = ("recall", "mrr", "ndcg", "hit", "precision", "map", "f1")
+per_user = jax.jit(M.per_user_metrics, static_argnums=(2, 3))
+
+
+def ref_topk(scores: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+  """Stable argsort of -score (lower id first on ties), masked items skipped, 0-padded."""
+  out = np.zeros((len(scores), k), np.int64)
+  for u, row in enumerate(scores):
+    masked = {0} | set(exclude[u].tolist())
+    ranked = [i for i in np.argsort(-row, kind="stable") if i not in masked][:k]
+    out[u, :len(ranked)] = ranked
+  return out
+
+
+def ref_hits(topk: np.ndarray, positives: np.ndarray) -> np.ndarray:
+  return np.array([[float(i > 0 and i in set(p.tolist())) for i in row] for row, p in zip(topk, positives)])
+
+
+def ref_means(scores, positives, exclude, ks, names=METRICS):
+  keep = (positives > 0).any(1)
+  hits = ref_hits(ref_topk(scores[keep], exclude[keep], max(ks)), positives[keep])
+  values = per_user(hits, (positives[keep] > 0).sum(1), tuple(ks), tuple(names))
+  return {key: float(np.mean(v)) for key, v in values.items()}
+
+
+def random_problem(seed, users=30, items=40, ties=True):
+  """Integer scores (many ties), random distinct positives and exclusions (0-padded)."""
+  rng = np.random.default_rng(seed)
+  scores = rng.integers(0, 4, (users, items)).astype(np.float32) if ties else rng.random((users, items), np.float32)
+  positives = np.zeros((users, 6), np.int32)
+  exclude = np.zeros((users, 9), np.int32)
+  for u in range(users):
+    perm = rng.permutation(np.arange(1, items))
+    npos = rng.integers(0, 7)
+    nex = rng.integers(0, min(10, items - npos))
+    positives[u, :npos] = perm[:npos]
+    exclude[u, :nex] = perm[npos:npos + nex]
+  positives[[2, 5]] = 0                                         # users with nothing held out
+  return scores, positives, exclude
+
+
+def score_rows(params, inputs):
+  return params[inputs["user"]]
+
+
+@pytest.mark.parametrize("k", [5, 39, 60])
+def test_topk_matches_stable_argsort_with_ties_and_masking(k):
+  scores, _, exclude = random_problem(0)
+  got = np.asarray(jax.jit(R.full_ranking_topk, static_argnums=2)(scores, exclude, k))
+  assert got.shape == (len(scores), k)
+  np.testing.assert_array_equal(got, ref_topk(scores, exclude, k))
+  for u in range(len(scores)):                                  # history never recommended
+    assert not (set(got[u].tolist()) & set(exclude[u].tolist()) - {0})
+
+
+def test_hits_from_topk_ignores_padding():
+  topk = jnp.array([[3, 0, 5], [0, 0, 0]])
+  positives = jnp.array([[5, 0], [0, 0]])
+  np.testing.assert_array_equal(R.hits_from_topk(topk, positives), [[0, 0, 1], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_evaluate_full_matches_reference_for_any_chunking(chunk_size):
+  scores, positives, exclude = random_problem(1)
+  ks = (3, 10)
+  got = R.evaluate_full(score_rows, jnp.asarray(scores), {"user": np.arange(len(scores))}, positives, exclude,
+                        ks=ks, metrics=METRICS, chunk_size=chunk_size)
+  want = ref_means(scores, positives, exclude, ks)
+  assert list(got) == [f"{n}@{k}" for k in ks for n in METRICS]
+  for key in want:
+    assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_budget_chunking_padding_and_no_recompile():
+  scores, positives, exclude = random_problem(2, users=33)
+  inputs = {"user": np.arange(len(scores))}
+  budget = 17 * scores.shape[1] * 8                             # at most 8 users per chunk
+  assert 1 <= R.chunk_users(scores.shape[1], budget) <= 8
+  whole = R.evaluate_full(score_rows, jnp.asarray(scores), inputs, positives, exclude, chunk_size=10_000)
+  step = R.make_full_ranking_eval(score_rows)
+  before = step._cache_size()
+  chunked = R.evaluate_full(score_rows, jnp.asarray(scores), inputs, positives, exclude, budget_bytes=budget)
+  assert step._cache_size() == before + 1                       # last chunk padded: one shape only
+  for key in whole:
+    assert chunked[key] == pytest.approx(whole[key], rel=1e-5)
+
+
+def test_csr_exclusion_equals_padded_and_k_beyond_items():
+  scores, positives, exclude = random_problem(3, items=8)
+  rows = [sorted(set(r[r > 0].tolist())) for r in exclude]
+  offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+  csr = (np.array([i for r in rows for i in r], np.int32), offsets)
+  inputs = {"user": np.arange(len(scores))}
+  ks = (5, 10)                                                  # 10 > 7 real items
+  padded = R.evaluate_full(score_rows, jnp.asarray(scores), inputs, positives, exclude, ks=ks, chunk_size=4)
+  as_csr = R.evaluate_full(score_rows, jnp.asarray(scores), inputs, positives, csr, ks=ks, chunk_size=4)
+  want = ref_means(scores, positives, exclude, ks, R.DEFAULT_METRICS)
+  for key in want:
+    assert padded[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
+    assert as_csr[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- sampled protocol
+
+def test_sample_negatives_avoid_user_items_and_are_distinct():
+  rng = np.random.default_rng(0)
+  num_items, users = 60, 25
+  exclude = np.zeros((users, 30), np.int32)
+  for u in range(users):
+    exclude[u, :u + 5] = rng.choice(np.arange(1, num_items), u + 5, replace=False)
+  targets = exclude[:, 0].copy()
+  neg = R.sample_negatives(targets, exclude, num_items, 20, seed=1)
+  assert neg.shape == (users, 20)
+  for u in range(users):
+    assert len(set(neg[u].tolist())) == 20
+    assert not set(neg[u].tolist()) & (set(exclude[u].tolist()) | {0, int(targets[u])})
+  np.testing.assert_array_equal(neg, R.sample_negatives(targets, exclude, num_items, 20, seed=1))
+  # almost every item taken: the exact fallback finishes the rows rejection cannot
+  full = np.tile(np.arange(1, num_items - 3), (2, 1))
+  tight = R.sample_negatives(np.array([1, 2]), full, num_items, 3, seed=0, max_rounds=0)
+  np.testing.assert_array_equal(np.sort(tight, 1), [[57, 58, 59]] * 2)
+  with pytest.raises(ValueError, match="only 3 items"):
+    R.sample_negatives(np.array([1, 2]), full, num_items, 4)
+
+
+def test_popularity_sampling_follows_counts():
+  counts = np.array([0, 1, 2, 4, 8, 16, 0, 32], np.float64)
+  users, n = 4000, 2
+  neg = R.sample_negatives(np.full(users, 7), np.zeros((users, 1), np.int32), len(counts), n, counts, seed=3)
+  assert not np.isin(neg, [0, 6, 7]).any()
+  # first draw of each row follows counts restricted to items 1..5 (item 7 is the target)
+  freq = np.bincount(neg[:, 0], minlength=len(counts))[1:6] / users
+  want = counts[1:6] / counts[1:6].sum()
+  assert (np.abs(freq - want) <= 4 * np.sqrt(want * (1 - want) / users)).all(), (freq, want)
+
+
+def test_sampled_metrics_labels_reference_and_perfect_scorer():
+  rng = np.random.default_rng(5)
+  users, num_items = 20, 50
+  scores = rng.integers(0, 5, (users, num_items)).astype(np.float32)          # ties on purpose
+  targets = rng.integers(1, num_items, users)
+  targets[3] = 0                                                              # dropped
+  exclude = rng.integers(0, num_items, (users, 4)).astype(np.int32)
+  inputs = {"user": np.arange(users)}
+  ks = (1, 5, 10)
+  got = R.evaluate_sampled(R.gather_scorer(score_rows), jnp.asarray(scores), inputs, targets, exclude,
+                           num_negatives=15, num_items=num_items, seed=2, ks=ks, chunk_size=6)
+  assert all(key.startswith("sampled_") for key in got) and "sampled_ndcg@10" in got
+  keep = targets > 0
+  neg = R.sample_negatives(targets[keep], exclude[keep], num_items, 15, seed=2)
+  rank = np.array([(scores[keep][u, neg[u]] >= scores[keep][u, t]).sum()          # pessimistic ties
+                   for u, t in enumerate(targets[keep])])
+  for k in ks:
+    assert got[f"sampled_hit@{k}"] == pytest.approx(np.mean(rank < k))
+    assert got[f"sampled_mrr@{k}"] == pytest.approx(np.mean(np.where(rank < k, 1 / (rank + 1), 0)), rel=1e-6)
+    assert got[f"sampled_ndcg@{k}"] == pytest.approx(np.mean(np.where(rank < k, 1 / np.log2(rank + 2), 0)), rel=1e-6)
+  perfect = np.zeros((users, num_items), np.float32)
+  perfect[np.arange(users), targets] = 1.0
+  counts = np.arange(num_items, dtype=np.float64)
+  best = R.evaluate_sampled(R.gather_scorer(score_rows), jnp.asarray(perfect), inputs, targets, exclude,
+                            num_negatives=15, distribution="popularity", item_counts=counts, ks=(1,))
+  assert best["sampled_hit@1"] == 1.0 and best["sampled_ndcg@1"] == 1.0
+  constant = R.evaluate_sampled(R.gather_scorer(score_rows), jnp.zeros((users, num_items)), inputs, targets,
+                                exclude, num_negatives=15, num_items=num_items, ks=(10,))
+  assert constant["sampled_hit@10"] == 0.0                       # ties go against the target
+
+
+# ----------------------------------------------------------------------------- protocols
+
+def make_inter(pairs, num_users=5, num_items=8):
+  user, item = np.array(pairs, np.int32).T
+  vocab = lambda n: np.array(["[PAD]"] + [str(i) for i in range(1, n)], object)
+  return Interactions(user=user, item=item, user_vocab=vocab(num_users), item_vocab=vocab(num_items))
+
+
+def test_eval_targets_valid_and_test():
+  split = types.SimpleNamespace(
+      train=make_inter([(1, 1), (1, 2), (2, 3), (3, 4), (3, 4)]),
+      valid=make_inter([(1, 5), (3, 6), (3, 6)]),
+      test=make_inter([(1, 7), (2, 1), (4, 2), (2, 6)]))
+  users, pos, ex, hist = P.eval_targets(split, "valid", mask_history=True)
+  np.testing.assert_array_equal(users, [1, 3])
+  np.testing.assert_array_equal(pos, [[5], [6]])                 # duplicates collapse
+  np.testing.assert_array_equal(ex, [[1, 2], [4, 0]])
+  assert len(hist) == 5
+  users, pos, ex, hist = P.eval_targets(split, "test", mask_history=True)
+  np.testing.assert_array_equal(users, [1, 2, 4])
+  np.testing.assert_array_equal(pos, [[7, 0], [1, 6], [2, 0]])
+  np.testing.assert_array_equal(ex, [[1, 2, 5], [3, 0, 0], [0, 0, 0]])
+  assert len(hist) == 8
+  items, offsets = P.eval_targets(split, "test", mask_history=True, csr=True)[2]
+  np.testing.assert_array_equal(items, [1, 2, 5, 3])
+  np.testing.assert_array_equal(offsets, [0, 3, 4, 4])
+  _, _, ex, _ = P.eval_targets(split, "test", mask_history=False)
+  np.testing.assert_array_equal(ex, np.zeros((3, 1)))
+  with pytest.raises(ConfigError):
+    P.eval_targets(split, "train", mask_history=True)
+
+
+def test_presets_and_validation():
+  general, seq = P.get_protocol("recbole-general"), P.get_protocol("recbole-sequential")
+  assert (general.split, general.ratios, general.mask_history, general.valid_metric) == (
+      "random_ratio", (0.8, 0.1, 0.1), True, "mrr@10")
+  assert (seq.split, seq.mask_history, seq.max_len) == ("leave_one_out", False, 50)
+  assert P.get_protocol("lightgcn").valid_metric == "ndcg@20"
+  assert P.get_protocol("bert4rec-sampled").sampled == 100
+  with pytest.raises(ConfigError, match="recbole-general"):
+    P.get_protocol("recbole")
+  with pytest.raises(ConfigError):
+    P.Protocol("x", split="leave_one_out", valid_metric="ndcg@20")  # k not computed
+  with pytest.raises(ConfigError):
+    P.Protocol("x", split="kfold")

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recjax.data.interactions import Interactions, from_columns, user_sequences
+from recjax.data.samplers import PairSampler, SequenceSampler, csr_to_padded, eval_inputs, pad_batch, prefetch_to_device
+from recjax.errors import DataError
+
+
+def random_inter(num_users=300, num_items=80, per_user=30, seed=0):
+  """Dense random data: ~40% of each user's items are positives, so rejection really works."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, per_user + 1, num_users)
+  users = np.repeat(np.arange(num_users), lengths)
+  items = np.concatenate([rng.choice(num_items, k, replace=False) for k in lengths])
+  time = rng.integers(0, 1000, len(users))
+  return from_columns(users, items, timestamp=time, name="random")
+
+
+def tiny():
+  # u1: 5 items, u2: 2 items, u3: 1 item (tied times in u1 resolved by file order)
+  return from_columns(["u1", "u2", "u1", "u1", "u3", "u2", "u1", "u1"],
+                      ["a", "b", "c", "d", "e", "f", "g", "h"],
+                      timestamp=[1, 2, 2, 5, 1, 3, 2, 9])
+
+
+def collect(sampler, epoch=0):
+  batches = list(sampler.epoch(epoch))
+  assert len(batches) == sampler.num_batches
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def naive_sequences(inter):
+  order = sorted(range(len(inter)), key=lambda r: (inter.user[r], inter.timestamp[r], r))
+  seqs = {}
+  for r in order:
+    seqs.setdefault(int(inter.user[r]), []).append(int(inter.item[r]))
+  return seqs
+
+
+def left_pad(values, width):
+  values = list(values)[-width:] if width else []
+  return [0] * (width - len(values)) + values
+
+
+def test_pair_sampler_shapes_padding_and_coverage():
+  inter = random_inter()
+  sampler = PairSampler(inter, batch_size=128, num_negatives=3, seed=1)
+  batches = list(sampler.epoch(0))
+  assert sampler.num_batches == -(-len(inter) // 128) == len(batches)
+  for b in batches:
+    assert b["user"].shape == (128,) and b["user"].dtype == np.int32
+    assert b["pos"].shape == (128,) and b["pos"].dtype == np.int32
+    assert b["neg"].shape == (128, 3) and b["neg"].dtype == np.int32
+    assert b["weight"].shape == (128,) and b["weight"].dtype == np.float32
+  last, pad = batches[-1], sampler.num_batches * 128 - len(inter)
+  assert pad > 0 and (last["weight"][-pad:] == 0).all() and (last["weight"][:-pad] == 1).all()
+  assert (last["user"][-pad:] == 0).all() and (last["neg"][-pad:] == 0).all()
+  got = collect(sampler)
+  real = got["weight"] > 0
+  assert sorted(zip(got["user"][real], got["pos"][real])) == sorted(zip(inter.user, inter.item))
+
+
+def test_pair_sampler_determinism():
+  inter = random_inter()
+  a, b = PairSampler(inter, 64, seed=5), PairSampler(inter, 64, seed=5)
+  for x, y in zip(a.epoch(2), b.epoch(2)):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(collect(a, 0)["user"], collect(a, 1)["user"])
+  assert not np.array_equal(collect(a, 0)["user"], collect(PairSampler(inter, 64, seed=6), 0)["user"])
+
+
+def test_negatives_never_positive():
+  inter = random_inter(num_users=2000, num_items=60, per_user=40)
+  positives = set(zip(inter.user.tolist(), inter.item.tolist()))
+  got = collect(PairSampler(inter, 4096, num_negatives=4))
+  real = got["weight"] > 0
+  users, negs = np.repeat(got["user"][real], 4), got["neg"][real].ravel()
+  assert negs.min() >= 1 and negs.max() < inter.num_items
+  assert not any((u, n) in positives for u, n in zip(users.tolist(), negs.tolist()))
+  # max_len covers whole histories, so seq + pos of a row are all of its user's training items
+  seq = collect(SequenceSampler(inter, max_len=40, batch_size=512, num_negatives=2))
+  for row_items, ns in zip(np.concatenate([seq["seq"], seq["pos"]], 1)[:500], seq["neg"][:500]):
+    ns = ns[(ns > 0).all(1)]
+    assert len(ns) and not set(row_items.tolist()) & set(ns.ravel().tolist())
+  prefix = SequenceSampler(inter, max_len=5, batch_size=512, num_negatives=3, mode="prefix")
+  rows = prefix.rows(np.arange(prefix.num_rows), np.random.default_rng(0))
+  users = np.repeat(prefix.row_user, 3)
+  assert not any((u, n) in positives for u, n in zip(users.tolist(), rows["neg"].ravel().tolist()))
+
+
+def test_almost_full_user_and_full_user_guard():
+  # user "x" has every item but one: every negative must be that item
+  items = [f"i{k}" for k in range(10)]
+  inter = from_columns(["x"] * 9 + ["y"], items[:9] + ["i9"])
+  neg = collect(PairSampler(inter, 8, num_negatives=5))
+  x = neg["user"] == inter.user_id("x")
+  assert (neg["neg"][x] == inter.item_id("i9")).all()
+  full = from_columns(["x"] * 10 + ["y"], items + ["i0"])
+  with pytest.raises(DataError, match="all 10 items"):
+    PairSampler(full, 8)
+
+
+def test_prefix_mode_matches_naive_reference():
+  inter, L = tiny(), 3
+  sampler = SequenceSampler(inter, max_len=L, batch_size=4, num_negatives=2, mode="prefix")
+  seqs = naive_sequences(inter)
+  expected = sorted((tuple(left_pad(s[:i], L)), s[i]) for s in seqs.values() for i in range(1, len(s)))
+  assert sampler.num_rows == len(expected) == sum(len(s) - 1 for s in seqs.values()) == 5
+  got = collect(sampler)
+  assert got["seq"].shape == (8, L) and got["pos"].shape == (8,) and got["neg"].shape == (8, 2)
+  assert got["weight"].tolist().count(1.0) == 5 and got["weight"][-3:].tolist() == [0, 0, 0]
+  real = got["weight"] > 0
+  assert sorted((tuple(s), p) for s, p in zip(got["seq"][real].tolist(), got["pos"][real].tolist())) == expected
+
+
+def test_prefix_mode_on_bigger_data():
+  inter, L = random_inter(num_users=60, per_user=25, seed=3), 7
+  seqs = naive_sequences(inter)
+  expected = sorted((tuple(left_pad(s[:i], L)), s[i]) for s in seqs.values() for i in range(1, len(s)))
+  got = collect(SequenceSampler(inter, max_len=L, batch_size=50, mode="prefix", seed=2), epoch=4)
+  real = got["weight"] > 0
+  assert sorted((tuple(s), p) for s, p in zip(got["seq"][real].tolist(), got["pos"][real].tolist())) == expected
+
+
+@pytest.mark.parametrize("L", [2, 4, 6])
+def test_sequence_mode_matches_naive_reference(L):
+  inter = tiny()
+  sampler = SequenceSampler(inter, max_len=L, batch_size=4, num_negatives=3, mode="sequence")
+  expected = []
+  for s in naive_sequences(inter).values():
+    if len(s) >= 2:
+      s = s[-(L + 1):]
+      expected.append((tuple(left_pad(s[:-1], L)), tuple(left_pad(s[1:], L))))
+  got = collect(sampler)
+  assert got["seq"].shape == (4, L) and got["pos"].shape == (4, L) and got["neg"].shape == (4, L, 3)
+  assert got["weight"].shape == (4, L) and got["weight"].dtype == np.float32
+  real = got["weight"].sum(1) > 0
+  assert real.sum() == len(expected) == 2
+  assert sorted(zip(map(tuple, got["seq"][real].tolist()), map(tuple, got["pos"][real].tolist()))) == sorted(expected)
+  np.testing.assert_array_equal(got["weight"], (got["pos"] > 0).astype(np.float32))
+  assert ((got["neg"] > 0) == (got["pos"] > 0)[..., None]).all()
+
+
+def test_sequence_sampler_determinism_and_errors():
+  inter = random_inter(num_users=100)
+  for mode in ("sequence", "prefix"):
+    a = SequenceSampler(inter, 10, 32, seed=1, mode=mode)
+    b = SequenceSampler(inter, 10, 32, seed=1, mode=mode)
+    x, y, z = collect(a, 3), collect(b, 3), collect(a, 4)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(x["seq"], z["seq"])
+  with pytest.raises(ValueError):
+    SequenceSampler(inter, 10, 32, mode="bogus")
+  with pytest.raises(DataError):
+    SequenceSampler(from_columns(["a", "b"], ["x", "y"]), 10, 32)
+
+
+def test_eval_inputs_and_csr_to_padded():
+  inter = random_inter(num_users=50, seed=7)
+  seqs = naive_sequences(inter)
+  users = np.array([3, 1, 50, 7, 0])                             # 0 = padding user, no history
+  out = eval_inputs(inter, users, max_len=12)
+  assert out["user"].dtype == np.int32 and out["seq"].shape == (5, 12) and out["seq"].dtype == np.int32
+  for row, u in zip(out["seq"].tolist(), users):
+    assert row == left_pad(seqs.get(int(u), []), 12)
+  items, offsets = user_sequences(inter)
+  padded = csr_to_padded(items, offsets, users)
+  width = max(len(seqs.get(int(u), [])) for u in users)
+  assert padded.shape == (5, width) and padded.dtype == np.int32
+  for row, u in zip(padded.tolist(), users):
+    s = seqs.get(int(u), [])
+    assert row == s + [0] * (width - len(s))
+  assert csr_to_padded(items, offsets, users, width=width + 3).shape == (5, width + 3)
+  with pytest.raises(ValueError):
+    csr_to_padded(items, offsets, users, width=1)
+
+
+def test_pad_batch():
+  batch = {"a": np.ones((3, 2), np.int32), "w": np.ones(3, np.float32)}
+  out = pad_batch(batch, 5)
+  assert out["a"].shape == (5, 2) and out["w"].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_prefetch_yields_same_values():
+  import jax
+  sampler = PairSampler(random_inter(num_users=40), 16, num_negatives=2)
+  host = list(sampler.epoch(0))
+  for size in (1, 2, 5):
+    device = list(prefetch_to_device(sampler.epoch(0), size=size))
+    assert len(device) == len(host)
+    for h, d in zip(host, device):
+      assert isinstance(d["neg"], jax.Array)
+      for k in h:
+        np.testing.assert_array_equal(np.asarray(d[k]), h[k])
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  first = next(iter(prefetch_to_device(sampler.epoch(0), sharding=sharding)))
+  assert first["user"].sharding == sharding
+
+
+def test_interactions_without_timestamps_use_file_order():
+  vocab = lambda *tokens: np.array(["[PAD]", *tokens], object)
+  inter = Interactions(user=np.array([1, 1, 1], np.int32), item=np.array([3, 1, 2], np.int32),
+                       user_vocab=vocab("u"), item_vocab=vocab("a", "b", "c", "d"))
+  out = collect(SequenceSampler(inter, 4, 2, mode="sequence"))
+  assert out["seq"][0].tolist() == [0, 0, 3, 1] and out["pos"][0].tolist() == [0, 0, 1, 2]
+
+
+def test_ml100k_prefix_rows_and_negatives(data_dir):
+  from recjax.data.readers import read_atomic
+  from recjax.data.splits import leave_one_out
+  train = leave_one_out(read_atomic(data_dir / "ml-100k", "ml-100k")).train
+  sampler = SequenceSampler(train, max_len=50, batch_size=2048, mode="prefix")
+  assert sampler.num_rows == len(train) - 943 == 97171
+  pairs = PairSampler(train, 4096, num_negatives=2)
+  got = collect(pairs)
+  real = got["weight"] > 0
+  keys = np.unique(train.user.astype(np.int64) * train.num_items + train.item)
+  neg_keys = np.repeat(got["user"][real], 2).astype(np.int64) * train.num_items + got["neg"][real].ravel()
+  assert not np.isin(neg_keys, keys).any()

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recjax.data.interactions import Interactions, from_columns
+from recjax.data.splits import (
+  Split,
+  check_split,
+  given,
+  global_temporal,
+  history_csr,
+  leave_one_out,
+  random_ratio,
+  ratio_counts,
+  temporal_ratio,
+)
+from recjax.errors import DataError
+
+
+def recbole_counts(tot, ratios):
+  """RecBole 1.2.1 `_calcu_split_ids`, transcribed as plain Python (counts instead of cut ids)."""
+  ratios = [r / sum(ratios) for r in ratios]
+  cnt = [int(ratios[i] * tot) for i in range(len(ratios))]
+  cnt[0] = tot - sum(cnt[1:])
+  for i in range(1, len(ratios)):
+    if cnt[0] <= 1:
+      break
+    if 0 < ratios[-i] * tot < 1:
+      cnt[-i] += 1
+      cnt[0] -= 1
+  return cnt
+
+
+def staircase(max_n=12, seed=0):
+  """User k (raw "uk") has k interactions, shuffled rows, random timestamps with some ties."""
+  rng = np.random.default_rng(seed)
+  users = np.repeat(np.arange(1, max_n + 1), np.arange(1, max_n + 1))
+  items = rng.integers(0, 30, len(users))
+  time = rng.integers(0, 5, len(users)).astype(float)
+  perm = rng.permutation(len(users))
+  return from_columns([f"u{u}" for u in users[perm]], items[perm], timestamp=time[perm], name="stairs")
+
+
+def part_counts(split, inter):
+  return np.stack([np.bincount(p.user, minlength=inter.num_users) for p in (split.train, split.valid, split.test)], 1)
+
+
+def assert_partition(split, inter):
+  """Every row lands in exactly one part, unchanged."""
+  rows = lambda x: sorted(zip(x.user.tolist(), x.item.tolist(), x.timestamp.tolist()))
+  merged = split.train.concat(split.valid).concat(split.test)
+  assert rows(merged) == rows(inter)
+  for part in (split.train, split.valid, split.test):
+    assert part.num_users == inter.num_users and part.num_items == inter.num_items
+
+
+@pytest.mark.parametrize("ratios", [(0.8, 0.1, 0.1), (0.7, 0.2, 0.1), (8, 1, 1), (0.6, 0.4), (0.9, 0.0, 0.1)])
+def test_ratio_counts_match_recbole(ratios):
+  n = np.arange(0, 40)
+  expected = np.array([recbole_counts(int(k), list(ratios)) for k in n])
+  np.testing.assert_array_equal(ratio_counts(n, ratios), expected)
+
+
+@pytest.mark.parametrize("splitter", [lambda x: random_ratio(x, (0.8, 0.1, 0.1), seed=3),
+                                      lambda x: temporal_ratio(x, (0.8, 0.1, 0.1))])
+def test_per_user_counts_follow_recbole_rule(splitter):
+  inter = staircase()
+  split = splitter(inter)
+  assert_partition(split, inter)
+  counts = part_counts(split, inter)
+  for k in range(1, 13):
+    uid = inter.user_id(f"u{k}")
+    assert counts[uid].tolist() == recbole_counts(k, [0.8, 0.1, 0.1]), k
+
+
+def test_two_ratios_leave_valid_empty():
+  inter = staircase()
+  split = temporal_ratio(inter, (0.8, 0.2))
+  assert len(split.valid) == 0
+  counts = part_counts(split, inter)
+  for k in range(1, 13):
+    assert counts[inter.user_id(f"u{k}")].tolist() == [recbole_counts(k, [0.8, 0.2])[0], 0,
+                                                        recbole_counts(k, [0.8, 0.2])[1]]
+
+
+def test_temporal_ratio_takes_earliest_for_train():
+  inter = staircase()
+  split = temporal_ratio(inter)
+  for u in range(1, inter.num_users):
+    tr, va, te = (p.timestamp[p.user == u] for p in (split.train, split.valid, split.test))
+    later = np.concatenate([va, te])
+    if len(tr) and len(later):
+      assert tr.max() <= later.min()
+    if len(va) and len(te):
+      assert va.max() <= te.min()
+
+
+def test_random_ratio_is_seeded():
+  inter = staircase()
+  a, b, c = random_ratio(inter, seed=1), random_ratio(inter, seed=1), random_ratio(inter, seed=2)
+  np.testing.assert_array_equal(a.test.item, b.test.item)
+  np.testing.assert_array_equal(part_counts(a, inter), part_counts(c, inter))
+  assert not np.array_equal(a.train.item, c.train.item)
+
+
+def test_leave_one_out_latest_by_time_with_stable_ties():
+  # user a: times 3,1,2,2 (rows 0..3); latest = row0 (t3); second = row3 (tie with row2, later in file)
+  inter = from_columns(["a", "a", "a", "a", "b", "b", "c", "c", "c"],
+                       ["i1", "i2", "i3", "i4", "i1", "i2", "i5", "i6", "i7"],
+                       timestamp=[3, 1, 2, 2, 5, 6, 1, 1, 1])
+  split = leave_one_out(inter)
+  assert_partition(split, inter)
+  item = lambda raw: inter.item_id(raw)
+  user = lambda raw: inter.user_id(raw)
+  test = dict(zip(split.test.user.tolist(), split.test.item.tolist()))
+  valid = dict(zip(split.valid.user.tolist(), split.valid.item.tolist()))
+  assert test[user("a")] == item("i1") and valid[user("a")] == item("i4")
+  assert user("b") not in test and user("b") not in valid       # fewer than 3: all in train
+  assert test[user("c")] == item("i7") and valid[user("c")] == item("i6")   # all tied: file order
+  assert split.name == "leave_one_out"
+
+
+def test_leave_one_out_counts():
+  inter = staircase()
+  counts = part_counts(leave_one_out(inter), inter)
+  for k in range(1, 13):
+    expected = [k, 0, 0] if k < 3 else [k - 2, 1, 1]
+    assert counts[inter.user_id(f"u{k}")].tolist() == expected
+
+
+def test_global_temporal_cuts_by_time():
+  rng = np.random.default_rng(0)
+  n = 200
+  inter = from_columns(rng.integers(0, 20, n), rng.integers(0, 50, n), timestamp=rng.integers(0, 1000, n))
+  split = global_temporal(inter, (0.8, 0.1, 0.1))
+  assert_partition(split, inter)
+  assert split.train.timestamp.max() < split.valid.timestamp.min()
+  assert split.valid.timestamp.max() < split.test.timestamp.min()
+  assert abs(len(split.train) - 160) <= 3 and abs(len(split.test) - 20) <= 3
+
+
+def test_global_temporal_without_ties_matches_counts():
+  n = 101
+  inter = from_columns(np.arange(n) % 7, np.arange(n) % 13, timestamp=np.random.default_rng(1).permutation(n))
+  split = global_temporal(inter)
+  assert [len(split.train), len(split.valid), len(split.test)] == recbole_counts(n, [0.8, 0.1, 0.1])
+
+
+def test_given_checks_ids():
+  inter = from_columns(["a", "b", "c", "a"], ["x", "y", "z", "z"])
+  train, test = inter.subset(np.array([0, 1, 2])), inter.subset(np.array([3]))
+  split = given(train, test)
+  assert isinstance(split, Split) and len(split.valid) == 0 and split.valid.num_items == inter.num_items
+  bad = Interactions(user=np.array([1], np.int32), item=np.array([9], np.int32), user_vocab=inter.user_vocab,
+                     item_vocab=inter.item_vocab)
+  with pytest.raises(DataError, match=r"test: item id 9"):
+    given(train, bad)
+  with pytest.raises(DataError, match=r"valid: item id 9"):
+    given(train, test, valid=bad)
+  zero = Interactions(user=np.array([0], np.int32), item=np.array([1], np.int32), user_vocab=inter.user_vocab,
+                      item_vocab=inter.item_vocab)
+  with pytest.raises(DataError, match=r"train: user id 0"):
+    given(zero, test)
+
+
+def test_check_split_and_history():
+  inter = staircase()
+  check_split(leave_one_out(inter))
+  empty = inter.subset(np.zeros(0, np.int64))
+  with pytest.raises(DataError, match="empty training"):
+    check_split(Split(empty, empty, inter, "x"))
+  items, offsets = history_csr(inter)
+  assert len(items) == len(inter) and offsets[-1] == len(inter)
+  assert np.diff(offsets)[inter.user_id("u5")] == 5
+
+
+def test_ml100k_split_sizes(data_dir):
+  from recjax.data.readers import read_atomic
+  inter = read_atomic(data_dir / "ml-100k", "ml-100k")
+  loo = leave_one_out(inter)
+  assert (len(loo.train), len(loo.valid), len(loo.test)) == (98114, 943, 943)
+  rs = random_ratio(inter, (0.8, 0.1, 0.1), seed=0)              # per-user RecBole counts: seed-independent sizes
+  assert (len(rs.train), len(rs.valid), len(rs.test)) == (80808, 9596, 9596)
+  assert_partition(rs, inter)

@@ -1,0 +1,203 @@
+"""TrainState, the compiled step, checkpoints and the logging helpers."""
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from recjax.train import (
+  Checkpointer,
+  JsonlLogger,
+  ProgressBar,
+  TrainState,
+  create_train_state,
+  make_train_step,
+  plot_curves,
+)
+
+
+def loss_fn(params, batch, rng):
+  """Least squares with a little rng noise, so the per-step key matters. x [B, 3], y [B]."""
+  pred = batch["x"] @ params["w"] + params["b"] + 0.01 * jax.random.normal(rng, batch["y"].shape)
+  mse = jnp.mean((pred - batch["y"]) ** 2)
+  return mse, {"mse": mse}
+
+
+def toy_batch(seed=0, n=32):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 3)).astype(np.float32)
+  return {"x": x, "y": (x @ np.array([1.0, -2.0, 0.5], np.float32) + 0.3).astype(np.float32)}
+
+
+def fresh_state(seed=0):
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+  return create_train_state(params, optax.adam(0.1), jax.random.PRNGKey(seed))
+
+
+def test_create_train_state():
+  state = fresh_state()
+  assert isinstance(state, TrainState)
+  assert state.step.dtype == jnp.int32 and state.step.shape == ()
+  assert state.rng.dtype == jnp.uint32 and state.rng.shape == (2,)
+  typed = create_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(3))
+  np.testing.assert_array_equal(typed.rng, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(create_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), 3).rng, typed.rng)
+  leaves = jax.tree.leaves(state)  # a pytree: step, params, opt_state, rng
+  assert len(leaves) == 1 + 2 + 5 + 1
+
+
+def test_step_decreases_loss_and_compiles_once():
+  step = make_train_step(loss_fn, optax.adam(0.1))
+  state, batch = fresh_state(), toy_batch()
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert step._cache_size() == 1
+  assert losses[-1] < 0.1 * losses[0]
+  assert set(metrics) == {"loss", "mse", "grad_norm"}
+  assert float(metrics["grad_norm"]) >= 0 and int(state.step) == 30
+
+
+def test_step_key_is_folded_from_step():
+  step = make_train_step(loss_fn, optax.sgd(0.1), donate=False)
+  state = fresh_state()
+  batch = toy_batch()
+  _, m1 = step(state, batch)
+  _, m2 = step(state.replace(step=jnp.int32(5)), batch)
+  rng = jax.random.fold_in(state.rng, 0)
+  np.testing.assert_allclose(float(m1["loss"]), float(loss_fn(state.params, batch, rng)[0]), rtol=1e-6)
+  assert float(m1["loss"]) != float(m2["loss"])
+
+
+def test_step_donates_state():
+  step = make_train_step(loss_fn, optax.adam(0.1))
+  state = fresh_state()
+  new_state, _ = step(state, toy_batch())
+  if jax.default_backend() == "cpu" or state.params["w"].is_deleted():
+    assert state.params["w"].is_deleted()  # the caller must use the returned state
+  new_state, _ = step(new_state, toy_batch(1))
+  assert int(new_state.step) == 2 and step._cache_size() == 1
+  kept = make_train_step(loss_fn, optax.adam(0.1), donate=False)
+  state = fresh_state()
+  kept(state, toy_batch())
+  assert not state.params["w"].is_deleted()
+
+
+KEEP_STEP = make_train_step(loss_fn, optax.adam(0.1), donate=False)
+
+
+def trained(steps=3):
+  state = fresh_state()
+  for i in range(steps):
+    state, _ = KEEP_STEP(state, toy_batch(i))
+  return state
+
+
+def assert_tree_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_checkpoint_roundtrip_and_keep(tmp_path):
+  template = fresh_state()
+  with Checkpointer(tmp_path / "ck", keep=2) as ckpt:
+    assert ckpt.restore_latest(template) is None and ckpt.restore_best(template) is None
+    states = [trained(s) for s in range(1, 5)]
+    for epoch, state in enumerate(states):
+      ckpt.save_latest(epoch, state, {"epoch": epoch, "history": [{"loss": 0.5}], "best": None})
+    assert ckpt.latest_epochs() == [2, 3]
+    ckpt.save_best(1, states[1], {"v": 1})
+    ckpt.save_best(3, states[3], {"v": 3})
+    ckpt.save_best(3, states[3], {"v": 3.5})  # the same epoch again (a resumed run) replaces it
+    assert ckpt.best_epoch() == 3
+  assert sorted(p.name for p in (tmp_path / "ck" / "best").iterdir() if p.is_dir()) == ["3"]
+  with Checkpointer(tmp_path / "ck", keep=2) as ckpt:  # reopened, as a resumed process does
+    epoch, state, meta = ckpt.restore_latest(template)
+    assert epoch == 3 and meta == {"epoch": 3, "history": [{"loss": 0.5}], "best": None}
+    assert_tree_equal(state, states[3])
+    assert type(state.opt_state) is type(states[3].opt_state) and state.rng.dtype == jnp.uint32
+    best, best_meta = ckpt.restore_best(template)
+    assert best_meta == {"v": 3.5}
+    assert_tree_equal(best.params, states[3].params)
+
+
+def test_checkpoint_restores_into_donated_template(tmp_path):
+  step = make_train_step(loss_fn, optax.adam(0.1))
+  state = fresh_state()
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save_latest(0, state, {})
+    step(state, toy_batch())  # donates `state`
+    _, restored, _ = ckpt.restore_latest(state)
+  assert_tree_equal(restored, fresh_state())
+
+
+def test_checkpoint_ignores_interrupted_save(tmp_path):
+  with Checkpointer(tmp_path, keep=3) as ckpt:
+    ckpt.save_latest(0, trained(1), {"epoch": 0})
+  # what a save killed before its rename leaves behind
+  partial = tmp_path / "latest" / "1.orbax-checkpoint-tmp-123"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "junk").write_text("x")
+  with Checkpointer(tmp_path, keep=3) as ckpt:
+    epoch, state, meta = ckpt.restore_latest(fresh_state())
+    assert epoch == 0 and meta == {"epoch": 0}
+    assert_tree_equal(state, trained(1))
+    ckpt.save_latest(1, trained(2), {"epoch": 1})
+    assert ckpt.latest_epochs() == [0, 1]
+
+
+def test_jsonl_logger_truncates_on_resume(tmp_path):
+  path = tmp_path / "run" / "log.jsonl"
+  with JsonlLogger(path, append=False) as log:
+    for e in range(5):
+      log.write({"epoch": e, "train_loss": 1.0 / (e + 1)})
+  with open(path, "a") as f:
+    f.write('{"epoch": 5, "tra')  # a row cut short by a kill
+  with JsonlLogger(path, append=True, last_epoch=2) as log:
+    log.write({"epoch": 3, "train_loss": 0.0})
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[3]["train_loss"] == 0.0
+  with JsonlLogger(path, append=False) as log:
+    log.write({"epoch": 0})
+  assert path.read_text() == '{"epoch": 0}\n'
+
+
+def test_progress_bar(capsys):
+  with ProgressBar(4, "epoch 0", enabled=True) as bar:
+    for _ in range(4):
+      bar.update()
+  err = capsys.readouterr().err
+  assert "epoch 0 [" in err and "4/4" in err and err.endswith("\r")
+  with ProgressBar(4, "quiet") as bar:  # not a TTY under pytest
+    bar.update()
+  assert capsys.readouterr().err == ""
+  counter = ProgressBar(None, "x", enabled=False)
+  counter.update(7)
+  assert counter.render(1.0) == "x 7 7.0 it/s"
+
+
+ROWS = [{"epoch": e, "train_loss": 1.0 / (e + 1), "train_epoch_s": 0.1} for e in range(4)]
+for r in ROWS[1::2]:
+  r.update(eval_s=0.01, valid={"mrr@10": 0.1 * r["epoch"], "recall@20": 0.2 * r["epoch"]})
+
+
+def test_plot_curves_writes_png(tmp_path):
+  path = tmp_path / "curves.png"
+  assert plot_curves(ROWS, path, log=pytest.fail)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_plot_curves_without_matplotlib(tmp_path, monkeypatch):
+  for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
+  lines = []
+  assert plot_curves(ROWS, tmp_path / "curves.png", log=lines.append) is False
+  assert len(lines) == 1 and "matplotlib is not installed" in lines[0] and "pip install recjax[plot]" in lines[0]
+  assert not (tmp_path / "curves.png").exists()
