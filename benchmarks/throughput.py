@@ -16,7 +16,11 @@ import platform
 import statistics
 import time
 
-import jax
+from recjax.cli import use_all_cpu_cores
+
+use_all_cpu_cores()  # before jax starts: one host device per core on CPU
+
+import jax  # noqa: E402
 import numpy as np
 
 from recjax import experiment

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,17 @@ import numpy as np
 from recjax.errors import ConfigError, RecjaxError
 
 
+def use_all_cpu_cores() -> None:
+  """One XLA host device per core unless the user chose: XLA runs most of a CPU step on one core
+  per device, so data parallelism over host devices is what uses the others (GPU/TPU unaffected)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags and "jax" not in sys.modules:
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
+  use_all_cpu_cores()
   args = _parser().parse_args(argv)
   try:
     return args.func(args) or 0
@@ -147,7 +158,7 @@ def cmd_recommend(args) -> int:
   everything = split.train.concat(split.valid).concat(split.test)
   user = split.train.user_id(args.user)
   inputs = samplers.eval_inputs(everything, np.array([user]), exp.protocol.max_len)
-  scores = np.asarray(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs)))[0]
+  scores = np.array(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs))[0])
   scores[0] = -np.inf
   scores[everything.item[everything.user == user]] = -np.inf   # recommend only unseen items
   top = np.argsort(-scores, kind="stable")[:args.k]

@@ -34,6 +34,7 @@ BASE = {
     "valid_metric": None,         # None: the protocol's
     "eval_budget_mb": 256,        # device memory for one chunk of [users, items] scores
     "keep_checkpoints": 2,
+    "devices": None,              # data-parallel devices for training (None: all visible)
     "preprocess": {"dedup": False, "min_rating": None, "user_core": 0, "item_core": 0},
     "model": {},
 }

@@ -17,15 +17,15 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from recjax import tasks
+from recjax import models, tasks
 from recjax.data import preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError, DataError
 from recjax.eval import protocols, ranking
-from recjax import models
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, create_train_state, fit, make_train_step
+from recjax.train.mesh import batch_sharding, check_divisible, data_mesh
 
 
 @dataclasses.dataclass
@@ -136,10 +136,12 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   data, protocol = exp.eval_sets[phase], exp.protocol
   options = dict(ks=protocol.ks, metrics=protocol.metrics, budget_bytes=exp.config["eval_budget_mb"] << 20)
   num_items = exp.split.train.num_items
+  mesh = train_mesh(exp.config)
+  sharding = batch_sharding(mesh) if mesh else None
 
   def run(params) -> dict[str, float]:
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
-                                num_items=num_items, **options)
+                                num_items=num_items, sharding=sharding, **options)
     if protocol.sampled:
       out.update(ranking.evaluate_sampled(
           exp.item_score_fn, params, data["inputs"], data["positives"][:, 0], data["exclude"],
@@ -148,6 +150,16 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
     return out
 
   return run
+
+
+def train_mesh(config: dict[str, Any]):
+  """The data-parallel mesh of a run, or None for one device."""
+  count = config["devices"] or jax.device_count()
+  if count == 1:
+    return None
+  mesh = data_mesh(count)
+  check_divisible(config["batch_size"], mesh)
+  return mesh
 
 
 def make_optimizer(config: dict[str, Any]):
@@ -201,10 +213,13 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     eval_s.append(time.perf_counter() - start)
   else:
     sampler = make_sampler(exp)
-    loss_fn = make_loss_fn(exp)
     optimizer = make_optimizer(config)
     state = create_train_state(params, optimizer, jax.random.fold_in(rng, 1))
-    result = fit(state, make_train_step(loss_fn, optimizer), sampler.epoch, valid_eval,
+    mesh = train_mesh(config)
+    step = make_train_step(make_loss_fn(exp), optimizer, mesh=mesh)
+    sharding = batch_sharding(mesh) if mesh else None
+    batches = lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch), sharding=sharding)  # noqa: E731
+    result = fit(state, step, batches, valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
                  patience=config["patience"], out_dir=out, resume=resume, keep=config["keep_checkpoints"], log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run

@@ -18,12 +18,30 @@ def _key(seed: int = 0) -> jax.Array:
   return jax.random.key(seed, impl="rbg")  # compiles faster than threefry
 
 
-def _np_log_sigmoid(x):
-  return -np.logaddexp(0.0, -x)
-
-
 def _np_weighted_mean(values, weight):
   return np.sum(weight * values) / max(np.sum(weight), losses.EPS)
+
+
+def np_bpr(pos, neg, weight):
+  pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+  return _np_weighted_mean(np.mean(np.logaddexp(0.0, -(pos[..., None] - neg)), -1), weight)
+
+
+def np_bce(pos, neg, weight):
+  sig = lambda x: 1 / (1 + np.exp(-np.asarray(x, np.float64)))  # noqa: E731
+  return _np_weighted_mean(-np.log(sig(pos)) - np.sum(np.log(1 - sig(neg)), -1), weight)
+
+
+def np_softmax_ce(logits, target, weight):
+  logits = np.asarray(logits, np.float64)
+  log_norm = np.log(np.sum(np.exp(logits[..., 1:]), -1))  # the padding column 0 left out
+  return _np_weighted_mean(log_norm - np.take_along_axis(logits, target[..., None], -1)[..., 0], weight)
+
+
+NP_LOSSES = {"bpr": np_bpr, "bce": np_bce}
+# Jitted once per shape: op-by-op execution would compile every primitive separately.
+BPR, BCE = (jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for f in (losses.bpr, losses.bce))
+SOFTMAX_CE = jax.jit(jax.value_and_grad(losses.softmax_ce))
 
 
 def _scores(shape, n):
@@ -34,26 +52,17 @@ def _scores(shape, n):
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 4)])
-def test_bpr_matches_numpy(shape):
+def test_sampled_losses_match_numpy(shape):
   pos, neg, weight = _scores(shape, 3)
-  ref = _np_weighted_mean(np.mean(-_np_log_sigmoid(pos[..., None] - neg), -1), weight)
-  np.testing.assert_allclose(losses.bpr(pos, neg, weight), ref, rtol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(5,), (3, 4)])
-def test_bce_matches_numpy(shape):
-  pos, neg, weight = _scores(shape, 3)
-  sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))  # noqa: E731
-  per = -np.log(sig(pos)) - np.sum(np.log(1 - sig(neg)), -1)
-  np.testing.assert_allclose(losses.bce(pos, neg, weight), _np_weighted_mean(per, weight), rtol=1e-5)
+  np.testing.assert_allclose(BPR(pos, neg, weight)[0], np_bpr(pos, neg, weight), rtol=1e-5)
+  np.testing.assert_allclose(BCE(pos, neg, weight)[0], np_bce(pos, neg, weight), rtol=1e-5)
 
 
 def test_sampled_losses_stable_for_large_scores():
-  pos, neg, weight = jnp.array([80.0, -80.0]), jnp.array([[-80.0], [80.0]]), jnp.ones(2)
-  for fn in (losses.bpr, losses.bce):
-    value, grads = jax.value_and_grad(fn, argnums=(0, 1))(pos, neg, weight)
-    chex.assert_tree_all_finite((value, grads))
-  np.testing.assert_allclose(losses.bpr(pos, neg, weight), (0 + 160) / 2, rtol=1e-6)
+  pos, neg, weight = np.array([80.0, -80.0]), np.array([[-80.0], [80.0]]), np.ones(2)
+  for fn in (BPR, BCE):
+    chex.assert_tree_all_finite(fn(pos, neg, weight))
+  np.testing.assert_allclose(BPR(pos, neg, weight)[0], (0 + 160) / 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(4,), (2, 3)])
@@ -62,31 +71,27 @@ def test_softmax_ce_matches_numpy_and_excludes_padding(shape):
   logits = RNG.normal(size=shape + (num_items,)).astype(np.float32) * 2
   target = RNG.integers(1, num_items, size=shape)
   weight = (RNG.random(shape) > 0.3).astype(np.float32)
-  z = logits[..., 1:].astype(np.float64)
-  log_norm = np.log(np.sum(np.exp(z), -1))
-  per = log_norm - np.take_along_axis(logits, target[..., None], -1)[..., 0]
-  ref = _np_weighted_mean(per, weight)
-  np.testing.assert_allclose(losses.softmax_ce(logits, target, weight), ref, rtol=1e-5)
-  # the padding logit does not matter
-  bumped = logits.copy()
-  bumped[..., 0] = 50.0
-  np.testing.assert_allclose(losses.softmax_ce(bumped, target, weight), ref, rtol=1e-5)
-  grad = jax.grad(losses.softmax_ce)(jnp.asarray(logits), target, weight)
+  ref = np_softmax_ce(logits, target, weight)
+  value, grad = SOFTMAX_CE(logits, target, weight)
+  np.testing.assert_allclose(value, ref, rtol=1e-5)
   np.testing.assert_array_equal(grad[..., 0], 0.0)
+  bumped = logits.copy()
+  bumped[..., 0] = 50.0  # the padding logit does not matter
+  np.testing.assert_allclose(SOFTMAX_CE(bumped, target, weight)[0], ref, rtol=1e-5)
 
 
 def test_zero_weight_rows_are_ignored():
-  logits = jnp.array([[0.0, 1.0, 2.0], [5.0, -3.0, 9.0]])
-  target = jnp.array([2, 0])  # the second row is padding: target 0, weight 0
-  weight = jnp.array([1.0, 0.0])
-  value, grad = jax.value_and_grad(losses.softmax_ce)(logits, target, weight)
+  logits = np.array([[0.0, 1.0, 2.0], [5.0, -3.0, 9.0]], np.float32)
+  target = np.array([2, 0])  # the second row is padding: target 0, weight 0
+  weight = np.array([1.0, 0.0], np.float32)
+  value, grad = SOFTMAX_CE(logits, target, weight)
   np.testing.assert_allclose(value, np.log(np.exp(1.0) + np.exp(2.0)) - 2.0, rtol=1e-6)
   chex.assert_tree_all_finite(grad)
   np.testing.assert_array_equal(grad[1], 0.0)
-  pos, neg = jnp.array([1.0, 1e4]), jnp.array([[0.0], [-1e4]])
-  for fn in (losses.bpr, losses.bce):
-    np.testing.assert_allclose(fn(pos, neg, weight), fn(pos[:1], neg[:1], weight[:1]), rtol=1e-6)
-  assert float(losses.bpr(pos, neg, jnp.zeros(2))) == 0.0
+  pos, neg = np.array([1.0, 1e4], np.float32), np.array([[0.0], [-1e4]], np.float32)
+  for fn in (BPR, BCE):
+    np.testing.assert_allclose(fn(pos, neg, weight)[0], fn(pos[:1], neg[:1], weight[:1])[0], rtol=1e-6)
+  assert float(BPR(pos, neg, np.zeros(2, np.float32))[0]) == 0.0
 
 
 def test_l2():
@@ -111,12 +116,12 @@ def test_pairwise_loss_fn_matches_manual(loss):
   model = BPRMF(num_users=4, num_items=9, dim=4)
   params = init_params(model, _key())
   batch = _pair_batch()
-  value, metrics = tasks.pairwise_loss_fn(model, loss=loss, l2_weight=0.5)(params, batch, _key(1))
+  value, metrics = jax.jit(tasks.pairwise_loss_fn(model, loss=loss, l2_weight=0.5))(params, batch, _key(1))
   users = np.asarray(params["params"]["user_embedding"]["embedding"])[batch["user"]]
   items = np.asarray(params["params"]["item_embedding"]["embedding"])
   pos = np.sum(users * items[batch["pos"]], -1)
   neg = np.einsum("bd,bnd->bn", users, items[batch["neg"]])
-  base = getattr(losses, loss)(pos, neg, batch["weight"])
+  base = NP_LOSSES[loss](pos, neg, np.asarray(batch["weight"]))
   reg = 0.5 * (np.sum(users**2, -1) + np.sum(items[batch["pos"]] ** 2, -1) + np.sum(items[batch["neg"]] ** 2, (-2, -1)))
   reg = _np_weighted_mean(reg, np.asarray(batch["weight"]))
   np.testing.assert_allclose(value, base + 0.5 * reg, rtol=1e-5)
@@ -136,28 +141,37 @@ def sasrec():
 
 def test_next_item_loss_fn_whole_sequence_and_prefix_modes(sasrec):
   model, params = sasrec
-  seq = jnp.array([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]], jnp.int32)
-  pos = jnp.array([[0, 0, 2, 3, 9], [5, 6, 7, 8, 10]], jnp.int32)
-  neg = jnp.broadcast_to(jnp.array([[1], [4]])[:, :, None], (2, 5, 1))
-  weight = (pos > 0).astype(jnp.float32)
-  items = np.asarray(params["params"]["item_embedding"]["embedding"])
-  h = np.asarray(model.apply(params, seq, method="sequence_repr"))  # dropout is 0: train == eval
-  for loss in ["ce", "bce", "bpr"]:
-    fn = tasks.next_item_loss_fn(model, loss=loss)  # eager: the three losses share compiled ops
-    whole, _ = fn(params, {"seq": seq, "pos": pos, "neg": neg, "weight": weight}, _key(1))
-    last = {"seq": seq, "pos": pos[:, -1], "neg": neg[:, -1], "weight": weight[:, -1]}
-    prefix, _ = fn(params, last, _key(1))
-    if loss == "ce":
-      logits = h @ items.T
-      ref_whole = losses.softmax_ce(logits, pos, weight)
-      ref_prefix = losses.softmax_ce(logits[:, -1], pos[:, -1], weight[:, -1])
-    else:
-      pos_s = np.sum(h * items[pos], -1)
-      neg_s = np.einsum("bld,blnd->bln", h, items[neg])
-      ref_whole = getattr(losses, loss)(pos_s, neg_s, weight)
-      ref_prefix = getattr(losses, loss)(pos_s[:, -1], neg_s[:, -1], weight[:, -1])
-    np.testing.assert_allclose(whole, ref_whole, rtol=1e-5)
-    np.testing.assert_allclose(prefix, ref_prefix, rtol=1e-5)
+  seq = np.array([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]], np.int32)
+  pos = np.array([[0, 0, 2, 3, 9], [5, 6, 7, 8, 10]], np.int32)
+  neg = np.broadcast_to(np.array([[1], [4]])[:, :, None], (2, 5, 1))
+  weight = (pos > 0).astype(np.float32)
+  whole = {"seq": seq, "pos": pos, "neg": neg, "weight": weight}
+  prefix = {"seq": seq, "pos": pos[:, -1], "neg": neg[:, -1], "weight": weight[:, -1]}
+
+  @jax.jit
+  def run(params):  # one compilation for the three losses in both modes
+    h = model.apply(params, seq, method="sequence_repr")  # dropout is 0: train == eval
+    values = {
+      (loss, mode): tasks.next_item_loss_fn(model, loss=loss)(params, batch, _key(1))[0]
+      for loss in tasks.NEXT_ITEM_LOSSES
+      for mode, batch in (("whole", whole), ("prefix", prefix))
+    }
+    return h, values
+
+  h, values = run(params)
+  h = np.asarray(h, np.float64)
+  items = np.asarray(params["params"]["item_embedding"]["embedding"], np.float64)
+  logits = h @ items.T
+  pos_s, neg_s = np.sum(h * items[pos], -1), np.einsum("bld,blnd->bln", h, items[neg])
+  refs = {
+    ("ce", "whole"): np_softmax_ce(logits, pos, weight),
+    ("ce", "prefix"): np_softmax_ce(logits[:, -1], pos[:, -1], weight[:, -1]),
+  }
+  for loss, fn in NP_LOSSES.items():
+    refs[loss, "whole"] = fn(pos_s, neg_s, weight)
+    refs[loss, "prefix"] = fn(pos_s[:, -1], neg_s[:, -1], weight[:, -1])
+  for key, ref in refs.items():
+    np.testing.assert_allclose(values[key], ref, rtol=1e-5, err_msg=str(key))
 
 
 def test_next_item_loss_uses_dropout_rng(sasrec):
@@ -171,11 +185,11 @@ def test_next_item_loss_uses_dropout_rng(sasrec):
 
 def test_score_fn(sasrec):
   model, params = sasrec
-  inputs = {"user": jnp.array([1, 2]), "seq": jnp.array([[0, 0, 1, 2, 3], [0, 0, 0, 0, 0]], jnp.int32)}
-  scores = tasks.score_fn(model)(params, inputs)
+  inputs = {"user": np.array([1, 2]), "seq": np.array([[0, 0, 1, 2, 3], [0, 0, 0, 0, 0]], np.int32)}
+  last_state = lambda p: model.apply(p, inputs["seq"], method="sequence_repr")[:, -1]  # noqa: E731
+  scores, h = jax.jit(lambda p: (tasks.score_fn(model)(p, inputs), last_state(p)))(params)
   chex.assert_shape(scores, (2, 13))
   chex.assert_tree_all_finite(scores)
-  h = model.apply(params, inputs["seq"], method="sequence_repr")[:, -1]
   np.testing.assert_allclose(scores, h @ params["params"]["item_embedding"]["embedding"].T, rtol=1e-5, atol=1e-6)
 
 

@@ -171,6 +171,13 @@ def _select_exclude(exclude: Exclude, keep: np.ndarray) -> Exclude:
   return new_items, np.concatenate([[0], np.cumsum(lengths[keep])])
 
 
+def _sharded(step: Callable, chunk: int, sharding) -> tuple[int, Callable]:
+  """Chunk size rounded up to the device count, and `step` with its per-user arguments sharded."""
+  devices = len(sharding.device_set)
+  chunk = -(-chunk // devices) * devices
+  return chunk, lambda params, *rows: step(params, *jax.device_put(rows, sharding))
+
+
 def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable) -> tuple[dict, float]:
   """Sum of step(*make_args(start, stop), weight) over chunks; results fetched once at the end."""
   outs = []
@@ -199,7 +206,7 @@ def _chunk_inputs(inputs: Mapping[str, np.ndarray], start: int, stop: int, chunk
 def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], positives: np.ndarray,
                   exclude: Exclude, ks: Sequence[int] = (10,), metrics: Sequence[str] = DEFAULT_METRICS,
                   budget_bytes: int = DEFAULT_BUDGET, num_items: int | None = None,
-                  chunk_size: int | None = None) -> dict[str, float]:
+                  chunk_size: int | None = None, sharding=None) -> dict[str, float]:
   """Full-ranking metrics averaged over users with at least one positive.
 
   Args:
@@ -213,6 +220,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     budget_bytes: device memory for one chunk's [chunk, N] temporaries.
     num_items: N, for the chunk size; found by scoring one row when None.
     chunk_size: users per chunk, overriding the budget.
+    sharding: optional batch sharding (`recjax.train.mesh.batch_sharding`): each chunk's users are
+      split over its devices (the chunk is rounded up to a multiple of their count).
   Returns:
     {"ndcg@10": mean, ...}.
   """
@@ -233,6 +242,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     chunk_size = chunk_users(num_items, budget_bytes, extra)
   chunk = min(chunk_size, num_rows)
   step = make_full_ranking_eval(score_fn, ks, metrics)
+  if sharding is not None:
+    chunk, step = _sharded(step, chunk, sharding)
   make_args = lambda start, stop: (
       params, _chunk_inputs(inputs, start, stop, chunk),
       _pad_rows(_exclude_rows(exclude, start, stop, width), chunk), _pad_rows(positives[start:stop], chunk))

@@ -10,15 +10,18 @@ at t + 1 by a dot product with the (shared) item embedding table:
   score(t, i) = <x_t, E_i>
 
 Sequences are left-padded with 0 and the latest item sits at index L-1, so positions are counted
-from the right: the last column always gets `P[max_len - 1]`, and a sequence padded to a shorter
-L gives the same outputs (padding keys are masked).
+from the right: the last column always gets `P[max_len - 1]` (as in the authors' code, which also
+left-pads; RecBole right-pads, so there the *first* item gets P[0]), and a sequence padded to a
+shorter L gives the same outputs (padding keys are masked).
 
 Defaults are RecBole 1.2.1's SASRec (`hidden_size=64, inner_size=256, n_layers=2, n_heads=2,
 hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
-initializer_range=0.02, MAX_ITEM_LIST_LENGTH=50`). `pre_norm=True` gives the paper's ordering
-(LayerNorm before attention and feed-forward, a final LayerNorm); unlike the authors' code it
-does not scale the item embedding by sqrt(d) nor zero padded positions between blocks (their
-outputs never reach real positions: padding keys are masked and their loss weight is 0).
+initializer_range=0.02, MAX_ITEM_LIST_LENGTH=50`). `pre_norm=True` gives the paper's ordering,
+g(x) = x + Dropout(g(LayerNorm(x))) for attention and feed-forward and a final LayerNorm (Sec.
+III-C). The authors' code differs in details this module does not copy: it scales the item
+embedding by sqrt(d), normalises only the attention queries (keys and values use the raw input,
+the residual the normalised one) and zeroes padded positions between blocks
+(their outputs never reach real positions here: padding keys are masked, their loss weight is 0).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from recjax.nn.attention import TransformerBlock, causal_padding_mask
+from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
 
 
@@ -61,7 +65,7 @@ class SASRec(nn.Module):
     )
     # Post-norm normalises the input embedding; pre-norm normalises the last block's output.
     self.norm = nn.LayerNorm(epsilon=self.layer_norm_eps)
-    self.input_dropout = nn.Dropout(self.dropout)
+    self.input_dropout = Dropout(self.dropout)
     self.blocks = [
       TransformerBlock(
         num_heads=self.num_heads,

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
+from recjax.nn.dropout import Dropout
+
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf form, as BERT / RecBole
   "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -104,7 +106,7 @@ class MultiHeadSelfAttention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # [B, H, Lq, L]
     scores = jnp.where(_as_4d(mask, last_only), scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)  # fully masked rows -> uniform, never NaN
-    probs = nn.Dropout(self.attn_dropout, deterministic=not train)(probs)
+    probs = Dropout(self.attn_dropout)(probs, deterministic=not train)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Lq, H, dh]
     return dense(self.dim, "out", axis=(-2, -1))(context)  # [B, Lq, d]
 
@@ -114,7 +116,8 @@ class TransformerBlock(nn.Module):
 
   Post-norm (`pre_norm=False`, BERT / RecBole's SASRec):
     h = LN(x + Drop(MHSA(x))),  y = LN(h + Drop(W_2 act(W_1 h)))
-  Pre-norm (`pre_norm=True`, the SASRec paper, Kang & McAuley 2018, Sec. III-B):
+  Pre-norm (`pre_norm=True`, the SASRec paper's g(x) = x + Dropout(g(LayerNorm(x))), Kang & McAuley
+  2018, Sec. III-C):
     h = x + Drop(MHSA(LN(x))),  y = h + Drop(W_2 act(W_1 LN(h)))
   (a pre-norm stack needs a final LN after its last block; the model owns it).
   """
@@ -142,7 +145,8 @@ class TransformerBlock(nn.Module):
     norm_attn = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_attn")
     norm_ffn = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_ffn")
     dense = lambda features, name: nn.Dense(features, kernel_init=initializers.normal(self.init_std), name=name)  # noqa: E731
-    drop = nn.Dropout(self.dropout, deterministic=not train)
+    dropout = Dropout(self.dropout)
+    drop = lambda h: dropout(h, deterministic=not train)  # noqa: E731
     ffn = lambda h: dense(self.dim, "ffn_out")(act(dense(self.ffn_dim, "ffn_in")(h)))  # noqa: E731
 
     residual = x[:, -1:] if last_only else x  # [B, Lq, d]

@@ -1,0 +1,166 @@
+"""End-to-end runs of the `recjax` command: outputs, bad input, resume after SIGKILL, real data."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recjax.cli import main
+from recjax.config import apply_overrides, build_config, default_config
+from recjax.errors import ConfigError
+
+SMALL_SASREC = ["--set", "model.dim=32", "--set", "model.ffn_dim=64", "--set", "model.dropout=0.2",
+                "--set", "model.attn_dropout=0.2", "--set", "eval_every=5"]
+
+
+def run_cli(*args: str) -> int:
+  return main([str(a) for a in args])
+
+
+def read_metrics(out: Path) -> dict:
+  return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_writes_every_output(tmp_path):
+  out = tmp_path / "bpr"
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "3", "--out", out) == 0
+  for name in ("config.json", "log.jsonl", "metrics.json", "curves.png"):
+    assert (out / name).exists(), name
+  assert (out / "checkpoints" / "best").is_dir()
+  metrics = read_metrics(out)
+  assert set(metrics) >= {"valid", "test", "train_epoch_s", "eval_s", "epochs_run"}
+  assert metrics["epochs_run"] == 3 and "ndcg@10" in metrics["test"]
+  assert len((out / "log.jsonl").read_text().splitlines()) == 3
+  # A second train into the same folder must not overwrite it.
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "3", "--out", out) == 2
+
+
+def test_sasrec_beats_popularity_on_synthetic(tmp_path):
+  assert run_cli("train", "pop", "--dataset", "synthetic", "--protocol", "recbole-sequential",
+                 "--out", tmp_path / "pop") == 0
+  assert run_cli("train", "sasrec", "--dataset", "synthetic", "--epochs", "20", *SMALL_SASREC,
+                 "--out", tmp_path / "sasrec") == 0
+  pop, sasrec = read_metrics(tmp_path / "pop")["test"], read_metrics(tmp_path / "sasrec")["test"]
+  assert sasrec["ndcg@10"] > 2 * pop["ndcg@10"], (sasrec, pop)
+
+
+def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
+  out = tmp_path / "bpr"
+  run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "2", "--out", out)
+  capsys.readouterr()
+  assert run_cli("evaluate", "--run", out) == 0
+  evaluated = json.loads(capsys.readouterr().out)
+  assert evaluated["test"] == pytest.approx(read_metrics(out)["test"], rel=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "bpr", "--set", "model.dimm=3"], "unknown config key 'model.dimm'"),
+    (["train", "bpr", "--set", "learning_rate='fast'"], "learning_rate expects float"),
+    (["train", "bpr", "--set", "nonsense"], "expected key=value"),
+    (["train", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+    (["train", "bpr", "--dataset", "nosuchdata"], "unknown dataset"),
+    (["train", "bpr", "--protocol", "nosuchprotocol"], "unknown protocol"),
+    (["train", "bpr", "--set", "loss='hinge'"], "unknown loss 'hinge'"),
+    (["train", "bpr", "--set", "preprocess.user_core=100000"], "no interactions left"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
+  assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2
+  err = capsys.readouterr().err
+  assert err.startswith("recjax: error:") and message in err, err
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, capsys):
+  out = tmp_path / "nan"
+  code = run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "3", "--out", out,
+                 "--set", "learning_rate=1e38")
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "non-finite" in err and "epoch" in err, err
+  assert json.loads((out / "config.json").read_text())["learning_rate"] == 1e38
+
+
+def test_config_overrides_are_checked():
+  config = default_config("sasrec")
+  assert apply_overrides(config, ["model.dim=16", "epochs=3"])["model"]["dim"] == 16
+  assert apply_overrides(config, {"model": {"dim": 8}})["model"]["dim"] == 8
+  with pytest.raises(ConfigError, match="model.name"):
+    apply_overrides(config, ["model.name='bpr'"])
+  with pytest.raises(ConfigError, match="expects int"):
+    apply_overrides(config, ["epochs=2.5"])
+
+
+def test_config_file(tmp_path):
+  path = tmp_path / "small.py"
+  path.write_text("def get_config():\n  return {'epochs': 4, 'model': {'dim': 16}}\n")
+  config = build_config("bpr", str(path), ["epochs=5"])
+  assert config["epochs"] == 5 and config["model"]["dim"] == 16
+  path.write_text("def get_config():\n  return {'epoch': 4}\n")
+  with pytest.raises(ConfigError, match=f"{path}: unknown config key 'epoch'"):
+    build_config("bpr", str(path))
+
+
+KILL_ARGS = ["train", "bpr", "--dataset", "synthetic", "--epochs", "10", "--set", "batch_size=256"]
+
+
+def _cli(args, **kw):
+  return subprocess.Popen([sys.executable, "-m", "recjax.cli", *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  reference = _cli([*KILL_ARGS, "--out", whole])
+  victim = _cli([*KILL_ARGS, "--out", killed])
+  latest = killed / "checkpoints" / "latest"
+  deadline = time.time() + 120
+  while time.time() < deadline and not (latest.is_dir() and any(p.name.isdigit() and int(p.name) >= 2
+                                                                   for p in latest.iterdir())):
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert reference.wait() == 0, reference.stderr.read()
+  assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+  resumed = _cli([*KILL_ARGS, "--out", killed, "--resume"])
+  assert resumed.wait() == 0, resumed.stderr.read()
+  assert read_metrics(killed)["test"] == read_metrics(whole)["test"]
+  assert read_metrics(killed)["valid"] == read_metrics(whole)["valid"]
+  rows = lambda out: [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}  # noqa: E731
+                      for line in (out / "log.jsonl").read_text().splitlines()]
+  assert rows(killed) == rows(whole)
+
+
+def test_ml100k_train_recommend_info(data_dir, tmp_path, capsys):
+  out = tmp_path / "ml"
+  assert run_cli("train", "bpr", "--dataset", "ml-100k", "--data-dir", data_dir, "--epochs", "2",
+                 "--out", out) == 0
+  assert read_metrics(out)["test"]["ndcg@10"] > 0
+  capsys.readouterr()
+  assert run_cli("recommend", "--run", out, "--user", "196", "--k", "5") == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 5 and all(line.split()[0] == str(i) for i, line in enumerate(lines, 1))
+  assert any(c.isalpha() for c in lines[0].split(maxsplit=3)[-1])   # a movie title is printed
+  assert run_cli("recommend", "--run", out, "--user", "no-such-user") == 2
+  assert run_cli("data", "info", "ml-100k", "--data-dir", data_dir) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["num_users"] == 943 and info["num_items"] == 1682 and info["num_interactions"] == 100000
+
+
+def test_ml100k_sasrec_prefix_training_runs(data_dir, tmp_path):
+  out = tmp_path / "sas"
+  assert run_cli("train", "sasrec", "--dataset", "ml-100k", "--data-dir", data_dir, "--epochs", "1",
+                 "--set", "training='prefix'", "--set", "batch_size=4096", *SMALL_SASREC, "--out", out) == 0
+  assert read_metrics(out)["epochs_run"] == 1
+
+
+def test_export_writes_the_identical_split(data_dir, tmp_path, capsys):
+  assert run_cli("data", "export", "ml-100k", "--data-dir", data_dir, "--out", tmp_path) == 0
+  counts = {part: len((tmp_path / "ml-100k" / f"ml-100k.{part}.inter").read_text().splitlines()) - 1
+            for part in ("train", "valid", "test")}
+  assert sum(counts.values()) == 100000 and counts["train"] == 80808
