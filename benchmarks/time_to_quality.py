@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from recjax.cli import use_all_cpu_cores
@@ -54,6 +55,7 @@ def main(argv=None) -> None:
       state, _ = step(state, batch)
     value = test(state.params)[args.metric]
     path.append(round(value, 4))
+    print(f"epoch {epoch}: {args.metric} {value:.4f} at {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     if value >= args.target:
       break
   seconds = time.perf_counter() - start

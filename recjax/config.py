@@ -44,7 +44,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "bpr": {"loss": "bpr"},
     "sasrec": {
         "protocol": "recbole-sequential", "training": "sequence", "loss": "ce", "batch_size": 128,
-        "epochs": 200, "eval_every": 5, "patience": 5,
+        "epochs": 200,
     },
 }
 

@@ -125,23 +125,45 @@ def test_prefix_mode_on_bigger_data():
   assert sorted((tuple(s), p) for s, p in zip(got["seq"][real].tolist(), got["pos"][real].tolist())) == expected
 
 
+def naive_windows(seq, L):
+  """(seq, pos, weight) rows of one user: windows of L+1 items every L//2 from the end; a target
+  is weighted in the newest window holding it with >= L//2 context (all in the earliest window)."""
+  stride, rows, end = max(1, L // 2), [], len(seq)
+  while end >= 2:
+    window = seq[max(0, end - L - 1):end]
+    earliest = end - stride < 2
+    targets = list(range(max(1, end - L), end))           # indices in seq of the window's targets
+    weight = [1.0 if earliest or t >= end - stride else 0.0 for t in targets]
+    rows.append((tuple(left_pad(window[:-1], L)), tuple(left_pad(window[1:], L)), tuple(left_pad(weight, L))))
+    end -= stride
+  return rows
+
+
 @pytest.mark.parametrize("L", [2, 4, 6])
 def test_sequence_mode_matches_naive_reference(L):
   inter = tiny()
   sampler = SequenceSampler(inter, max_len=L, batch_size=4, num_negatives=3, mode="sequence")
-  expected = []
-  for s in naive_sequences(inter).values():
-    if len(s) >= 2:
-      s = s[-(L + 1):]
-      expected.append((tuple(left_pad(s[:-1], L)), tuple(left_pad(s[1:], L))))
+  expected = [row for s in naive_sequences(inter).values() for row in naive_windows(s, L)]
   got = collect(sampler)
-  assert got["seq"].shape == (4, L) and got["pos"].shape == (4, L) and got["neg"].shape == (4, L, 3)
-  assert got["weight"].shape == (4, L) and got["weight"].dtype == np.float32
+  rows = -(-len(expected) // 4) * 4
+  assert got["seq"].shape == (rows, L) and got["pos"].shape == (rows, L) and got["neg"].shape == (rows, L, 3)
+  assert got["weight"].shape == (rows, L) and got["weight"].dtype == np.float32
   real = got["weight"].sum(1) > 0
-  assert real.sum() == len(expected) == 2
-  assert sorted(zip(map(tuple, got["seq"][real].tolist()), map(tuple, got["pos"][real].tolist()))) == sorted(expected)
-  np.testing.assert_array_equal(got["weight"], (got["pos"] > 0).astype(np.float32))
-  assert ((got["neg"] > 0) == (got["pos"] > 0)[..., None]).all()
+  assert real.sum() == len(expected)
+  triples = zip(*(map(tuple, got[k][real].tolist()) for k in ("seq", "pos", "weight")))
+  assert sorted(triples) == sorted(expected)
+  assert ((got["neg"] > 0) == (got["weight"] > 0)[..., None]).all()
+
+
+def test_sequence_mode_scores_every_transition_once():
+  inter = random_inter(num_users=50, num_items=300, per_user=120)
+  got = collect(SequenceSampler(inter, max_len=10, batch_size=64, mode="sequence"))
+  items, offsets = user_sequences(inter)
+  counts = np.diff(offsets)
+  assert got["weight"].sum() == np.maximum(counts - 1, 0).sum()
+  targets = sorted(got["pos"][got["weight"] > 0].tolist())
+  expected = sorted(np.concatenate([items[a + 1:b] for a, b in zip(offsets[:-1], offsets[1:]) if b - a >= 2]).tolist())
+  assert targets == expected
 
 
 def test_sequence_sampler_determinism_and_errors():

@@ -52,9 +52,13 @@ class PairSampler:
 class SequenceSampler:
   """Next-item training rows from each user's time-ordered training items (L = max_len).
 
-  mode "sequence" (SASRec paper): one row per user with >= 2 items; the last L+1 items give
-    `seq [B, L]` (items[:-1], left-padded, latest at L-1), `pos [B, L]` (items[1:], 0 = none),
-    `neg [B, L, n]` (0 where pos is 0), `weight [B, L]` (1 where pos > 0 on real rows).
+  mode "sequence" (SASRec paper, a loss at every position): windows of L+1 items cover each user's
+    whole history, the newest window ending at the last item and each earlier one `stride = L // 2`
+    items before the next. Row: `seq [B, L]` (window[:-1], left-padded, latest at L-1), `pos [B, L]`
+    (window[1:], 0 = none), `neg [B, L, n]` (0 where pos is 0), `weight [B, L]`: 1 on the targets
+    no later window scores (its newest `stride` ones; all of them in a user's earliest window), so
+    every training transition is a target exactly once per epoch with at least L/2 items of
+    context (a user with at most L+1 items is one row, as in the paper).
   mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
     i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
     `neg [B, n]`, `weight [B]`; sum over users of (n_u - 1) rows.
@@ -68,9 +72,16 @@ class SequenceSampler:
       raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
     self.items, offsets = user_sequences(train)
     counts = np.diff(offsets)
+    self.stride = max(1, max_len // 2)
     if mode == "sequence":
-      self.row_user = np.flatnonzero(counts >= 2).astype(np.int32)
-      self.row_end = offsets[self.row_user + 1]                 # window ends after the last item
+      users = np.flatnonzero(counts >= 2)
+      per_user = (counts[users] - 2) // self.stride + 1             # windows with >= 1 target
+      self.row_user = np.repeat(users, per_user).astype(np.int32)
+      back = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+      self.row_end = offsets[self.row_user + 1] - back * self.stride   # exclusive CSR end
+      earliest = back == np.repeat(per_user, per_user) - 1
+      # Targets at CSR positions >= row_fresh are this row's; earlier ones belong to an earlier window.
+      self.row_fresh = np.where(earliest, 0, self.row_end - self.stride)
     else:
       user_of = np.repeat(np.arange(len(counts)), counts)        # user of each CSR position
       target = np.flatnonzero(np.arange(len(self.items)) > offsets[user_of])   # position >= 1
@@ -109,7 +120,8 @@ class SequenceSampler:
     full = windows(self.items, starts, end, self.max_len + 1)   # [m, L+1]
     seq = np.ascontiguousarray(full[:, :-1])
     pos = np.where(seq > 0, full[:, 1:], 0)                     # the first item is nobody's target
-    has = pos > 0
+    target_at = end[:, None] - self.max_len + np.arange(self.max_len)   # CSR position of each pos
+    has = (pos > 0) & (target_at >= self.row_fresh[rows][:, None])
     neg = np.zeros(pos.shape + (n,), np.int32)                  # [m, L, n]
     neg[has] = self.negatives.sample(rng, np.broadcast_to(user[:, None], pos.shape)[has], n)
     return {"seq": seq, "pos": pos, "neg": neg, "weight": has.astype(np.float32)}
