@@ -21,9 +21,7 @@ import jax  # noqa: E402
 
 from recjax import experiment
 from recjax.config import apply_overrides, default_config
-from recjax.data import samplers
 from recjax.train import create_train_state, make_train_step
-from recjax.train.mesh import batch_sharding
 
 
 def main(argv=None) -> None:
@@ -45,17 +43,17 @@ def main(argv=None) -> None:
   optimizer = experiment.make_optimizer(config)
   rng = jax.random.PRNGKey(config["seed"])
   state = create_train_state(experiment.init_params(exp, rng), optimizer, jax.random.fold_in(rng, 1))
-  mesh = experiment.train_mesh(config)
-  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=mesh)
+  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=experiment.train_mesh(config))
   test = experiment.make_evaluator(exp, "test")
-  sharding = batch_sharding(mesh) if mesh else None
+  batches = experiment.device_batches(exp, sampler)
   path = []
   for epoch in range(args.max_epochs):
-    for batch in samplers.prefetch_to_device(sampler.epoch(epoch), sharding=sharding):
+    for batch in batches(epoch):
       state, _ = step(state, batch)
     value = test(state.params)[args.metric]
     path.append(round(value, 4))
-    print(f"epoch {epoch}: {args.metric} {value:.4f} at {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"epoch {epoch}: {args.metric} {value:.4f} at {elapsed:.1f}s", file=sys.stderr, flush=True)
     if value >= args.target:
       break
   seconds = time.perf_counter() - start

@@ -29,6 +29,7 @@ BASE = {
     "l2_weight": 0.0,
     "num_negatives": 1,
     "training": "pairs",          # pairs | sequence (whole sequences) | prefix (RecBole's scheme)
+    "window_stride": None,        # sequence training: items between windows (None: max_len // 2)
     "eval_every": 1,
     "patience": 10,               # evaluations without gain before stopping (RecBole: stopping_step)
     "valid_metric": None,         # None: the protocol's

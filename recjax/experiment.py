@@ -114,7 +114,7 @@ def make_sampler(exp: Experiment):
     return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"])
   if c["training"] in ("sequence", "prefix"):
     return samplers.SequenceSampler(exp.split.train, exp.protocol.max_len, c["batch_size"], c["num_negatives"],
-                                    seed=c["seed"], mode=c["training"])
+                                    seed=c["seed"], mode=c["training"], stride=c["window_stride"])
   raise ConfigError(f"training: unknown scheme {c['training']!r}; known: pairs, sequence, prefix")
 
 
@@ -160,6 +160,13 @@ def train_mesh(config: dict[str, Any]):
   mesh = data_mesh(count)
   check_divisible(config["batch_size"], mesh)
   return mesh
+
+
+def device_batches(exp: Experiment, sampler) -> Callable[[int], Any]:
+  """epoch -> the sampler's batches on device, split over the run's mesh, prefetched."""
+  mesh = train_mesh(exp.config)
+  sharding = batch_sharding(mesh) if mesh else None
+  return lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch), sharding=sharding)
 
 
 def make_optimizer(config: dict[str, Any]):
@@ -215,11 +222,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     sampler = make_sampler(exp)
     optimizer = make_optimizer(config)
     state = create_train_state(params, optimizer, jax.random.fold_in(rng, 1))
-    mesh = train_mesh(config)
-    step = make_train_step(make_loss_fn(exp), optimizer, mesh=mesh)
-    sharding = batch_sharding(mesh) if mesh else None
-    batches = lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch), sharding=sharding)  # noqa: E731
-    result = fit(state, step, batches, valid_eval, steps_per_epoch=sampler.num_batches,
+    step = make_train_step(make_loss_fn(exp), optimizer, mesh=train_mesh(config))
+    result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
                  patience=config["patience"], out_dir=out, resume=resume, keep=config["keep_checkpoints"], log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run

@@ -53,12 +53,12 @@ class SequenceSampler:
   """Next-item training rows from each user's time-ordered training items (L = max_len).
 
   mode "sequence" (SASRec paper, a loss at every position): windows of L+1 items cover each user's
-    whole history, the newest window ending at the last item and each earlier one `stride = L // 2`
-    items before the next. Row: `seq [B, L]` (window[:-1], left-padded, latest at L-1), `pos [B, L]`
+    whole history, the newest window ending at the last item and each earlier one `stride` (default
+    L // 2) items before the next. Row: `seq [B, L]` (window[:-1], left-padded, latest at L-1), `pos [B, L]`
     (window[1:], 0 = none), `neg [B, L, n]` (0 where pos is 0), `weight [B, L]`: 1 on the targets
     no later window scores (its newest `stride` ones; all of them in a user's earliest window), so
-    every training transition is a target exactly once per epoch with at least L/2 items of
-    context (a user with at most L+1 items is one row, as in the paper).
+    every training transition is a target exactly once per epoch with at least L - stride items
+    of context (a user with at most L+1 items is one row, as in the paper).
   mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
     i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
     `neg [B, n]`, `weight [B]`; sum over users of (n_u - 1) rows.
@@ -67,12 +67,14 @@ class SequenceSampler:
   """
 
   def __init__(self, train: Interactions, max_len: int, batch_size: int, num_negatives: int = 1,
-               seed: int = 0, mode: str = "sequence"):
+               seed: int = 0, mode: str = "sequence", stride: int | None = None):
     if mode not in ("sequence", "prefix"):
       raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
     self.items, offsets = user_sequences(train)
     counts = np.diff(offsets)
-    self.stride = max(1, max_len // 2)
+    self.stride = stride or max(1, max_len // 2)
+    if not 1 <= self.stride <= max_len:
+      raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
     if mode == "sequence":
       users = np.flatnonzero(counts >= 2)
       per_user = (counts[users] - 2) // self.stride + 1             # windows with >= 1 target
