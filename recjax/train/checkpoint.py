@@ -4,6 +4,9 @@ Layout: `directory/latest/<epoch>/` (the `keep` newest epochs) and `directory/be
 (one), each holding the state and a `meta` JSON item. Orbax writes a step into a temporary
 directory and renames it when complete, so a process killed mid-save leaves every earlier
 checkpoint intact; the leftover temporary directory is removed when a `Checkpointer` opens.
+Saves are asynchronous: orbax copies the arrays to host memory before `save` returns (so the next
+step may donate them) and writes the files in the background, overlapping training; restores,
+`close` and the next best-save wait for pending writes.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import orbax.checkpoint as ocp
 
 
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
@@ -35,6 +38,7 @@ def _save(manager: ocp.CheckpointManager, epoch: int, state, meta: dict) -> None
 
 
 def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] | None:
+  manager.wait_until_finished()
   epoch = manager.latest_step()
   if epoch is None:
     return None
@@ -57,9 +61,11 @@ class Checkpointer:
     self._best = _manager(self.directory / "best", 1)
 
   def latest_epochs(self) -> list[int]:
+    self._latest.wait_until_finished()
     return sorted(self._latest.all_steps())
 
   def best_epoch(self) -> int | None:
+    self._best.wait_until_finished()
     return self._best.latest_step()
 
   def save_latest(self, epoch: int, state, meta: dict) -> None:
@@ -68,6 +74,7 @@ class Checkpointer:
 
   def save_best(self, epoch: int, state, meta: dict) -> None:
     """Saves `state` as the best so far, replacing the previous best once written."""
+    self._best.wait_until_finished()
     if epoch in self._best.all_steps():  # a resumed run redoing this epoch
       self._best.delete(epoch)
     _save(self._best, epoch, state, meta)
@@ -86,6 +93,9 @@ class Checkpointer:
     return None if out is None else out[1:]
 
   def close(self) -> None:
+    """Waits for pending writes, then releases the managers."""
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
     self._latest.close()
     self._best.close()
 
