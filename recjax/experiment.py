@@ -25,7 +25,7 @@ from recjax.errors import ConfigError, DataError
 from recjax.eval import protocols, ranking
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, create_train_state, fit, make_train_step
-from recjax.train.mesh import batch_sharding, check_divisible, data_mesh
+from recjax.train.mesh import batch_sharding, check_divisible, data_mesh, replicated
 
 
 @dataclasses.dataclass
@@ -140,6 +140,8 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   sharding = batch_sharding(mesh) if mesh else None
 
   def run(params) -> dict[str, float]:
+    if mesh:   # restored params sit on one device; the users of a chunk are split over the mesh
+      params = jax.device_put(params, replicated(mesh))
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
                                 num_items=num_items, sharding=sharding, **options)
     if protocol.sampled:

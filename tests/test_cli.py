@@ -108,9 +108,10 @@ def test_config_file(tmp_path):
 KILL_ARGS = ["train", "bpr", "--dataset", "synthetic", "--epochs", "10", "--set", "batch_size=256"]
 
 
-def _cli(args, **kw):
+def _cli(args, env=None):
+  env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
   return subprocess.Popen([sys.executable, "-m", "recjax.cli", *map(str, args)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+                          stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.slow
@@ -166,3 +167,15 @@ def test_export_writes_the_identical_split(data_dir, tmp_path, capsys):
   counts = {part: len((tmp_path / "ml-100k" / f"ml-100k.{part}.inter").read_text().splitlines()) - 1
             for part in ("train", "valid", "test")}
   assert sum(counts.values()) == 100000 and counts["train"] == 80808
+
+
+def test_evaluate_on_two_host_devices(tmp_path):
+  """In a fresh process the CLI splits batches and evaluation users over 2 host devices."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  out = tmp_path / "two"
+  train = _cli(["train", "bpr", "--dataset", "synthetic", "--epochs", "2", "--out", out], env=env)
+  assert train.wait() == 0, train.stderr.read()
+  evaluate = _cli(["evaluate", "--run", out], env=env)
+  stdout, stderr = evaluate.communicate()
+  assert evaluate.returncode == 0, stderr
+  assert json.loads(stdout)["test"] == pytest.approx(read_metrics(out)["test"], rel=1e-5)
