@@ -43,7 +43,7 @@ def main(argv=None) -> None:
   optimizer = experiment.make_optimizer(config)
   rng = jax.random.PRNGKey(config["seed"])
   state = create_train_state(experiment.init_params(exp, rng), optimizer, jax.random.fold_in(rng, 1))
-  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=experiment.train_mesh(config))
+  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=exp.mesh)
   test = experiment.make_evaluator(exp, "test")
   batches = experiment.device_batches(exp, sampler)
   path = []

@@ -25,7 +25,7 @@ from recjax.errors import ConfigError, DataError
 from recjax.eval import protocols, ranking
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, create_train_state, fit, make_train_step
-from recjax.train.mesh import batch_sharding, check_divisible, data_mesh, replicated
+from recjax.train.mesh import batch_sharding, check_divisible, data_mesh
 
 
 @dataclasses.dataclass
@@ -39,8 +39,10 @@ class Experiment:
   eval_sets: dict[str, dict[str, np.ndarray]]   # phase -> inputs / positives / exclude
   score_fn: Callable = None        # (params, inputs) -> [U, N]; one per run so evaluation compiles once
   item_score_fn: Callable = None   # (params, inputs, items [U, C]) -> [U, C], for sampled ranking
+  mesh: Any = None                 # data-parallel mesh of the run (None: one device)
 
   def __post_init__(self):
+    self.mesh = train_mesh(self.config)
     self.score_fn = tasks.score_fn(self.model)
     self.item_score_fn = ranking.gather_scorer(self.score_fn)
 
@@ -136,12 +138,9 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   data, protocol = exp.eval_sets[phase], exp.protocol
   options = dict(ks=protocol.ks, metrics=protocol.metrics, budget_bytes=exp.config["eval_budget_mb"] << 20)
   num_items = exp.split.train.num_items
-  mesh = train_mesh(exp.config)
-  sharding = batch_sharding(mesh) if mesh else None
+  sharding = batch_sharding(exp.mesh) if exp.mesh else None
 
   def run(params) -> dict[str, float]:
-    if mesh:   # restored params sit on one device; the users of a chunk are split over the mesh
-      params = jax.device_put(params, replicated(mesh))
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
                                 num_items=num_items, sharding=sharding, **options)
     if protocol.sampled:
@@ -166,8 +165,7 @@ def train_mesh(config: dict[str, Any]):
 
 def device_batches(exp: Experiment, sampler) -> Callable[[int], Any]:
   """epoch -> the sampler's batches on device, split over the run's mesh, prefetched."""
-  mesh = train_mesh(exp.config)
-  sharding = batch_sharding(mesh) if mesh else None
+  sharding = batch_sharding(exp.mesh) if exp.mesh else None
   return lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch), sharding=sharding)
 
 
@@ -224,7 +222,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     sampler = make_sampler(exp)
     optimizer = make_optimizer(config)
     state = create_train_state(params, optimizer, jax.random.fold_in(rng, 1))
-    step = make_train_step(make_loss_fn(exp), optimizer, mesh=train_mesh(config))
+    step = make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
                  patience=config["patience"], out_dir=out, resume=resume, keep=config["keep_checkpoints"], log=log)

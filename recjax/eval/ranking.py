@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from recjax.eval.metrics import check_metrics, metric_sums
 
@@ -175,7 +176,8 @@ def _sharded(step: Callable, chunk: int, sharding) -> tuple[int, Callable]:
   """Chunk size rounded up to the device count, and `step` with its per-user arguments sharded."""
   devices = len(sharding.device_set)
   chunk = -(-chunk // devices) * devices
-  return chunk, lambda params, *rows: step(params, *jax.device_put(rows, sharding))
+  everywhere = NamedSharding(sharding.mesh, PartitionSpec())   # params replicated (a no-op if they are)
+  return chunk, lambda params, *rows: step(jax.device_put(params, everywhere), *jax.device_put(rows, sharding))
 
 
 def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable) -> tuple[dict, float]:

@@ -14,6 +14,8 @@ and neighbouring elements are decorrelated by the avalanche); it is not a genera
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,10 +35,7 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   seeds = jax.random.bits(jax.random.wrap_key_data(key.reshape(-1)[:2].astype(jnp.uint32)), (2,), jnp.uint32)
-  size = 1
-  for n in shape:
-    size *= n
-  index = lax.iota(jnp.uint32, size).reshape(shape)   # wraps past 2^32 elements; masks then repeat
+  index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)   # wraps past 2^32 elements; masks then repeat
   return _fmix32(_fmix32(index * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
 
 
