@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train_config(args) -> dict:
   from recjax.config import build_config
 
-  config = build_config(args.model, args.config, args.set)
-  for key, value in (("dataset", args.dataset), ("data_dir", args.data_dir), ("protocol", args.protocol),
+  config = build_config(args.model, args.config, args.set, dataset=args.dataset)
+  for key, value in (("data_dir", args.data_dir), ("protocol", args.protocol),
                      ("epochs", args.epochs), ("seed", args.seed)):
     if value is not None:
       config[key] = value

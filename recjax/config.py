@@ -28,6 +28,8 @@ BASE = {
     "loss": "bpr",
     "l2_weight": 0.0,
     "num_negatives": 1,
+  "negative_distribution": "uniform",   # uniform | popularity (training negatives; sampled_softmax corrects by log q)
+  "gbce_t": 0.75,               # gBCE calibration t (gSASRec): beta = alpha (t (1 - 1/alpha) + 1/alpha)
     "training": "pairs",          # pairs | sequence (whole sequences) | prefix (RecBole's scheme)
     "window_stride": None,        # sequence training: items between windows (None: max_len // 2)
     "eval_every": 1,
@@ -47,6 +49,13 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         "protocol": "recbole-sequential", "training": "sequence", "loss": "ce", "batch_size": 128,
         "epochs": 200,
     },
+}
+
+
+# Per-dataset run defaults, applied over the model's and under a config file / --set (as RecBole's
+# dataset yaml files). The synthetic data is a quick demonstration: a fixed budget of 30 epochs.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic": {"epochs": 30},
 }
 
 
@@ -145,9 +154,15 @@ def load_config_file(path: str) -> dict[str, Any]:
   return dict(overrides)
 
 
-def build_config(model: str, config_file: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
-  """Defaults of `model`, then the config file's overrides, then `--set` strings."""
+def build_config(model: str, config_file: str | None = None, overrides: list[str] = (),
+                 dataset: str | None = None) -> dict[str, Any]:
+  """Defaults of `model`, then the dataset's `DATASET_DEFAULTS`, then the config file's overrides,
+  then `--set` strings; `dataset` (a command-line flag) names the dataset over all of them."""
   config = default_config(model)
-  if config_file:
-    config = apply_overrides(config, load_config_file(config_file), source=config_file)
-  return apply_overrides(config, list(overrides))
+  from_file = load_config_file(config_file) if config_file else {}
+  with_file = apply_overrides(config, from_file, source=config_file or "config")
+  dataset = dataset or apply_overrides(with_file, list(overrides))["dataset"]
+  config = apply_overrides(config, DATASET_DEFAULTS.get(dataset, {}), source=f"defaults of dataset {dataset!r}")
+  config = apply_overrides(apply_overrides(config, from_file, source=config_file or "config"), list(overrides))
+  config["dataset"] = dataset
+  return config

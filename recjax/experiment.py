@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from recjax import models, tasks
+from recjax import losses, models, tasks
 from recjax.data import preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.interactions import Interactions
@@ -112,11 +112,14 @@ def build(config: dict[str, Any]) -> Experiment:
 def make_sampler(exp: Experiment):
   """The batch maker that the config's `training` scheme names."""
   c = exp.config
+  check_negative_distribution(c)
   if c["training"] == "pairs":
-    return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"])
+    return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"],
+                                distribution=c["negative_distribution"])
   if c["training"] in ("sequence", "prefix"):
     return samplers.SequenceSampler(exp.split.train, exp.protocol.max_len, c["batch_size"], c["num_negatives"],
-                                    seed=c["seed"], mode=c["training"], stride=c["window_stride"])
+                                    seed=c["seed"], mode=c["training"], stride=c["window_stride"],
+                                    distribution=c["negative_distribution"])
   raise ConfigError(f"training: unknown scheme {c['training']!r}; known: pairs, sequence, prefix")
 
 
@@ -127,10 +130,25 @@ def init_params(exp: Experiment, rng: jax.Array):
   return models.init_params(exp.model, rng)
 
 
+def check_negative_distribution(config: dict[str, Any]) -> None:
+  if config["negative_distribution"] not in samplers.DISTRIBUTIONS:
+    raise ConfigError(f"negative_distribution: expected one of {samplers.DISTRIBUTIONS}, "
+                      f"got {config['negative_distribution']!r}")
+
+
 def make_loss_fn(exp: Experiment):
-  """The config's loss bound to the model (the L2 option exists for pairwise losses only)."""
-  options = {"l2_weight": exp.config["l2_weight"]} if exp.config["l2_weight"] else {}
-  return tasks.create_loss_fn(exp.kind, exp.config["loss"], model=exp.model, **options)
+  """The config's loss bound to the model, with the options it needs: `l2_weight` (pairwise losses),
+  `log_q` (sampled softmax: log of the negative distribution), `beta` (gBCE, from `gbce_t`)."""
+  c, name, options = exp.config, exp.config["loss"], {}
+  if c["l2_weight"]:
+    options["l2_weight"] = c["l2_weight"]
+  if name == "sampled_softmax":
+    check_negative_distribution(c)
+    q = samplers.negative_probs(exp.split.train, c["negative_distribution"])
+    options["log_q"] = np.log(np.maximum(q, np.finfo(np.float32).tiny)).astype(np.float32)
+  if name == "gbce":
+    options["beta"] = losses.gbce_beta(c["num_negatives"], exp.split.train.num_items - 1, c["gbce_t"])
+  return tasks.create_loss_fn(exp.kind, name, model=exp.model, **options)
 
 
 def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, float]]:

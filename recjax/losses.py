@@ -9,6 +9,8 @@ finite even where w = 0, so gradients never meet 0 * inf.
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -55,6 +57,114 @@ def bce(pos_scores: jnp.ndarray, neg_scores: jnp.ndarray, weight: jnp.ndarray) -
   """
   per_example = -jax.nn.log_sigmoid(pos_scores) - jnp.sum(jax.nn.log_sigmoid(-neg_scores), axis=-1)
   return weighted_mean(per_example, weight)
+
+
+def sampled_softmax(
+  pos_scores: jnp.ndarray,
+  neg_scores: jnp.ndarray,
+  weight: jnp.ndarray,
+  pos_log_q: jnp.ndarray,
+  neg_log_q: jnp.ndarray,
+  neg_valid: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+  """Sampled softmax cross-entropy with the log-Q correction (Jean et al., ACL 2015; Yi et al., RecSys 2019).
+
+  The positive competes with itself plus n sampled negatives; every logit is corrected by the log of
+  the probability that the sampler draws that item (Yi et al. 2019: s^c(x, y_j) = s(x, y_j) - log p_j):
+
+    z_0 = s_pos - log q_pos,   z_j = s_neg_j - log q_neg_j   (z_j = -inf where neg_valid is False)
+    l   = -log softmax(z)_0 = logsumexp(z_0, z_1, ..., z_n) - z_0
+
+  q(i) is the probability of drawing item i under the negative-sampling distribution (e.g.
+  popularity^0.75 / Z, or the in-batch frequency estimate of Yi et al.). Only differences of log q
+  matter: any constant shared by all entries cancels, so log(expected count) = log(n q) works too,
+  and for a uniform sampler the correction vanishes (this is then plain sampled softmax). Without
+  it the sampled softmax is biased towards penalising popular (often-sampled) items.
+
+  `neg_valid` drops negatives, e.g. accidental hits equal to the positive (TensorFlow's
+  `remove_accidental_hits`), by setting their logit to -inf; the positive logit is always kept, so
+  l stays finite (l = 0 when every negative is dropped). Rows with weight = 0 are set to l = 0 with
+  zero gradient whatever their scores or log q (a padded positive may have q = 0, log q = -inf).
+
+  Args:
+    pos_scores: `[...]` score of the positive item.
+    neg_scores: `[..., n]` scores of n sampled negatives.
+    weight: `[...]` example weights (0 = padding).
+    pos_log_q: `[...]` log q of the positive item (finite where weight > 0).
+    neg_log_q: `[..., n]` log q of each negative (finite where the negative is valid).
+    neg_valid: `[..., n]` bool, False drops that negative; None keeps all.
+
+  Returns:
+    The weighted mean, a scalar.
+  """
+  row = (weight > 0)[..., None]  # [..., 1]
+  keep = row if neg_valid is None else jnp.logical_and(row, neg_valid)  # [..., n]
+  pos_logit = jnp.where(row, (pos_scores - pos_log_q)[..., None], 0.0)  # [..., 1]
+  neg_logits = jnp.where(keep, neg_scores - neg_log_q, -jnp.inf)  # [..., n]
+  logits = jnp.concatenate([pos_logit, neg_logits.astype(pos_logit.dtype)], axis=-1)  # [..., n+1]
+  return weighted_mean(jax.nn.logsumexp(logits, axis=-1) - pos_logit[..., 0], weight)
+
+
+def gbce(
+  pos_scores: jnp.ndarray, neg_scores: jnp.ndarray, weight: jnp.ndarray, beta: float | jnp.ndarray
+) -> jnp.ndarray:
+  """Generalised binary cross-entropy of gSASRec (Petrov & Macdonald, RecSys 2023, arXiv:2308.07192).
+
+  l = -log(sigmoid(s_pos)^beta) - sum_j log(1 - sigmoid(s_neg_j))
+    = -beta * log_sigmoid(s_pos) - sum_j log_sigmoid(-s_neg_j)
+
+  beta = 1 is `bce`; beta < 1 counters the overconfidence that negative sampling causes (the
+  positive share is inflated by sampling only k of the |I| - 1 other items). Pick beta with
+  `gbce_beta`. The paper writes the loss divided by (k + 1); recjax sums the negatives as `bce`
+  does, which changes the loss only by that constant factor and keeps gbce(beta=1) == bce.
+
+  Args:
+    pos_scores: `[...]`; neg_scores: `[..., n]`; weight: `[...]`.
+    beta: positive scalar (or an array broadcastable to `[...]`), usually in [alpha, 1].
+
+  Returns:
+    The weighted mean, a scalar.
+  """
+  if isinstance(beta, numbers.Real) and not beta > 0:
+    raise ValueError(f"gbce: beta must be > 0, got {beta}")
+  per_example = -beta * jax.nn.log_sigmoid(pos_scores) - jnp.sum(jax.nn.log_sigmoid(-neg_scores), axis=-1)
+  return weighted_mean(per_example, weight)
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+  """The gBCE exponent beta from the calibration parameter t (Petrov & Macdonald, RecSys 2023).
+
+    alpha = num_negatives / (num_items - 1)               (negative sampling rate)
+    beta  = alpha * (t * (1 - 1/alpha) + 1/alpha) = 1 - t * (1 - alpha)
+
+  so t = 0 gives beta = 1 (plain BCE, SASRec) and t = 1 gives beta = alpha (fully calibrated
+  probabilities); the authors recommend t = 0.75 with 256 negatives.
+
+  Args:
+    num_negatives: k, the negatives sampled per positive, 1 <= k <= num_items - 1.
+    num_items: |I|, the number of real items in the catalogue, the padding item NOT counted (a
+      recjax model with `num_items` embedding rows, row 0 = padding, has num_items - 1 real
+      items). Negatives are drawn from the |I| - 1 items other than the positive.
+    t: calibration parameter in [0, 1].
+
+  Returns:
+    beta, a Python float in [alpha, 1].
+  """
+  for name, value in (("num_negatives", num_negatives), ("num_items", num_items)):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+      raise ValueError(f"gbce_beta: {name} must be an int, got {value!r}")
+  if num_items < 2:
+    raise ValueError(f"gbce_beta: num_items (real items, padding excluded) must be >= 2, got {num_items}")
+  if not 1 <= num_negatives <= num_items - 1:
+    raise ValueError(
+      f"gbce_beta: num_negatives must be in [1, num_items - 1] = [1, {num_items - 1}] so that the "
+      f"sampling rate alpha = num_negatives / (num_items - 1) is in (0, 1], got {num_negatives}"
+    )
+  if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
+    raise ValueError(f"gbce_beta: t must be a number in [0, 1], got {t!r}")
+  alpha = int(num_negatives) / (int(num_items) - 1)
+  t = float(t)
+  return float(t * alpha + (1.0 - t))  # = alpha * (t * (1 - 1/alpha) + 1/alpha), exact at t = 0 and t = 1
 
 
 def softmax_ce(logits: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:

@@ -20,7 +20,7 @@ LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 ScoreFn = Callable[[dict, dict], jax.Array]
 
 PAIRWISE_LOSSES = ("bpr", "bce")
-NEXT_ITEM_LOSSES = ("ce", "bce", "bpr")
+NEXT_ITEM_LOSSES = ("ce", "bce", "bpr", "sampled_softmax", "gbce")
 
 
 def _user_and_items(module: nn.Module, batch: dict, train: bool):
@@ -41,8 +41,25 @@ def _sampled_scores(h: jnp.ndarray, items: jnp.ndarray, pos: jnp.ndarray, neg: j
   return pos_scores, neg_scores, pos_emb, neg_emb
 
 
-def _sampled_loss(name: str, pos_scores, neg_scores, weight):
-  return losses.bpr(pos_scores, neg_scores, weight) if name == "bpr" else losses.bce(pos_scores, neg_scores, weight)
+def _sampled_loss(name: str, pos_scores, neg_scores, weight, pos=None, neg=None, log_q=None, beta=None):
+  """A loss over (positive, sampled negatives) scores `[...]`, `[..., n]`; ids `pos [...]`, `neg [..., n]`."""
+  if name == "bpr":
+    return losses.bpr(pos_scores, neg_scores, weight)
+  if name == "bce":
+    return losses.bce(pos_scores, neg_scores, weight)
+  if name == "gbce":
+    return losses.gbce(pos_scores, neg_scores, weight, beta)
+  if name == "sampled_softmax":
+    return losses.sampled_softmax(pos_scores, neg_scores, weight, jnp.take(log_q, pos), jnp.take(log_q, neg),
+                                  neg_valid=neg != pos[..., None])  # an accidental hit is not a negative
+  raise ConfigError(f"unknown sampled loss {name!r}")
+
+
+def _check_options(loss: str, log_q, beta) -> None:
+  if loss == "sampled_softmax" and log_q is None:
+    raise ConfigError("loss 'sampled_softmax' needs log_q, the log probability [N] of drawing each negative")
+  if loss == "gbce" and beta is None:
+    raise ConfigError("loss 'gbce' needs beta (see recjax.losses.gbce_beta)")
 
 
 def pairwise_loss_fn(model: nn.Module, *, loss: str = "bpr", l2_weight: float = 0.0) -> LossFn:
@@ -73,7 +90,8 @@ def pairwise_loss_fn(model: nn.Module, *, loss: str = "bpr", l2_weight: float = 
   return loss_fn
 
 
-def next_item_loss_fn(model: nn.Module, *, loss: str = "ce") -> LossFn:
+def next_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
+                      beta: float | None = None) -> LossFn:
   """Next-item loss for sequential models; dropout on (`train=True`, rng stream "dropout").
 
   Whole-sequence batches (`pos [B, L]`, `neg [B, L, n]`, `weight [B, L]`, the SASRec paper's
@@ -82,10 +100,12 @@ def next_item_loss_fn(model: nn.Module, *, loss: str = "ce") -> LossFn:
   after the last item.
 
   - "ce": full softmax over all items, logits = h E^T (`[..., N]`), padding excluded;
-  - "bce" / "bpr": sampled negatives, only the pos/neg rows of E are gathered.
+  - "bce" / "bpr" / "gbce" (with `beta`) / "sampled_softmax" (with `log_q [N]`, the log probability
+    of drawing each item as a negative): sampled negatives, only the pos/neg rows of E gathered.
   """
   if loss not in NEXT_ITEM_LOSSES:
     raise ConfigError(f"unknown next-item loss {loss!r}; expected one of {NEXT_ITEM_LOSSES}")
+  _check_options(loss, log_q, beta)
 
   def loss_fn(params, batch, rng):
     rngs = {"dropout": rng}
@@ -97,7 +117,83 @@ def next_item_loss_fn(model: nn.Module, *, loss: str = "ce") -> LossFn:
       logits = jnp.einsum("...d,nd->...n", h, items)  # [B, (L,) N]
       return losses.softmax_ce(logits, batch["pos"], batch["weight"]), {}
     pos_scores, neg_scores, _, _ = _sampled_scores(h, items, batch["pos"], batch["neg"])
-    return _sampled_loss(loss, pos_scores, neg_scores, batch["weight"]), {}
+    return _sampled_loss(loss, pos_scores, neg_scores, batch["weight"], batch["pos"], batch["neg"], log_q, beta), {}
+
+  return loss_fn
+
+
+def cloze_items(batch: dict) -> jnp.ndarray:
+  """The items a masked-item model sees: `[B, L]`, the window's L newest items (padding 0).
+
+  Whole-sequence batches: `seq[:, 1:]` then the last target (`= window[1:]`, whose negatives are
+  `batch["neg"]` position by position); prefix batches: the prefix's newest L-1 items, then its target.
+  """
+  last = batch["pos"][:, -1:] if batch["pos"].ndim == 2 else batch["pos"][:, None]
+  return jnp.concatenate([batch["seq"][:, 1:], last], axis=1)
+
+
+def cloze_mask(rng: jax.Array, items: jnp.ndarray, mask_ratio: float, last_ratio: float) -> jnp.ndarray:
+  """bool `[B, L]`: which items to hide. Each real item with probability `mask_ratio`; but a row
+  drawn with probability `last_ratio` hides only its newest item (position L-1)."""
+  random_rng, last_rng = jax.random.split(rng)
+  real = items > 0
+  random = jax.random.bernoulli(random_rng, mask_ratio, items.shape) & real
+  newest = (jnp.arange(items.shape[1]) == items.shape[1] - 1)[None, :] & real
+  only_last = jax.random.bernoulli(last_rng, last_ratio, items.shape[:1])[:, None]
+  return jnp.where(only_last, newest, random)
+
+
+def max_masked(mask_ratio: float, length: int) -> int:
+  """How many masked positions per row are scored: the mean of Binomial(L, p) plus 3 standard
+  deviations (so almost never fewer than were masked), at least 1, at most L."""
+  mean, std = mask_ratio * length, (length * mask_ratio * (1 - mask_ratio)) ** 0.5
+  return int(min(length, max(1, -(-(mean + 3 * std) // 1))))
+
+
+def cloze_inputs(rng: jax.Array, batch: dict, mask_id: int, mask_ratio: float, last_ratio: float):
+  """The Cloze task of one batch: what the model sees and what it must predict.
+
+  Returns:
+    inputs `[B, L]`: `cloze_items(batch)` with the hidden items replaced by `mask_id`;
+    at `[B, M]`: the positions scored (the newest M = `max_masked` hidden ones; others padded);
+    target `[B, M]`: the item hidden at each; weight `[B, M]` float: 1 where `at` is a hidden item.
+  """
+  items = cloze_items(batch)  # [B, L]
+  length = items.shape[1]
+  hidden = cloze_mask(rng, items, mask_ratio, last_ratio)  # [B, L]
+  _, at = jax.lax.top_k(jnp.where(hidden, jnp.arange(1, length + 1), 0), max_masked(mask_ratio, length))
+  weight = jnp.take_along_axis(hidden, at, axis=1).astype(jnp.float32)
+  return jnp.where(hidden, mask_id, items), at, jnp.take_along_axis(items, at, axis=1), weight
+
+
+def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
+                        beta: float | None = None) -> LossFn:
+  """Cloze loss for masked-item models (BERT4Rec): hide items, predict each hidden one.
+
+  On device, with the step's rng (`cloze_inputs`): `items = cloze_items(batch) [B, L]`, `hidden =
+  cloze_mask(...)` (`model.mask_ratio`, `model.last_ratio`), input = items with hidden ones replaced
+  by `model.mask_id`; `sequence_repr(input) [B, L, d]`. The newest M = `max_masked(p, L)` hidden
+  positions of each row are scored (extra ones stay hidden but unscored, as RecBole keeps its
+  newest int(p L)), each against its own item with loss `loss` ("ce": masked-item softmax over all
+  items; sampled losses use `batch["neg"] [B, L, n]`, whole-sequence batches only). Every real item
+  of a window can be a target, so `batch["weight"]` is not used (padding rows have no real items).
+  """
+  if loss not in NEXT_ITEM_LOSSES:
+    raise ConfigError(f"unknown masked-item loss {loss!r}; expected one of {NEXT_ITEM_LOSSES}")
+  _check_options(loss, log_q, beta)
+
+  def loss_fn(params, batch, rng):
+    mask_rng, dropout_rng = jax.random.split(rng)
+    inputs, at, target, weight = cloze_inputs(mask_rng, batch, model.mask_id, model.mask_ratio, model.last_ratio)
+    h, table = model.apply(params, inputs, True, method=_sequence_and_items, rngs={"dropout": dropout_rng})
+    h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, M, d]
+    if loss == "ce":
+      return losses.softmax_ce(jnp.einsum("bmd,nd->bmn", h, table), target, weight), {}
+    if batch["neg"].ndim != 3:
+      raise ConfigError(f"masked-item loss {loss!r} needs whole-sequence batches (training='sequence')")
+    neg = jnp.take_along_axis(batch["neg"], at[..., None], axis=1)  # [B, M, n]
+    pos_scores, neg_scores, _, _ = _sampled_scores(h, table, target, neg)
+    return _sampled_loss(loss, pos_scores, neg_scores, weight, target, neg, log_q, beta), {}
 
   return loss_fn
 
@@ -115,9 +211,17 @@ def score_fn(model: nn.Module) -> ScoreFn:
   return scores
 
 
+def sequential_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
+                       beta: float | None = None) -> LossFn:
+  """The model's objective (`model.objective`: "next_item", the default, or "masked_item") with `loss`."""
+  objective = getattr(model, "objective", "next_item")
+  builder = {"next_item": next_item_loss_fn, "masked_item": masked_item_loss_fn}[objective]
+  return builder(model, loss=loss, log_q=log_q, beta=beta)
+
+
 LOSSES: dict[str, dict[str, Callable[..., LossFn]]] = {
   "general": {name: functools.partial(pairwise_loss_fn, loss=name) for name in PAIRWISE_LOSSES},
-  "sequential": {name: functools.partial(next_item_loss_fn, loss=name) for name in NEXT_ITEM_LOSSES},
+  "sequential": {name: functools.partial(sequential_loss_fn, loss=name) for name in NEXT_ITEM_LOSSES},
 }
 
 

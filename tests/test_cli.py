@@ -105,6 +105,17 @@ def test_config_file(tmp_path):
     build_config("bpr", str(path))
 
 
+def test_dataset_defaults_sit_between_model_defaults_and_user_overrides(tmp_path):
+  assert build_config("sasrec")["epochs"] == 30                        # synthetic is the default dataset
+  assert build_config("sasrec", dataset="ml-100k")["epochs"] == default_config("sasrec")["epochs"]
+  assert build_config("sasrec", overrides=["dataset='ml-100k'"])["epochs"] == default_config("sasrec")["epochs"]
+  assert build_config("sasrec", overrides=["epochs=7"])["epochs"] == 7
+  path = tmp_path / "c.py"
+  path.write_text("def get_config():\n  return {'epochs': 4}\n")
+  assert build_config("sasrec", str(path), dataset="synthetic")["epochs"] == 4
+  assert build_config("sasrec", dataset="synthetic", overrides=["dataset='ml-100k'"])["dataset"] == "synthetic"
+
+
 KILL_ARGS = ["train", "bpr", "--dataset", "synthetic", "--epochs", "10", "--set", "batch_size=256"]
 
 

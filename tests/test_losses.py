@@ -38,10 +38,28 @@ def np_softmax_ce(logits, target, weight):
   return _np_weighted_mean(log_norm - np.take_along_axis(logits, target[..., None], -1)[..., 0], weight)
 
 
+def np_sampled_softmax(pos, neg, weight, pos_log_q, neg_log_q, neg_valid=None):
+  pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+  neg_logits = neg - np.asarray(neg_log_q, np.float64)
+  if neg_valid is not None:
+    neg_logits = np.where(neg_valid, neg_logits, -np.inf)
+  logits = np.concatenate([(pos - np.asarray(pos_log_q, np.float64))[..., None], neg_logits], -1)
+  top = logits.max(-1, keepdims=True)  # the positive logit is finite, so top is too
+  log_norm = np.log(np.sum(np.exp(logits - top), -1)) + top[..., 0]
+  return _np_weighted_mean(log_norm - logits[..., 0], weight)
+
+
+def np_gbce(pos, neg, weight, beta):
+  sig = lambda x: 1 / (1 + np.exp(-np.asarray(x, np.float64)))  # noqa: E731
+  return _np_weighted_mean(-np.log(sig(pos) ** beta) - np.sum(np.log(1 - sig(neg)), -1), weight)
+
+
 NP_LOSSES = {"bpr": np_bpr, "bce": np_bce}
 # Jitted once per shape: op-by-op execution would compile every primitive separately.
 BPR, BCE = (jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for f in (losses.bpr, losses.bce))
 SOFTMAX_CE = jax.jit(jax.value_and_grad(losses.softmax_ce))
+SAMPLED_SOFTMAX = jax.jit(jax.value_and_grad(losses.sampled_softmax, argnums=(0, 1, 3, 4)))
+GBCE = jax.jit(jax.value_and_grad(losses.gbce, argnums=(0, 1)))
 
 
 def _scores(shape, n):
@@ -99,6 +117,144 @@ def test_l2():
   np.testing.assert_allclose(losses.l2(a, b), 0.5 * (5.0 + 4.0))
 
 
+# --- sampled softmax with log-Q correction, gBCE ----------------------------------------------
+
+
+def _log_q(shape):
+  """log of random sampling probabilities, spread over a few orders of magnitude."""
+  return np.log(RNG.uniform(1e-4, 1e-1, size=shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 4)])
+def test_sampled_softmax_matches_numpy(shape):
+  n = 5
+  pos, neg, weight = _scores(shape, n)
+  weight[..., 0] = 0.0  # at least one padded row
+  pos_lq, neg_lq = _log_q(shape), _log_q(shape + (n,))
+  valid = RNG.random(shape + (n,)) > 0.3
+  valid.reshape(-1, n)[1] = False  # a row whose negatives are all dropped: l = 0
+  for mask in (None, valid):
+    value, grads = SAMPLED_SOFTMAX(pos, neg, weight, pos_lq, neg_lq, mask)
+    np.testing.assert_allclose(value, np_sampled_softmax(pos, neg, weight, pos_lq, neg_lq, mask), rtol=1e-5)
+    chex.assert_tree_all_finite(grads)
+    for g in grads:  # padded rows get no gradient
+      np.testing.assert_array_equal(g[weight == 0], 0.0)
+  _, (_, g_neg, _, g_neg_lq) = SAMPLED_SOFTMAX(pos, neg, weight, pos_lq, neg_lq, valid)
+  np.testing.assert_array_equal(g_neg[~valid], 0.0)  # dropped negatives get no gradient
+  np.testing.assert_allclose(g_neg_lq, -g_neg, rtol=1e-6)  # logits depend on s - log q only
+  row = np.zeros_like(weight)
+  row.reshape(-1)[1] = 1.0  # the all-dropped row alone
+  np.testing.assert_allclose(SAMPLED_SOFTMAX(pos, neg, row, pos_lq, neg_lq, valid)[0], 0.0, atol=1e-7)
+
+
+def test_sampled_softmax_uniform_q_is_plain_sampled_softmax():
+  pos, neg, weight = _scores((6,), 4)
+  plain = SAMPLED_SOFTMAX(pos, neg, weight, np.zeros(6, np.float32), np.zeros((6, 4), np.float32), None)[0]
+  uniform = np.full((6, 5), np.log(1 / 1000), np.float32)  # q = 1/1000 for every item: the correction cancels
+  corrected = SAMPLED_SOFTMAX(pos, neg, weight, uniform[:, 0], uniform[:, 1:], None)[0]
+  np.testing.assert_allclose(corrected, plain, rtol=1e-6)
+  # plain sampled softmax = full softmax over [padding, positive, negatives] with target 1
+  logits = np.concatenate([np.zeros((6, 1), np.float32), pos[:, None], neg], -1)
+  full = SOFTMAX_CE(logits, np.ones(6, np.int32), weight)[0]
+  np.testing.assert_allclose(plain, full, rtol=1e-5)
+  np.testing.assert_allclose(plain, np_softmax_ce(logits, np.ones(6, int), weight), rtol=1e-5)
+
+
+def test_sampled_softmax_correction_direction():
+  # an often-sampled (popular) negative is discounted: raising its q lowers the loss
+  pos, neg, weight = np.zeros(1, np.float32), np.zeros((1, 2), np.float32), np.ones(1, np.float32)
+  lq = lambda a, b: np.log(np.array([[a, b]], np.float32))  # noqa: E731
+  rare = SAMPLED_SOFTMAX(pos, neg, weight, np.log([0.01]).astype(np.float32), lq(0.01, 0.01), None)[0]
+  popular = SAMPLED_SOFTMAX(pos, neg, weight, np.log([0.01]).astype(np.float32), lq(0.01, 0.5), None)[0]
+  np.testing.assert_allclose(rare, np.log(3.0), rtol=1e-6)
+  np.testing.assert_allclose(popular, np.log(2.0 + 0.01 / 0.5), rtol=1e-6)
+
+
+def test_sampled_softmax_neg_valid_removes_accidental_hits():
+  pos, neg, weight = _scores((5,), 4)
+  pos_lq, neg_lq = _log_q((5,)), _log_q((5, 4))
+  valid = np.ones((5, 4), bool)
+  valid[:, 2] = False  # say column 2 drew the positive itself
+  masked = SAMPLED_SOFTMAX(pos, neg, weight, pos_lq, neg_lq, valid)[0]
+  dropped = np.delete(np.arange(4), 2)
+  without = SAMPLED_SOFTMAX(pos, neg[:, dropped], weight, pos_lq, neg_lq[:, dropped], None)[0]
+  np.testing.assert_allclose(masked, without, rtol=1e-6)
+  # a -inf score (an item masked upstream) acts like a dropped negative, gradients stay finite
+  neg_inf = neg.copy()
+  neg_inf[:, 2] = -np.inf
+  value, grads = SAMPLED_SOFTMAX(pos, neg_inf, weight, pos_lq, neg_lq, None)
+  np.testing.assert_allclose(value, without, rtol=1e-6)
+  np.testing.assert_allclose(value, np_sampled_softmax(pos, neg_inf, weight, pos_lq, neg_lq), rtol=1e-6)
+  chex.assert_tree_all_finite(grads)
+
+
+def test_sampled_softmax_ignores_junk_in_padded_rows():
+  pos, neg, weight = _scores((4,), 3)
+  weight[:] = [1.0, 0.0, 1.0, 0.0]
+  pos_lq, neg_lq = _log_q((4,)), _log_q((4, 3))
+  ref = SAMPLED_SOFTMAX(pos, neg, weight, pos_lq, neg_lq, None)[0]
+  pos_j, neg_j, pos_lq_j, neg_lq_j = pos.copy(), neg.copy(), pos_lq.copy(), neg_lq.copy()
+  pos_lq_j[1], pos_j[3], neg_j[3, 0], neg_lq_j[1] = -np.inf, np.nan, np.inf, -np.inf  # padding: q = 0, junk scores
+  value, grads = SAMPLED_SOFTMAX(pos_j, neg_j, weight, pos_lq_j, neg_lq_j, None)
+  np.testing.assert_allclose(value, ref, rtol=1e-6)
+  chex.assert_tree_all_finite(grads)
+  for g in grads:
+    np.testing.assert_array_equal(g[weight == 0], 0.0)
+  assert float(SAMPLED_SOFTMAX(pos_j, neg_j, np.zeros(4, np.float32), pos_lq_j, neg_lq_j, None)[0]) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 4)])
+def test_gbce_matches_numpy_and_bce(shape):
+  pos, neg, weight = _scores(shape, 3)
+  weight[..., 0] = 0.0
+  for beta in (0.25, 1.0):
+    value, grads = GBCE(pos, neg, weight, beta)
+    np.testing.assert_allclose(value, np_gbce(pos, neg, weight, beta), rtol=1e-5)
+    chex.assert_tree_all_finite(grads)
+    for g in grads:
+      np.testing.assert_array_equal(g[weight == 0], 0.0)
+  np.testing.assert_allclose(GBCE(pos, neg, weight, 1.0)[0], BCE(pos, neg, weight)[0], rtol=1e-6)
+  np.testing.assert_allclose(GBCE(pos, neg, weight, 1.0)[1][1], BCE(pos, neg, weight)[1][1], rtol=1e-6)
+  # beta only scales the positive term: d l / d s_pos = -beta * sigmoid(-s_pos) * w / sum(w)
+  g_pos = GBCE(pos, neg, weight, 0.25)[1][0]
+  np.testing.assert_allclose(g_pos, 0.25 * BCE(pos, neg, weight)[1][0], rtol=1e-5, atol=1e-7)
+
+
+def test_gbce_stable_for_large_scores():
+  pos, neg, weight = np.array([80.0, -80.0]), np.array([[-80.0], [80.0]]), np.array([1.0, 1.0])
+  value, grads = GBCE(pos, neg, weight, 0.5)
+  chex.assert_tree_all_finite(grads)
+  np.testing.assert_allclose(value, (0 + (0.5 * 80 + 80)) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="beta"):
+    losses.gbce(pos, neg, weight, 0.0)
+
+
+def test_gbce_beta():
+  alpha = 256 / (3417 - 1)
+  assert losses.gbce_beta(256, 3417, 0.0) == 1.0  # plain BCE
+  assert losses.gbce_beta(256, 3417, 1.0) == pytest.approx(alpha, rel=1e-12)  # fully calibrated
+  t = 0.75
+  assert losses.gbce_beta(256, 3417, t) == pytest.approx(alpha * (t * (1 - 1 / alpha) + 1 / alpha), rel=1e-12)
+  assert losses.gbce_beta(9, 10, 0.3) == pytest.approx(1.0)  # every other item sampled: alpha = 1
+  assert losses.gbce_beta(1, 2, 1) == 1.0
+  assert isinstance(losses.gbce_beta(1, 100, 0.5), float)
+  assert losses.gbce_beta(np.int64(256), np.int64(3417), np.float32(1.0)) == pytest.approx(alpha, rel=1e-12)
+  bad = [
+    (dict(num_negatives=0, num_items=10, t=0.5), "num_negatives"),
+    (dict(num_negatives=10, num_items=10, t=0.5), "num_negatives"),  # alpha would exceed 1
+    (dict(num_negatives=1, num_items=1, t=0.5), "num_items"),
+    (dict(num_negatives=2.0, num_items=10, t=0.5), "int"),
+    (dict(num_negatives=True, num_items=10, t=0.5), "int"),
+    (dict(num_negatives=1, num_items=10, t=-0.1), "t must"),
+    (dict(num_negatives=1, num_items=10, t=1.5), "t must"),
+    (dict(num_negatives=1, num_items=10, t=float("nan")), "t must"),
+    (dict(num_negatives=1, num_items=10, t="0.5"), "t must"),
+  ]
+  for kwargs, match in bad:
+    with pytest.raises(ValueError, match=match):
+      losses.gbce_beta(**kwargs)
+
+
 # --- tasks -------------------------------------------------------------------------------------
 
 
@@ -153,7 +309,7 @@ def test_next_item_loss_fn_whole_sequence_and_prefix_modes(sasrec):
     h = model.apply(params, seq, method="sequence_repr")  # dropout is 0: train == eval
     values = {
       (loss, mode): tasks.next_item_loss_fn(model, loss=loss)(params, batch, _key(1))[0]
-      for loss in tasks.NEXT_ITEM_LOSSES
+      for loss in ("ce", *NP_LOSSES)  # the losses with a numpy reference here; others need options
       for mode, batch in (("whole", whole), ("prefix", prefix))
     }
     return h, values

@@ -30,6 +30,8 @@ from recjax.tasks import pairwise_loss_fn
 
 NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 7, 13, 8, 6
 SMALL_SASREC = dict(max_len=MAX_LEN, dim=DIM, num_heads=2, ffn_dim=16)
+SMALL_KWARGS = {"pop": {}, "sasrec": SMALL_SASREC, "bert4rec": SMALL_SASREC, "gru4rec": dict(max_len=MAX_LEN, dim=DIM),
+                "caser": dict(max_len=MAX_LEN, dim=DIM)}
 
 
 def _key(seed: int = 1) -> jax.Array:
@@ -64,14 +66,13 @@ def _user_repr(model, params, batch):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_methods_shapes_and_finite(name):
-  kwargs = {"sasrec": SMALL_SASREC, "bpr": {"dim": DIM}, "pop": {}}[name]
-  model = create_model(name, num_users=NUM_USERS, num_items=NUM_ITEMS, **kwargs)
+  model = create_model(name, num_users=NUM_USERS, num_items=NUM_ITEMS, **SMALL_KWARGS.get(name, {"dim": DIM}))
   params = init_params(model, _key(0))
   batch = {"user": jnp.array([1, 2, 0], jnp.int32), "seq": _seq()}
   user, items, scores = jax.jit(
     lambda p, b: (model.apply(p, b, method="user_repr"), model.apply(p, method="item_repr"), model.apply(p, b))
   )(params, batch)
-  d = 1 if name == "pop" else DIM
+  d = {"pop": 1, "bert4rec": DIM + 1, "caser": 2 * DIM + 1}.get(name, DIM)  # + 1: a column for item biases
   chex.assert_shape(user, (3, d))
   chex.assert_shape(items, (NUM_ITEMS, d))
   chex.assert_shape(scores, (3, NUM_ITEMS))
@@ -254,7 +255,7 @@ def test_embedding_table_logical_axes():
 
 
 def test_registry():
-  assert set(MODELS) == {"pop", "bpr", "sasrec"}
+  assert {"pop", "bpr", "sasrec", "bert4rec"} <= set(MODELS)
   assert model_kind("pop") == "popularity" and model_kind("bpr") == "general" and model_kind("sasrec") == "sequential"
   assert default_hparams("sasrec") == dict(
     max_len=50, dim=64, num_blocks=2, num_heads=2, ffn_dim=256, dropout=0.5, attn_dropout=0.5,

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 
 from recjax.data.interactions import Interactions, from_columns, user_sequences
-from recjax.data.samplers import PairSampler, SequenceSampler, csr_to_padded, eval_inputs, pad_batch, prefetch_to_device
+from recjax.data.samplers import (
+  NegativeSampler,
+  PairSampler,
+  SequenceSampler,
+  csr_to_padded,
+  eval_inputs,
+  negative_probs,
+  pad_batch,
+  prefetch_to_device,
+)
 from recjax.errors import DataError
 
 
@@ -91,6 +100,35 @@ def test_negatives_never_positive():
   assert not any((u, n) in positives for u, n in zip(users.tolist(), rows["neg"].ravel().tolist()))
 
 
+def test_popularity_negatives_follow_counts_and_skip_positives():
+  # items 1..3 popular (counts 400, 200, 100 from other users), item 4 rare; user "x" holds item 1
+  users = ["x"] + [f"u{k}" for k in range(699)] + ["r"]
+  items = ["i1"] + ["i1"] * 399 + ["i2"] * 200 + ["i3"] * 100 + ["i4"]
+  inter = from_columns(users, items)
+  q = negative_probs(inter, "popularity")
+  assert q[0] == 0 and np.isclose(q.sum(), 1) and np.allclose(q[1:], np.array([400, 200, 100, 1]) / 701)
+  assert np.allclose(negative_probs(inter, "uniform")[1:], 0.25)
+  sampler = NegativeSampler(inter, "popularity")
+  rng = np.random.default_rng(0)
+  other = sampler.sample(rng, np.full(20000, inter.user_id("r")), 1).ravel()
+  freq = np.bincount(other, minlength=5)[1:4] / 20000            # "r" holds i4: drawn from i1..i3 only
+  assert np.allclose(freq, np.array([400, 200, 100]) / 700, atol=0.015)
+  x = sampler.sample(rng, np.full(5000, inter.user_id("x")), 2)
+  assert not (x == inter.item_id("i1")).any()                    # x's own item is rejected
+  with pytest.raises(ValueError, match="distribution"):
+    negative_probs(inter, "zipf")
+
+
+def test_sequence_batches_carry_the_user():
+  inter = random_inter(num_users=40, per_user=12)
+  items, offsets = user_sequences(inter)
+  for mode in ("sequence", "prefix"):
+    got = collect(SequenceSampler(inter, max_len=6, batch_size=16, mode=mode))
+    real = got["weight"].reshape(len(got["user"]), -1).sum(1) > 0
+    for user, seq in zip(got["user"][real], got["seq"][real]):
+      assert set(seq[seq > 0].tolist()) <= set(items[offsets[user]:offsets[user + 1]].tolist())
+
+
 def test_almost_full_user_and_full_user_guard():
   # user "x" has every item but one: every negative must be that item
   items = [f"i{k}" for k in range(10)]
@@ -152,7 +190,10 @@ def test_sequence_mode_matches_naive_reference(L):
   assert real.sum() == len(expected)
   triples = zip(*(map(tuple, got[k][real].tolist()) for k in ("seq", "pos", "weight")))
   assert sorted(triples) == sorted(expected)
-  assert ((got["neg"] > 0) == (got["weight"] > 0)[..., None]).all()
+  # Negatives wherever window[1:] holds a real item: every target, and the user's first item too.
+  window_tail = np.concatenate([got["seq"][:, 1:], got["pos"][:, -1:]], axis=1)
+  assert ((got["neg"] > 0) == (window_tail > 0)[..., None]).all()
+  assert (got["pos"] > 0).sum() < (window_tail > 0).sum()
 
 
 def test_sequence_mode_scores_every_transition_once():

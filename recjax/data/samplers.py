@@ -22,15 +22,16 @@ Batch = dict[str, np.ndarray]
 class PairSampler:
   """(user, positive, negatives) triples over every training row, reshuffled each epoch.
 
-  Batches: `user [B] int32`, `pos [B] int32`, `neg [B, n] int32` (uniform over [1, num_items)
-  minus the user's training items), `weight [B] float32`.
+  Batches: `user [B] int32`, `pos [B] int32`, `neg [B, n] int32` (see `NegativeSampler`),
+  `weight [B] float32`.
   """
 
-  def __init__(self, train: Interactions, batch_size: int, num_negatives: int = 1, seed: int = 0):
+  def __init__(self, train: Interactions, batch_size: int, num_negatives: int = 1, seed: int = 0,
+               distribution: str = "uniform"):
     if len(train) == 0:
       raise DataError(train.name or "train", "PairSampler got no training interactions")
     self.user, self.item = train.user.astype(np.int32), train.item.astype(np.int32)
-    self.negatives = NegativeSampler(train)
+    self.negatives = NegativeSampler(train, distribution)
     self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
 
   @property
@@ -55,19 +56,20 @@ class SequenceSampler:
   mode "sequence" (SASRec paper, a loss at every position): windows of L+1 items cover each user's
     whole history, the newest window ending at the last item and each earlier one `stride` (default
     L // 2) items before the next. Row: `seq [B, L]` (window[:-1], left-padded, latest at L-1), `pos [B, L]`
-    (window[1:], 0 = none), `neg [B, L, n]` (0 where pos is 0), `weight [B, L]`: 1 on the targets
+    (window[1:], 0 = none), `neg [B, L, n]` (drawn for every real item of window[1:], 0 elsewhere),
+    `user [B]`, `weight [B, L]`: 1 on the targets
     no later window scores (its newest `stride` ones; all of them in a user's earliest window), so
     every training transition is a target exactly once per epoch with at least L - stride items
     of context (a user with at most L+1 items is one row, as in the paper).
   mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
     i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
-    `neg [B, n]`, `weight [B]`; sum over users of (n_u - 1) rows.
-  Negatives are uniform over [1, num_items) minus all of the user's training items. Rows are kept
+    `neg [B, n]`, `user [B]`, `weight [B]`; sum over users of (n_u - 1) rows.
+  Negatives come from `NegativeSampler(train, distribution)`. Rows are kept
   as indices into the CSR item array and windows are gathered per batch, so memory is O(n).
   """
 
   def __init__(self, train: Interactions, max_len: int, batch_size: int, num_negatives: int = 1,
-               seed: int = 0, mode: str = "sequence", stride: int | None = None):
+               seed: int = 0, mode: str = "sequence", stride: int | None = None, distribution: str = "uniform"):
     if mode not in ("sequence", "prefix"):
       raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
     self.items, offsets = user_sequences(train)
@@ -91,7 +93,7 @@ class SequenceSampler:
     if len(self.row_user) == 0:
       raise DataError(train.name or "train", f"SequenceSampler({mode}) found no user with 2 or more training items")
     self.starts = offsets[:-1]
-    self.negatives = NegativeSampler(train)
+    self.negatives = NegativeSampler(train, distribution)
     self.max_len, self.batch_size, self.num_negatives = max_len, batch_size, num_negatives
     self.seed, self.mode = seed, mode
 
@@ -118,26 +120,50 @@ class SequenceSampler:
     if self.mode == "prefix":
       seq = windows(self.items, starts, end, self.max_len)      # [m, L]
       neg = self.negatives.sample(rng, user, n)
-      return {"seq": seq, "pos": self.items[end], "neg": neg, "weight": np.ones(len(rows), np.float32)}
+      return {"seq": seq, "pos": self.items[end], "neg": neg, "user": user, "weight": np.ones(len(rows), np.float32)}
     full = windows(self.items, starts, end, self.max_len + 1)   # [m, L+1]
     seq = np.ascontiguousarray(full[:, :-1])
     pos = np.where(seq > 0, full[:, 1:], 0)                     # the first item is nobody's target
     target_at = end[:, None] - self.max_len + np.arange(self.max_len)   # CSR position of each pos
     has = (pos > 0) & (target_at >= self.row_fresh[rows][:, None])
+    real = full[:, 1:] > 0                    # negatives for every real item (masked-item models score them all)
     neg = np.zeros(pos.shape + (n,), np.int32)                  # [m, L, n]
-    neg[has] = self.negatives.sample(rng, np.broadcast_to(user[:, None], pos.shape)[has], n)
-    return {"seq": seq, "pos": pos, "neg": neg, "weight": has.astype(np.float32)}
+    neg[real] = self.negatives.sample(rng, np.broadcast_to(user[:, None], pos.shape)[real], n)
+    return {"seq": seq, "pos": pos, "neg": neg, "user": user, "weight": has.astype(np.float32)}
+
+
+DISTRIBUTIONS = ("uniform", "popularity")
+
+
+def negative_probs(train: Interactions, distribution: str = "uniform") -> np.ndarray:
+  """q [num_items] float64, the proposal a negative is drawn from (before rejecting positives).
+
+  "uniform": 1 / (N - 1) on items 1..N-1; "popularity": count(i) / sum of counts over the training
+  rows. q[0] = 0 (padding). Sampled-softmax losses correct scores by log q.
+  """
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(f"negative distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+  if distribution == "uniform":
+    q = np.full(train.num_items, 1.0 / max(train.num_items - 1, 1))
+  else:
+    q = np.bincount(train.item, minlength=train.num_items).astype(np.float64)
+    q /= max(q.sum(), 1.0)
+  q[0] = 0.0
+  return q
 
 
 class NegativeSampler:
-  """Uniform negatives over [1, num_items) that are not among the user's training items.
+  """Negatives drawn from `negative_probs(train, distribution)` that are not among the user's
+  training items.
 
   Vectorised rejection: draw all, look the (user, item) keys up in the sorted positive keys, redraw
   only the collisions until none is left.
   """
 
-  def __init__(self, train: Interactions):
+  def __init__(self, train: Interactions, distribution: str = "uniform"):
     self.num_items = train.num_items
+    self.distribution = distribution
+    self.cdf = None if distribution == "uniform" else np.cumsum(negative_probs(train, distribution))
     self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
     per_user = np.bincount(self.keys // self.num_items, minlength=train.num_users)
     full = np.flatnonzero(per_user >= self.num_items - 1)
@@ -148,12 +174,22 @@ class NegativeSampler:
   def sample(self, rng: np.random.Generator, user: np.ndarray, num: int) -> np.ndarray:
     """`num` negatives for each of `user` (int [m]); int32 [m, num]."""
     flat_user = np.repeat(user, num)
-    neg = rng.integers(1, self.num_items, size=len(flat_user)).astype(np.int32)
+    neg = self.draw(rng, len(flat_user))
     todo = np.flatnonzero(self.is_positive(flat_user, neg))
-    while len(todo):                                            # only collisions are redrawn
-      neg[todo] = rng.integers(1, self.num_items, size=len(todo))
+    for round_ in itertools.count():                            # only collisions are redrawn
+      if not len(todo):
+        break
+      # A user holding nearly all popular items could stall popularity draws: go uniform after 50 rounds.
+      neg[todo] = self.draw(rng, len(todo), uniform=round_ >= 50)
       todo = todo[self.is_positive(flat_user[todo], neg[todo])]
     return neg.reshape(len(user), num)
+
+  def draw(self, rng: np.random.Generator, size: int, uniform: bool = False) -> np.ndarray:
+    """int32 [size] items from the proposal (or uniform), positives not yet rejected."""
+    if self.cdf is None or uniform:
+      return rng.integers(1, self.num_items, size=size).astype(np.int32)
+    at = np.searchsorted(self.cdf, rng.random(size) * self.cdf[-1], side="right")
+    return np.clip(at, 1, self.num_items - 1).astype(np.int32)
 
   def is_positive(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
     """bool [m]: (user, item) is a training interaction."""

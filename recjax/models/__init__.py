@@ -15,17 +15,19 @@ import jax
 import jax.numpy as jnp
 
 from recjax.errors import ConfigError
+from recjax.models.bert4rec import BERT4Rec
 from recjax.models.mf import BPRMF
 from recjax.models.pop import Pop, pop_params
 from recjax.models.sasrec import SASRec
 
-MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec}
+MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec, "bert4rec": BERT4Rec}
 
 # Set by `create_model` itself, never a hyperparameter; `parent`/`name` are linen's own fields.
 _SIZE_FIELDS = ("num_users", "num_items")
 _LINEN_FIELDS = ("parent", "name")
 
 __all__ = [
+  "BERT4Rec",
   "BPRMF",
   "MODELS",
   "Pop",
