@@ -42,13 +42,15 @@ BASE = {
     "model": {},
 }
 
+# Sequential models: RecBole's sequential preset, whole-sequence training with full softmax CE.
+_SEQUENTIAL = {"protocol": "recbole-sequential", "training": "sequence", "loss": "ce", "batch_size": 128, "epochs": 200}
+
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "pop": {"epochs": 0, "loss": None, "training": None},
     "bpr": {"loss": "bpr"},
-    "sasrec": {
-        "protocol": "recbole-sequential", "training": "sequence", "loss": "ce", "batch_size": 128,
-        "epochs": 200,
-    },
+    "sasrec": _SEQUENTIAL,
+    "bert4rec": _SEQUENTIAL,
+    "gru4rec": _SEQUENTIAL,
 }
 
 

@@ -1,0 +1,71 @@
+"""What every experiment script shares: flags, one recjax run, and a table of ours beside theirs.
+
+A script names a model, a dataset, config overrides and the reference figures it compares with;
+`main` trains (through `recjax.experiment.train`, exactly what `recjax train` runs) and prints
+
+  metric      reference   recjax   ratio
+
+Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from recjax.cli import use_all_cpu_cores
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--data-dir", default=None, help="folder holding the datasets (default: env RECJAX_DATA)")
+  p.add_argument("--epochs", type=int, default=None, help="override the script's epoch budget")
+  p.add_argument("--out", default=None, help="run folder (default: runs/experiments/<script>)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+  return p
+
+
+def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.Namespace,
+        out_name: str) -> dict[str, Any]:
+  """Trains `model` on `dataset` with `overrides` (then the command line's), returns metrics.json's dict
+  plus `wall_s`, the whole run's seconds (data, compile, training, evaluation)."""
+  use_all_cpu_cores()
+  from recjax.config import apply_overrides, build_config
+  from recjax.experiment import train
+
+  config = apply_overrides(build_config(model, dataset=dataset), dict(overrides), source=out_name)
+  config = apply_overrides(config, list(args.set))
+  if args.data_dir:
+    config["data_dir"] = args.data_dir
+  if args.epochs is not None:
+    config["epochs"] = args.epochs
+  out = Path(args.out or f"runs/experiments/{out_name}")
+  start = time.perf_counter()
+  metrics = train(config, out)
+  metrics["wall_s"] = time.perf_counter() - start
+  (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+  return metrics
+
+
+def table(title: str, reference_name: str, reference: Mapping[str, float], ours: Mapping[str, float]) -> str:
+  """Rows `metric  reference  recjax  ratio` for every reference metric (ratio = recjax / reference)."""
+  lines = [title, f"{'metric':<18}{reference_name:>14}{'recjax':>10}{'ratio':>8}"]
+  for key, ref in reference.items():
+    value = ours.get(key)
+    shown = "n/a" if value is None else f"{value:.4f}"
+    ratio = "" if value is None or not ref else f"{value / ref:.3f}"
+    lines.append(f"{key:<18}{ref:>14.4f}{shown:>10}{ratio:>8}")
+  return "\n".join(lines)
+
+
+def summary(metrics: Mapping[str, Any]) -> str:
+  """The full-ranking test metrics (when the run also sampled) and the run's cost."""
+  full = {k: v for k, v in metrics["test"].items() if not k.startswith("sampled_")}
+  lines = []
+  if len(full) < len(metrics["test"]):
+    lines.append("full ranking (test): " + " ".join(f"{k} {v:.4f}" for k, v in sorted(full.items())))
+  lines.append(f"epochs {metrics['epochs_run']}, median epoch {metrics['train_epoch_s']:.1f} s, "
+               f"wall {metrics['wall_s']:.0f} s")
+  return "\n".join(lines)
