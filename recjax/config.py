@@ -51,6 +51,8 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sasrec": _SEQUENTIAL,
     "bert4rec": _SEQUENTIAL,
     "gru4rec": _SEQUENTIAL,
+    # Caser scores one L-item window per row: RecBole's prefix rows and batch size.
+    "caser": {**_SEQUENTIAL, "training": "prefix", "batch_size": 2048},
 }
 
 

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 
 from recjax.errors import ConfigError
 from recjax.models.bert4rec import BERT4Rec
+from recjax.models.caser import Caser
 from recjax.models.gru4rec import GRU4Rec
 from recjax.models.mf import BPRMF
 from recjax.models.pop import Pop, pop_params
 from recjax.models.sasrec import SASRec
 
 MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec, "bert4rec": BERT4Rec,
-                                     "gru4rec": GRU4Rec}
+                                     "gru4rec": GRU4Rec, "caser": Caser}
 
 # Set by `create_model` itself, never a hyperparameter; `parent`/`name` are linen's own fields.
 _SIZE_FIELDS = ("num_users", "num_items")
@@ -31,6 +32,7 @@ _LINEN_FIELDS = ("parent", "name")
 __all__ = [
   "BERT4Rec",
   "BPRMF",
+  "Caser",
   "GRU4Rec",
   "MODELS",
   "Pop",
