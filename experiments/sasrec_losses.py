@@ -4,8 +4,8 @@ Macdonald 2023): the loss, not the architecture, is what made SASRec look weaker
 Same model, data, protocol (RecBole-sequential preset on ml-100k: leave-one-out, full ranking) and
 budget for every row; only the loss changes:
   ce               full softmax over all items
-  sampled_softmax  softmax over the target + 256 popularity-sampled negatives, log-Q corrected
-  gbce             gSASRec's generalised BCE, 256 uniform negatives, t = 0.75
+  sampled_softmax  softmax over the target + 64 popularity-sampled negatives, log-Q corrected
+  gbce             gSASRec's generalised BCE, 64 uniform negatives, t = 0.75
   bce              the SASRec paper's BCE with 1 uniform negative per position
 
     python experiments/sasrec_losses.py --data-dir ../shared/data [--epochs N] [--dataset beauty]
@@ -20,8 +20,8 @@ import common  # noqa: E402
 
 LOSSES = {
     "ce": {"loss": "ce"},
-    "sampled_softmax": {"loss": "sampled_softmax", "num_negatives": 256, "negative_distribution": "popularity"},
-    "gbce": {"loss": "gbce", "num_negatives": 256, "gbce_t": 0.75},
+    "sampled_softmax": {"loss": "sampled_softmax", "num_negatives": 64, "negative_distribution": "popularity"},
+    "gbce": {"loss": "gbce", "num_negatives": 64, "gbce_t": 0.75},
     "bce": {"loss": "bce", "num_negatives": 1},
 }
 
