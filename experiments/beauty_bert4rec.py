@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# BERT4Rec paper, Table 2, Beauty, BERT4Rec (100 popularity-sampled negatives).
+# BERT4Rec paper, Table 2, Beauty, BERT4Rec (100 popularity-sampled negatives); as commonly quoted, not re-read
+# from the PDF here (see experiments/README.md).
 PAPER = {"sampled_hit@10": 0.3025, "sampled_ndcg@10": 0.1862}
 
 CONFIG = {

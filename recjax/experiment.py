@@ -147,7 +147,10 @@ def make_loss_fn(exp: Experiment):
     q = samplers.negative_probs(exp.split.train, c["negative_distribution"])
     options["log_q"] = np.log(np.maximum(q, np.finfo(np.float32).tiny)).astype(np.float32)
   if name == "gbce":
-    options["beta"] = losses.gbce_beta(c["num_negatives"], exp.split.train.num_items - 1, c["gbce_t"])
+    try:
+      options["beta"] = losses.gbce_beta(c["num_negatives"], exp.split.train.num_items - 1, c["gbce_t"])
+    except ValueError as e:
+      raise ConfigError(f"loss 'gbce' (num_negatives, gbce_t): {e}") from e
   return tasks.create_loss_fn(exp.kind, name, model=exp.model, **options)
 
 

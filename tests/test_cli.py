@@ -68,6 +68,8 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--protocol", "nosuchprotocol"], "unknown protocol"),
     (["train", "bpr", "--set", "loss='hinge'"], "unknown loss 'hinge'"),
     (["train", "bpr", "--set", "preprocess.user_core=100000"], "no interactions left"),
+    (["train", "gru4rec", "--set", "loss='gbce'", "--set", "gbce_t=2.0"], "loss 'gbce'"),
+    (["train", "sasrec", "--set", "negative_distribution='zipf'"], "negative_distribution"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
   assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2
