@@ -368,3 +368,30 @@ def test_create_loss_fn_registry():
     tasks.pairwise_loss_fn(model, loss="ce")
   with pytest.raises(ConfigError):
     tasks.next_item_loss_fn(model, loss="softmax")
+
+
+def test_next_item_sampled_softmax_and_gbce_match_numpy(sasrec):
+  """The options-taking losses through `next_item_loss_fn`: log-Q gathered per item, an accidental hit
+  (a negative equal to the target) dropped, gBCE's beta on the positive term."""
+  model, params = sasrec
+  seq = np.array([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]], np.int32)
+  pos = np.array([[0, 0, 2, 3, 9], [5, 6, 7, 8, 10]], np.int32)
+  neg = np.stack([np.stack([np.array([1, 4, 9]), np.array([2, 3, 11])])] * 5, axis=2).transpose(0, 2, 1)
+  neg[1, 4] = [10, 1, 2]                                    # an accidental hit of target 10
+  weight = (pos > 0).astype(np.float32)
+  batch = {"seq": seq, "pos": pos, "neg": neg.astype(np.int32), "weight": weight}
+  log_q = np.log(np.linspace(0.01, 0.2, model.num_items)).astype(np.float32)
+  sampled = tasks.next_item_loss_fn(model, loss="sampled_softmax", log_q=jnp.asarray(log_q))
+  gbce = tasks.next_item_loss_fn(model, loss="gbce", beta=0.3)
+  got_sampled, got_gbce = (float(f(params, batch, _key(1))[0]) for f in (sampled, gbce))
+
+  h = np.asarray(model.apply(params, seq, method="sequence_repr"), np.float64)
+  items = np.asarray(params["params"]["item_embedding"]["embedding"], np.float64)
+  pos_s, neg_s = np.sum(h * items[pos], -1), np.einsum("bld,blnd->bln", h, items[neg])
+  neg_z = np.where(neg == pos[..., None], -np.inf, neg_s - log_q[neg])
+  z = np.concatenate([(pos_s - log_q[pos])[..., None], neg_z], -1)
+  per = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1) - z[..., 0]
+  np.testing.assert_allclose(got_sampled, np.sum(per * weight) / weight.sum(), rtol=1e-5)
+  log_sig = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+  per = -0.3 * log_sig(pos_s) - np.sum(log_sig(-neg_s), -1)
+  np.testing.assert_allclose(got_gbce, np.sum(per * weight) / weight.sum(), rtol=1e-5)
