@@ -30,12 +30,5 @@ CONFIG = {
 }
 
 
-def main() -> None:
-  args = common.parser(__doc__.splitlines()[0]).parse_args()
-  metrics = common.run("bert4rec", "beauty", CONFIG, args, "beauty_bert4rec")
-  print(common.table("BERT4Rec, Beauty, 100 popularity negatives (test)", "paper", PAPER, metrics["test"]))
-  print(common.summary(metrics))
-
-
 if __name__ == "__main__":
-  main()
+  common.reproduce(__doc__, "bert4rec", "beauty", CONFIG, PAPER, "BERT4Rec, Beauty, 100 popularity negatives (test)")

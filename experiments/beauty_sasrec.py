@@ -28,12 +28,5 @@ CONFIG = {
 }
 
 
-def main() -> None:
-  args = common.parser(__doc__.splitlines()[0]).parse_args()
-  metrics = common.run("sasrec", "beauty", CONFIG, args, "beauty_sasrec")
-  print(common.table("SASRec, Beauty, 100 popularity negatives (test)", "paper", PAPER, metrics["test"]))
-  print(common.summary(metrics))
-
-
 if __name__ == "__main__":
-  main()
+  common.reproduce(__doc__, "sasrec", "beauty", CONFIG, PAPER, "SASRec, Beauty, 100 popularity negatives (test)")

@@ -10,7 +10,6 @@ Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,7 +32,7 @@ def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.N
   plus `wall_s`, the whole run's seconds (data, compile, training, evaluation)."""
   use_all_cpu_cores()
   from recjax.config import apply_overrides, build_config
-  from recjax.experiment import train
+  from recjax.experiment import train, write_json
 
   config = apply_overrides(build_config(model, dataset=dataset), dict(overrides), source=out_name)
   config = apply_overrides(config, list(args.set))
@@ -45,7 +44,7 @@ def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.N
   start = time.perf_counter()
   metrics = train(config, out)
   metrics["wall_s"] = time.perf_counter() - start
-  (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+  write_json(out / "metrics.json", metrics)
   return metrics
 
 
@@ -69,3 +68,16 @@ def summary(metrics: Mapping[str, Any]) -> str:
   lines.append(f"epochs {metrics['epochs_run']}, median epoch {metrics['train_epoch_s']:.1f} s, "
                f"wall {metrics['wall_s']:.0f} s")
   return "\n".join(lines)
+
+
+def report(title: str, reference_name: str, reference: Mapping[str, float], metrics: Mapping[str, Any]) -> str:
+  """`table` of the test metrics beside the reference, then `summary`."""
+  return table(title, reference_name, reference, metrics["test"]) + "\n" + summary(metrics)
+
+
+def reproduce(doc: str, model: str, dataset: str, config: Mapping[str, Any], paper: Mapping[str, float],
+              title: str) -> None:
+  """The whole `main` of a script that reproduces one published row: flags (described by the first
+  line of `doc`), one run of `model` on `dataset` with `config`, the row printed beside `paper`."""
+  args = parser(doc.splitlines()[0]).parse_args()
+  print(report(title, "paper", paper, run(model, dataset, config, args, f"{dataset}_{model}")))

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax import losses
 from recjax.data.datasets import load_dataset, resolve_data_dir
 from recjax.data.interactions import Interactions, user_sequences
 from recjax.errors import DataError, RecjaxError, TrainingError
@@ -186,9 +187,9 @@ class LikeNext(nn.Module):
 
 
 def bce_with_logits(logits: jnp.ndarray, labels: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
-  """-sum w (y log sigmoid(z) + (1 - y) log sigmoid(-z)) / max(sum w, 1); 1 - sigmoid(z) = sigmoid(-z)."""
+  """-sum w (y log sigmoid(z) + (1 - y) log sigmoid(-z)) / sum w; 1 - sigmoid(z) = sigmoid(-z)."""
   per_example = -(labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits))  # [B]
-  return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(weight), 1.0)
+  return losses.weighted_mean(per_example, weight)
 
 
 def make_loss_fn(model: LikeNext):

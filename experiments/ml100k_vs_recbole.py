@@ -33,8 +33,7 @@ def main() -> None:
   args = p.parse_args()
   reference, note = REFERENCE[args.model]
   metrics = common.run(args.model, "ml-100k", {}, args, f"ml100k_{args.model}")
-  print(common.table(f"{args.model}, ml-100k, full ranking (test)", f"RecBole ({note})", reference, metrics["test"]))
-  print(common.summary(metrics))
+  print(common.report(f"{args.model}, ml-100k, full ranking (test)", f"RecBole ({note})", reference, metrics))
 
 
 if __name__ == "__main__":

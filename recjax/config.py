@@ -28,8 +28,8 @@ BASE = {
     "loss": "bpr",
     "l2_weight": 0.0,
     "num_negatives": 1,
-  "negative_distribution": "uniform",   # uniform | popularity (training negatives; sampled_softmax corrects by log q)
-  "gbce_t": 0.75,               # gBCE calibration t (gSASRec): beta = alpha (t (1 - 1/alpha) + 1/alpha)
+    "negative_distribution": "uniform",  # uniform | popularity (training negatives; sampled_softmax corrects by log q)
+    "gbce_t": 0.75,               # gBCE calibration t (gSASRec): beta = 1 - t (1 - alpha), alpha = sampling rate
     "training": "pairs",          # pairs | sequence (whole sequences) | prefix (RecBole's scheme)
     "window_stride": None,        # sequence training: items between windows (None: max_len // 2)
     "eval_every": 1,
@@ -162,11 +162,12 @@ def build_config(model: str, config_file: str | None = None, overrides: list[str
                  dataset: str | None = None) -> dict[str, Any]:
   """Defaults of `model`, then the dataset's `DATASET_DEFAULTS`, then the config file's overrides,
   then `--set` strings; `dataset` (a command-line flag) names the dataset over all of them."""
-  config = default_config(model)
   from_file = load_config_file(config_file) if config_file else {}
-  with_file = apply_overrides(config, from_file, source=config_file or "config")
-  dataset = dataset or apply_overrides(with_file, list(overrides))["dataset"]
+
+  def with_user_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    return apply_overrides(apply_overrides(config, from_file, source=config_file or "config"), list(overrides))
+
+  config = default_config(model)
+  dataset = dataset or with_user_overrides(config)["dataset"]   # the dataset the user asked for, if any
   config = apply_overrides(config, DATASET_DEFAULTS.get(dataset, {}), source=f"defaults of dataset {dataset!r}")
-  config = apply_overrides(apply_overrides(config, from_file, source=config_file or "config"), list(overrides))
-  config["dataset"] = dataset
-  return config
+  return {**with_user_overrides(config), "dataset": dataset}

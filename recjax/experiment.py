@@ -95,6 +95,9 @@ def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol
 
 def build(config: dict[str, Any]) -> Experiment:
   """Data, split, model and evaluation targets for `config` (no training)."""
+  if config["negative_distribution"] not in samplers.DISTRIBUTIONS:
+    raise ConfigError(f"negative_distribution: expected one of {samplers.DISTRIBUTIONS}, "
+                      f"got {config['negative_distribution']!r}")
   protocol = protocols.get_protocol(config["protocol"])
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
@@ -112,14 +115,14 @@ def build(config: dict[str, Any]) -> Experiment:
 def make_sampler(exp: Experiment):
   """The batch maker that the config's `training` scheme names."""
   c = exp.config
-  check_negative_distribution(c)
   if c["training"] == "pairs":
     return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"],
                                 distribution=c["negative_distribution"])
   if c["training"] in ("sequence", "prefix"):
     return samplers.SequenceSampler(exp.split.train, exp.protocol.max_len, c["batch_size"], c["num_negatives"],
                                     seed=c["seed"], mode=c["training"], stride=c["window_stride"],
-                                    distribution=c["negative_distribution"])
+                                    distribution=c["negative_distribution"],
+                                    negatives_for="items" if tasks.objective(exp.model) == "masked_item" else "targets")
   raise ConfigError(f"training: unknown scheme {c['training']!r}; known: pairs, sequence, prefix")
 
 
@@ -130,12 +133,6 @@ def init_params(exp: Experiment, rng: jax.Array):
   return models.init_params(exp.model, rng)
 
 
-def check_negative_distribution(config: dict[str, Any]) -> None:
-  if config["negative_distribution"] not in samplers.DISTRIBUTIONS:
-    raise ConfigError(f"negative_distribution: expected one of {samplers.DISTRIBUTIONS}, "
-                      f"got {config['negative_distribution']!r}")
-
-
 def make_loss_fn(exp: Experiment):
   """The config's loss bound to the model, with the options it needs: `l2_weight` (pairwise losses),
   `log_q` (sampled softmax: log of the negative distribution), `beta` (gBCE, from `gbce_t`)."""
@@ -143,7 +140,6 @@ def make_loss_fn(exp: Experiment):
   if c["l2_weight"]:
     options["l2_weight"] = c["l2_weight"]
   if name == "sampled_softmax":
-    check_negative_distribution(c)
     q = samplers.negative_probs(exp.split.train, c["negative_distribution"])
     options["log_q"] = np.log(np.maximum(q, np.finfo(np.float32).tiny)).astype(np.float32)
   if name == "gbce":

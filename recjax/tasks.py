@@ -55,11 +55,23 @@ def _sampled_loss(name: str, pos_scores, neg_scores, weight, pos=None, neg=None,
   raise ConfigError(f"unknown sampled loss {name!r}")
 
 
-def _check_options(loss: str, log_q, beta) -> None:
+def _check_item_loss(loss: str, log_q, beta) -> None:
+  """A known next-item loss with the option it needs."""
+  if loss not in NEXT_ITEM_LOSSES:
+    raise ConfigError(f"unknown next-item loss {loss!r}; expected one of {NEXT_ITEM_LOSSES}")
   if loss == "sampled_softmax" and log_q is None:
     raise ConfigError("loss 'sampled_softmax' needs log_q, the log probability [N] of drawing each negative")
   if loss == "gbce" and beta is None:
     raise ConfigError("loss 'gbce' needs beta (see recjax.losses.gbce_beta)")
+
+
+def _item_loss(loss: str, h, items, target, neg, weight, log_q, beta) -> jnp.ndarray:
+  """States `h [..., d]` scored against their `target [...]`: full softmax over `items [N, d]`
+  ("ce") or the target against its sampled negatives `neg [..., n]` (the other losses)."""
+  if loss == "ce":
+    return losses.softmax_ce(jnp.einsum("...d,nd->...n", h, items), target, weight)  # logits [..., N]
+  pos_scores, neg_scores, _, _ = _sampled_scores(h, items, target, neg)
+  return _sampled_loss(loss, pos_scores, neg_scores, weight, target, neg, log_q, beta)
 
 
 def pairwise_loss_fn(model: nn.Module, *, loss: str = "bpr", l2_weight: float = 0.0) -> LossFn:
@@ -103,9 +115,7 @@ def next_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray 
   - "bce" / "bpr" / "gbce" (with `beta`) / "sampled_softmax" (with `log_q [N]`, the log probability
     of drawing each item as a negative): sampled negatives, only the pos/neg rows of E gathered.
   """
-  if loss not in NEXT_ITEM_LOSSES:
-    raise ConfigError(f"unknown next-item loss {loss!r}; expected one of {NEXT_ITEM_LOSSES}")
-  _check_options(loss, log_q, beta)
+  _check_item_loss(loss, log_q, beta)
 
   def loss_fn(params, batch, rng):
     rngs = {"dropout": rng}
@@ -113,11 +123,7 @@ def next_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray 
       h, items = model.apply(params, batch["seq"], True, method=_sequence_and_items, rngs=rngs)  # [B, L, d]
     else:  # prefix
       h, items = model.apply(params, batch, True, method=_user_and_items, rngs=rngs)  # [B, d]
-    if loss == "ce":
-      logits = jnp.einsum("...d,nd->...n", h, items)  # [B, (L,) N]
-      return losses.softmax_ce(logits, batch["pos"], batch["weight"]), {}
-    pos_scores, neg_scores, _, _ = _sampled_scores(h, items, batch["pos"], batch["neg"])
-    return _sampled_loss(loss, pos_scores, neg_scores, batch["weight"], batch["pos"], batch["neg"], log_q, beta), {}
+    return _item_loss(loss, h, items, batch["pos"], batch["neg"], batch["weight"], log_q, beta), {}
 
   return loss_fn
 
@@ -178,22 +184,19 @@ def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarra
   items; sampled losses use `batch["neg"] [B, L, n]`, whole-sequence batches only). Every real item
   of a window can be a target, so `batch["weight"]` is not used (padding rows have no real items).
   """
-  if loss not in NEXT_ITEM_LOSSES:
-    raise ConfigError(f"unknown masked-item loss {loss!r}; expected one of {NEXT_ITEM_LOSSES}")
-  _check_options(loss, log_q, beta)
+  _check_item_loss(loss, log_q, beta)
 
   def loss_fn(params, batch, rng):
     mask_rng, dropout_rng = jax.random.split(rng)
     inputs, at, target, weight = cloze_inputs(mask_rng, batch, model.mask_id, model.mask_ratio, model.last_ratio)
     h, table = model.apply(params, inputs, True, method=_sequence_and_items, rngs={"dropout": dropout_rng})
     h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, M, d]
-    if loss == "ce":
-      return losses.softmax_ce(jnp.einsum("bmd,nd->bmn", h, table), target, weight), {}
-    if batch["neg"].ndim != 3:
-      raise ConfigError(f"masked-item loss {loss!r} needs whole-sequence batches (training='sequence')")
-    neg = jnp.take_along_axis(batch["neg"], at[..., None], axis=1)  # [B, M, n]
-    pos_scores, neg_scores, _, _ = _sampled_scores(h, table, target, neg)
-    return _sampled_loss(loss, pos_scores, neg_scores, weight, target, neg, log_q, beta), {}
+    neg = None
+    if loss != "ce":
+      if batch["neg"].ndim != 3:
+        raise ConfigError(f"masked-item loss {loss!r} needs whole-sequence batches (training='sequence')")
+      neg = jnp.take_along_axis(batch["neg"], at[..., None], axis=1)  # [B, M, n]
+    return _item_loss(loss, h, table, target, neg, weight, log_q, beta), {}
 
   return loss_fn
 
@@ -211,11 +214,16 @@ def score_fn(model: nn.Module) -> ScoreFn:
   return scores
 
 
+def objective(model: nn.Module) -> str:
+  """What a sequential model is trained to predict: `model.objective`, "next_item" (the default) or
+  "masked_item" (BERT4Rec's Cloze task)."""
+  return getattr(model, "objective", "next_item")
+
+
 def sequential_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
                        beta: float | None = None) -> LossFn:
-  """The model's objective (`model.objective`: "next_item", the default, or "masked_item") with `loss`."""
-  objective = getattr(model, "objective", "next_item")
-  builder = {"next_item": next_item_loss_fn, "masked_item": masked_item_loss_fn}[objective]
+  """The model's objective (see `objective`) with `loss`."""
+  builder = {"next_item": next_item_loss_fn, "masked_item": masked_item_loss_fn}[objective(model)]
   return builder(model, loss=loss, log_q=log_q, beta=beta)
 
 

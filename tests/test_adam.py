@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from testutil import rbg_key as _key
 
 from recjax import tasks
 from recjax.errors import ConfigError
@@ -16,8 +17,6 @@ STEPS = 100
 USER_ONLY = {"params": {"user_embedding": True, "item_embedding": False}}  # a weight-decay mask
 
 
-def _key(seed: int = 0) -> jax.Array:
-  return jax.random.key(seed, impl="rbg")  # compiles faster than threefry
 
 
 def _pair_batches(num_users, num_items, steps, batch_size=16, num_neg=2, seed=0):
@@ -77,7 +76,7 @@ def _assert_trees_close(a, b, rtol=1e-6):
 @pytest.fixture(scope="module")
 def bpr():
   model = BPRMF(num_users=20, num_items=30, dim=8)
-  return tasks.pairwise_loss_fn(model, loss="bpr"), init_params(model, _key()), _pair_batches(20, 30, STEPS)
+  return tasks.pairwise_loss_fn(model, loss="bpr"), init_params(model, _key(0)), _pair_batches(20, 30, STEPS)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +120,7 @@ def test_matches_optax_on_sasrec():
   """Whole-sequence CE training with dropout on (AdamW is covered on BPR-MF above)."""
   model = SASRec(num_items=13, max_len=6, dim=8, num_heads=2, ffn_dim=16)  # as test_models.py: a shared init
   loss_fn = tasks.next_item_loss_fn(model, loss="ce")
-  params = init_params(model, _key())
+  params = init_params(model, _key(0))
   batches = _sequence_batches(13, 6, STEPS)
   ours, _ = _train(loss_fn, adam(1e-3), params, batches)
   ref, _ = _train(loss_fn, optax.adam(1e-3), params, batches)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
-from jax.test_util import check_grads
+from testutil import check_param_grads
+from testutil import rbg_key as _key
 
 from recjax import losses, tasks
 from recjax.errors import ConfigError
@@ -20,8 +20,6 @@ NUM_ITEMS, DIM, MAX_LEN = 13, 8, 6
 SMALL = dict(max_len=MAX_LEN, dim=DIM, num_heads=2, ffn_dim=16)
 
 
-def _key(seed: int = 1) -> jax.Array:
-  return jax.random.key(seed, impl="rbg")
 
 
 @functools.lru_cache
@@ -188,6 +186,4 @@ def test_masked_item_loss_grads():
   params = jax.tree.map(lambda p: 10 * p, init_params(model, _key(0)))
   batch = _iid_batch(np.random.default_rng(2), 3, MAX_LEN, NUM_ITEMS)
   loss_fn = tasks.masked_item_loss_fn(model, loss="ce")
-  with jax.enable_x64(True):
-    flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), params))
-    check_grads(jax.jit(lambda v: loss_fn(unravel(v), batch, _key(4))[0]), (flat,), order=1, modes=["rev"], eps=1e-5)
+  check_param_grads(lambda p: loss_fn(p, batch, _key(4))[0], params)

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
-from jax.flatten_util import ravel_pytree
-from jax.test_util import check_grads
+from testutil import check_param_grads
+from testutil import rbg_key as _key
 
 from recjax.models.caser import Caser, unpack_horizontal
 from recjax.optim import adam
@@ -24,8 +24,6 @@ NUM_USERS, DIM, MAX_LEN, N_H, N_V = 6, 8, 5, 3, 2
 ITEMS_SMALL, ITEMS_LARGE = 13, 40  # the batches below have 3 x 5 = 15 positions
 
 
-def _key(seed: int = 0) -> jax.Array:
-  return jax.random.key(seed, impl="rbg")  # compiles faster than threefry
 
 
 def _seq(num_items: int = ITEMS_SMALL) -> jnp.ndarray:
@@ -185,9 +183,7 @@ def test_grads():
   """check_grads in float64 (dropout off) through every parameter, the custom VJP included."""
   model, params = _model()
   batch = _batch()
-  with jax.enable_x64(True):
-    flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), params))
-    check_grads(jax.jit(lambda v: model.apply(unravel(v), batch)), (flat,), order=1, modes=["rev"], eps=1e-5)
+  check_param_grads(lambda p: model.apply(p, batch), params)
 
 
 def test_dropout_only_in_training():

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
-from jax.test_util import check_grads
+from testutil import check_param_grads
+from testutil import rbg_key as _key
 
 from recjax.models import init_params
 from recjax.models.gru4rec import GRU4Rec
@@ -22,9 +22,6 @@ NUM_ITEMS, DIM, HIDDEN, MAX_LEN = 13, 8, 10, 6
 CELLS = ("gru", "lstm")
 
 
-def _key(seed: int = 1) -> jax.Array:
-  """An "rbg" key: XLA's RngBitGenerator compiles several times faster than threefry (fast tests)."""
-  return jax.random.key(seed, impl="rbg")
 
 
 def _seq() -> jnp.ndarray:
@@ -155,11 +152,6 @@ def test_is_causal(cell):
     assert not np.allclose(h[t, t], h[0, t])
 
 
-def _check_param_grads(f, tree):
-  """check_grads of `f(tree)` in float64 on the flattened tree (one array keeps op-by-op work small)."""
-  with jax.enable_x64(True):
-    flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), tree))
-    check_grads(jax.jit(lambda v: f(unravel(v))), (flat,), order=1, modes=["rev"], eps=1e-5)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -168,7 +160,7 @@ def test_encoder_grads(cell):
   x = jax.random.normal(_key(0), (2, 4, 3))
   valid = jnp.array([[False, True, True, True], [True] * 4])
   params = _random_params(encoder, x, valid, scale=0.7)  # large weights: a non-trivial (less linear) check
-  _check_param_grads(lambda px: encoder.apply(px[0], px[1], valid), (params, x))
+  check_param_grads(lambda px: encoder.apply(px[0], px[1], valid), (params, x))
 
 
 @pytest.mark.parametrize("cell", CELLS)

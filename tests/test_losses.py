@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testutil import rbg_key as _key
 
 from recjax import losses, tasks
 from recjax.errors import ConfigError
@@ -14,8 +15,6 @@ from recjax.models import BPRMF, SASRec, init_params
 RNG = np.random.default_rng(0)
 
 
-def _key(seed: int = 0) -> jax.Array:
-  return jax.random.key(seed, impl="rbg")  # compiles faster than threefry
 
 
 def _np_weighted_mean(values, weight):
@@ -270,7 +269,7 @@ def _pair_batch():
 @pytest.mark.parametrize("loss", ["bpr", "bce"])
 def test_pairwise_loss_fn_matches_manual(loss):
   model = BPRMF(num_users=4, num_items=9, dim=4)
-  params = init_params(model, _key())
+  params = init_params(model, _key(0))
   batch = _pair_batch()
   value, metrics = jax.jit(tasks.pairwise_loss_fn(model, loss=loss, l2_weight=0.5))(params, batch, _key(1))
   users = np.asarray(params["params"]["user_embedding"]["embedding"])[batch["user"]]
@@ -292,7 +291,7 @@ SMALL_SASREC = dict(num_items=13, max_len=6, dim=8, num_heads=2, ffn_dim=16)
 def sasrec():
   """A dropout-free model (train == eval) and its parameters."""
   model = SASRec(**SMALL_SASREC)
-  return model.clone(dropout=0.0, attn_dropout=0.0), init_params(model, _key())
+  return model.clone(dropout=0.0, attn_dropout=0.0), init_params(model, _key(0))
 
 
 def test_next_item_loss_fn_whole_sequence_and_prefix_modes(sasrec):
@@ -352,7 +351,7 @@ def test_score_fn(sasrec):
 def test_create_loss_fn_registry():
   model = BPRMF(num_users=4, num_items=9, dim=4)
   fn = tasks.create_loss_fn("general", "bpr", model=model, l2_weight=0.1)
-  params = init_params(model, _key())
+  params = init_params(model, _key(0))
   value, _ = fn(params, _pair_batch(), _key(1))
   assert np.isfinite(value)
   assert set(tasks.LOSSES) == {"general", "sequential"}

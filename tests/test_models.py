@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
-from jax.test_util import check_grads
+from testutil import check_param_grads
+from testutil import rbg_key as _key
 
 from recjax.errors import ConfigError
 from recjax.models import (
@@ -34,9 +34,6 @@ SMALL_KWARGS = {"pop": {}, "sasrec": SMALL_SASREC, "bert4rec": SMALL_SASREC, "gr
                 "caser": dict(max_len=MAX_LEN, dim=DIM)}
 
 
-def _key(seed: int = 1) -> jax.Array:
-  """An "rbg" key: XLA's RngBitGenerator compiles several times faster than threefry (fast tests)."""
-  return jax.random.key(seed, impl="rbg")
 
 
 def _seq() -> jnp.ndarray:
@@ -91,7 +88,7 @@ def test_sasrec_sequence_repr_and_padding_rows(pre_norm):
   def run(params):
     h = model.apply(params, seq, method="sequence_repr")
     user = model.apply(params, {"seq": seq}, method="user_repr")
-    train_loss = lambda p: jnp.sum(model.apply(p, seq, True, method="sequence_repr", rngs={"dropout": _key()}) ** 2)  # noqa: E731
+    train_loss = lambda p: jnp.sum(model.apply(p, seq, True, method="sequence_repr", rngs={"dropout": _key(1)}) ** 2)  # noqa: E731
     return h, user, jax.value_and_grad(train_loss)(params)
 
   h, user, (train_loss, grads) = run(params)
@@ -190,11 +187,6 @@ def test_transformer_block_shapes_last_only_and_dropout(pre_norm):
   chex.assert_tree_all_finite(y_train)
 
 
-def _check_param_grads(f, tree):
-  """check_grads of `f(tree)` in float64 on the flattened tree (one array keeps op-by-op work small)."""
-  with jax.enable_x64(True):
-    flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), tree))
-    check_grads(jax.jit(lambda v: f(unravel(v))), (flat,), order=1, modes=["rev"], eps=1e-5)
 
 
 def test_transformer_block_grads():
@@ -202,13 +194,13 @@ def test_transformer_block_grads():
   mask = causal_padding_mask(jnp.array([[0, 1, 2], [3, 4, 5]], jnp.int32))
   x = jax.random.normal(_key(0), (2, 3, 4))
   params = jax.jit(block.init)(_key(1), x, mask)
-  _check_param_grads(lambda px: block.apply(px[0], px[1], mask), (params, x))
+  check_param_grads(lambda px: block.apply(px[0], px[1], mask), (params, x))
 
 
 def test_sasrec_sequence_repr_grads():
   model, params = _sasrec()
   params = jax.tree.map(lambda p: 10 * p, params)  # larger weights than init_std = 0.02: a non-trivial check
-  _check_param_grads(lambda p: model.apply(p, _seq(), method="sequence_repr"), params)
+  check_param_grads(lambda p: model.apply(p, _seq(), method="sequence_repr"), params)
 
 
 def test_bprmf_loss_grads():
@@ -220,7 +212,7 @@ def test_bprmf_loss_grads():
     "weight": jnp.array([1.0, 1.0, 0.0]),
   }
   loss_fn = pairwise_loss_fn(model, loss="bpr", l2_weight=0.1)
-  _check_param_grads(lambda p: loss_fn(p, batch, _key(0))[0], init_params(model, _key(0)))
+  check_param_grads(lambda p: loss_fn(p, batch, _key(0))[0], init_params(model, _key(0)))
 
 
 def test_bprmf_init_is_xavier_normal():

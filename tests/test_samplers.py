@@ -190,10 +190,14 @@ def test_sequence_mode_matches_naive_reference(L):
   assert real.sum() == len(expected)
   triples = zip(*(map(tuple, got[k][real].tolist()) for k in ("seq", "pos", "weight")))
   assert sorted(triples) == sorted(expected)
-  # Negatives wherever window[1:] holds a real item: every target, and the user's first item too.
-  window_tail = np.concatenate([got["seq"][:, 1:], got["pos"][:, -1:]], axis=1)
-  assert ((got["neg"] > 0) == (window_tail > 0)[..., None]).all()
-  assert (got["pos"] > 0).sum() < (window_tail > 0).sum()
+  assert ((got["neg"] > 0) == (got["weight"] > 0)[..., None]).all()   # negatives for the scored targets only
+  # negatives_for="items": wherever window[1:] holds a real item (every target, the user's first item too)
+  items = collect(SequenceSampler(inter, max_len=L, batch_size=4, num_negatives=3, negatives_for="items"))
+  window_tail = np.concatenate([items["seq"][:, 1:], items["pos"][:, -1:]], axis=1)
+  assert ((items["neg"] > 0) == (window_tail > 0)[..., None]).all()
+  assert (items["weight"] > 0).sum() < (window_tail > 0).sum()
+  for key in ("seq", "pos", "weight"):
+    np.testing.assert_array_equal(items[key], got[key])
 
 
 def test_sequence_mode_scores_every_transition_once():
@@ -218,6 +222,10 @@ def test_sequence_sampler_determinism_and_errors():
     assert not np.array_equal(x["seq"], z["seq"])
   with pytest.raises(ValueError):
     SequenceSampler(inter, 10, 32, mode="bogus")
+  with pytest.raises(ValueError, match="negatives_for"):
+    SequenceSampler(inter, 10, 32, negatives_for="everything")
+  with pytest.raises(ValueError, match="distribution"):
+    SequenceSampler(inter, 10, 32, distribution="zipf")
   with pytest.raises(DataError):
     SequenceSampler(from_columns(["a", "b"], ["x", "y"]), 10, 32)
 

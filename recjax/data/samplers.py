@@ -56,7 +56,8 @@ class SequenceSampler:
   mode "sequence" (SASRec paper, a loss at every position): windows of L+1 items cover each user's
     whole history, the newest window ending at the last item and each earlier one `stride` (default
     L // 2) items before the next. Row: `seq [B, L]` (window[:-1], left-padded, latest at L-1), `pos [B, L]`
-    (window[1:], 0 = none), `neg [B, L, n]` (drawn for every real item of window[1:], 0 elsewhere),
+    (window[1:], 0 = none), `neg [B, L, n]` (drawn where weight is 1, or with `negatives_for="items"`
+    for every real item of window[1:], as masked-item models score any of them; 0 elsewhere),
     `user [B]`, `weight [B, L]`: 1 on the targets
     no later window scores (its newest `stride` ones; all of them in a user's earliest window), so
     every training transition is a target exactly once per epoch with at least L - stride items
@@ -69,9 +70,12 @@ class SequenceSampler:
   """
 
   def __init__(self, train: Interactions, max_len: int, batch_size: int, num_negatives: int = 1,
-               seed: int = 0, mode: str = "sequence", stride: int | None = None, distribution: str = "uniform"):
+               seed: int = 0, mode: str = "sequence", stride: int | None = None, distribution: str = "uniform",
+               negatives_for: str = "targets"):
     if mode not in ("sequence", "prefix"):
       raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
+    if negatives_for not in ("targets", "items"):
+      raise ValueError(f"negatives_for must be 'targets' or 'items', got {negatives_for!r}")
     self.items, offsets = user_sequences(train)
     counts = np.diff(offsets)
     self.stride = stride or max(1, max_len // 2)
@@ -95,7 +99,7 @@ class SequenceSampler:
     self.starts = offsets[:-1]
     self.negatives = NegativeSampler(train, distribution)
     self.max_len, self.batch_size, self.num_negatives = max_len, batch_size, num_negatives
-    self.seed, self.mode = seed, mode
+    self.seed, self.mode, self.negatives_for = seed, mode, negatives_for
 
   @property
   def num_rows(self) -> int:
@@ -126,9 +130,9 @@ class SequenceSampler:
     pos = np.where(seq > 0, full[:, 1:], 0)                     # the first item is nobody's target
     target_at = end[:, None] - self.max_len + np.arange(self.max_len)   # CSR position of each pos
     has = (pos > 0) & (target_at >= self.row_fresh[rows][:, None])
-    real = full[:, 1:] > 0                    # negatives for every real item (masked-item models score them all)
+    scored = has if self.negatives_for == "targets" else full[:, 1:] > 0
     neg = np.zeros(pos.shape + (n,), np.int32)                  # [m, L, n]
-    neg[real] = self.negatives.sample(rng, np.broadcast_to(user[:, None], pos.shape)[real], n)
+    neg[scored] = self.negatives.sample(rng, np.broadcast_to(user[:, None], pos.shape)[scored], n)
     return {"seq": seq, "pos": pos, "neg": neg, "user": user, "weight": has.astype(np.float32)}
 
 
@@ -162,8 +166,8 @@ class NegativeSampler:
 
   def __init__(self, train: Interactions, distribution: str = "uniform"):
     self.num_items = train.num_items
-    self.distribution = distribution
-    self.cdf = None if distribution == "uniform" else np.cumsum(negative_probs(train, distribution))
+    probs = negative_probs(train, distribution)                # checks the name
+    self.cdf = None if distribution == "uniform" else np.cumsum(probs)
     self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
     per_user = np.bincount(self.keys // self.num_items, minlength=train.num_users)
     full = np.flatnonzero(per_user >= self.num_items - 1)
@@ -176,12 +180,12 @@ class NegativeSampler:
     flat_user = np.repeat(user, num)
     neg = self.draw(rng, len(flat_user))
     todo = np.flatnonzero(self.is_positive(flat_user, neg))
-    for round_ in itertools.count():                            # only collisions are redrawn
-      if not len(todo):
-        break
+    rounds = 0
+    while len(todo):                                            # only collisions are redrawn
       # A user holding nearly all popular items could stall popularity draws: go uniform after 50 rounds.
-      neg[todo] = self.draw(rng, len(todo), uniform=round_ >= 50)
+      neg[todo] = self.draw(rng, len(todo), uniform=rounds >= 50)
       todo = todo[self.is_positive(flat_user[todo], neg[todo])]
+      rounds += 1
     return neg.reshape(len(user), num)
 
   def draw(self, rng: np.random.Generator, size: int, uniform: bool = False) -> np.ndarray:

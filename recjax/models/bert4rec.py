@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from recjax.nn.attention import ACTIVATIONS, TransformerBlock, padding_mask
+from recjax.nn.attention import ACTIVATIONS, TransformerBlock, TransformerStack, padding_mask
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
 
@@ -77,14 +77,12 @@ class BERT4Rec(nn.Module):
     )
     self.input_norm = nn.LayerNorm(epsilon=self.layer_norm_eps)
     self.input_dropout = Dropout(self.dropout)
-    self.blocks = [
-      TransformerBlock(
-        num_heads=self.num_heads, dim=self.dim, ffn_dim=self.ffn_dim, dropout=self.dropout,
-        attn_dropout=self.attn_dropout, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
-        init_std=self.init_std,
-      )
-      for _ in range(self.num_blocks)
-    ]
+    block = TransformerBlock(
+      num_heads=self.num_heads, dim=self.dim, ffn_dim=self.ffn_dim, dropout=self.dropout,
+      attn_dropout=self.attn_dropout, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
+      init_std=self.init_std,
+    )
+    self.encoder = TransformerStack(block, self.num_blocks)
     self.head = nn.Dense(self.dim, kernel_init=initializers.normal(self.init_std))
     self.head_norm = nn.LayerNorm(epsilon=self.layer_norm_eps)
     self.output_bias = self.param("output_bias", initializers.zeros, (self.num_items,), jnp.float32)
@@ -97,10 +95,7 @@ class BERT4Rec(nn.Module):
     x = self.item_embedding(seq) + self.position_embedding[self.max_len - length:]  # [B, L, d]
     x = self.input_dropout(self.input_norm(x), deterministic=not train)
     mask = padding_mask(seq)  # [B, 1, 1, L]
-    for i, block in enumerate(self.blocks):
-      x = block(x, mask, train=train, last_only=last_only and i == self.num_blocks - 1)
-    if last_only and self.num_blocks == 0:
-      x = x[:, -1:]
+    x = self.encoder(x, mask, train=train, last_only=last_only)
     h = self.head_norm(ACTIVATIONS[self.activation](self.head(x)))  # [B, L', d]
     return jnp.concatenate([h, jnp.ones(h.shape[:-1] + (1,), h.dtype)], axis=-1)
 

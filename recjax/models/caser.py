@@ -66,6 +66,7 @@ from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
+from recjax.nn.init import fan_in_uniform
 
 OUTPUTS = ("paper", "recbole")
 
@@ -160,16 +161,6 @@ def _window_max_bwd(num_filters, residuals, grad):
 window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
-def _torch_conv_init(fan_in: np.ndarray):
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with one fan-in per entry (broadcast to the shape)."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -1.0, 1.0) * jnp.asarray(np.broadcast_to(bound, shape), dtype)
-
-  return init
-
-
 class Caser(nn.Module):
   """Horizontal and vertical convolutions over the last `max_len` items, plus a user embedding.
 
@@ -202,14 +193,14 @@ class Caser(nn.Module):
       heights = np.arange(1, length + 1)
       column_fan_in = np.repeat(heights, heights * n_h) * d  # [R]: h d for every column of height h
       self.horizontal_kernel = self.param(
-        "horizontal_kernel", _torch_conv_init(column_fan_in), (d, n_h * length * (length + 1) // 2), jnp.float32
+        "horizontal_kernel", fan_in_uniform(column_fan_in), (d, n_h * length * (length + 1) // 2), jnp.float32
       )
       self.horizontal_bias = self.param(
-        "horizontal_bias", _torch_conv_init(heights[:, None] * d), (length, n_h), jnp.float32
+        "horizontal_bias", fan_in_uniform(heights[:, None] * d), (length, n_h), jnp.float32
       )
     if n_v:
-      self.vertical_kernel = self.param("vertical_kernel", _torch_conv_init(length), (length, n_v), jnp.float32)
-      self.vertical_bias = self.param("vertical_bias", _torch_conv_init(length), (n_v,), jnp.float32)
+      self.vertical_kernel = self.param("vertical_kernel", fan_in_uniform(length), (length, n_v), jnp.float32)
+      self.vertical_bias = self.param("vertical_bias", fan_in_uniform(length), (n_v,), jnp.float32)
     dense = functools.partial(
       nn.Dense, kernel_init=initializers.variance_scaling(1.0, "fan_avg", "normal"), bias_init=initializers.zeros
     )

@@ -35,21 +35,11 @@ from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
+from recjax.nn.init import fan_in_uniform
 from recjax.nn.recurrent import RecurrentEncoder
-
-
-def _torch_linear_init(fan_in: int):
-  """PyTorch's `nn.Linear` default for weight and bias alike: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in**-0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return initializers.uniform(2 * bound)(key, shape, dtype) - bound
-
-  return init
 
 
 class GRU4Rec(nn.Module):
@@ -83,7 +73,7 @@ class GRU4Rec(nn.Module):
     self.item_embedding = embedding_table(self.num_items, self.dim, init="xavier_normal")
     self.input_dropout = Dropout(self.dropout)
     self.encoder = RecurrentEncoder(cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers)
-    linear_init = _torch_linear_init(self.hidden_size)
+    linear_init = fan_in_uniform(self.hidden_size)
     self.dense = nn.Dense(self.dim, kernel_init=linear_init, bias_init=linear_init)
 
   def _states(self, seq: jnp.ndarray, train: bool) -> jnp.ndarray:

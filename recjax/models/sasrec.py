@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from recjax.nn.attention import TransformerBlock, causal_padding_mask
+from recjax.nn.attention import TransformerBlock, TransformerStack, causal_padding_mask
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
 
@@ -66,20 +66,12 @@ class SASRec(nn.Module):
     # Post-norm normalises the input embedding; pre-norm normalises the last block's output.
     self.norm = nn.LayerNorm(epsilon=self.layer_norm_eps)
     self.input_dropout = Dropout(self.dropout)
-    self.blocks = [
-      TransformerBlock(
-        num_heads=self.num_heads,
-        dim=self.dim,
-        ffn_dim=self.ffn_dim,
-        dropout=self.dropout,
-        attn_dropout=self.attn_dropout,
-        activation=self.activation,
-        layer_norm_eps=self.layer_norm_eps,
-        pre_norm=self.pre_norm,
-        init_std=self.init_std,
-      )
-      for _ in range(self.num_blocks)
-    ]
+    block = TransformerBlock(
+      num_heads=self.num_heads, dim=self.dim, ffn_dim=self.ffn_dim, dropout=self.dropout,
+      attn_dropout=self.attn_dropout, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
+      pre_norm=self.pre_norm, init_std=self.init_std,
+    )
+    self.encoder = TransformerStack(block, self.num_blocks)
 
   def _encode(self, seq: jnp.ndarray, train: bool, last_only: bool) -> jnp.ndarray:
     """`seq [B, L]` -> `[B, L, d]`, or `[B, 1, d]` (position L-1) when `last_only`."""
@@ -91,10 +83,7 @@ class SASRec(nn.Module):
       x = self.norm(x)
     x = self.input_dropout(x, deterministic=not train)
     mask = causal_padding_mask(seq)  # [B, 1, L, L]
-    for i, block in enumerate(self.blocks):
-      x = block(x, mask, train=train, last_only=last_only and i == self.num_blocks - 1)
-    if last_only and self.num_blocks == 0:
-      x = x[:, -1:]
+    x = self.encoder(x, mask, train=train, last_only=last_only)
     if self.pre_norm:
       x = self.norm(x)
     return x

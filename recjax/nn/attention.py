@@ -6,6 +6,8 @@ Masks are boolean, True = "query may attend to key", broadcastable to `[B, H, Lq
 a left-padded sequence, or a fully padded row) attends uniformly instead of producing NaN; its
 output is meaningless and must be ignored by the loss (its weight is 0).
 
+`TransformerStack` runs `num_blocks` of them (the encoder of SASRec and BERT4Rec).
+
 `last_only=True` computes the outputs of the last position only (`[B, 1, d]`): keys and values
 still cover every position, but the query projection, the attention rows, the output projection
 and the feed-forward network run for one position instead of L. SASRec's final block uses it
@@ -155,3 +157,23 @@ class TransformerBlock(nn.Module):
       return h + drop(ffn(norm_ffn(h)))
     h = norm_attn(residual + drop(attention(x, mask, train=train, last_only=last_only)))
     return norm_ffn(h + drop(ffn(h)))
+
+
+class TransformerStack(nn.Module):
+  """`num_blocks` copies of the `block` template (each with its own parameters, `blocks_{i}`),
+  applied in turn with one mask.
+
+  With `last_only`, the final block computes only the last position (`[B, 1, d]`); the earlier
+  blocks still compute every position, since the last one attends to all of them.
+  """
+
+  block: TransformerBlock
+  num_blocks: int
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool = False, last_only: bool = False):
+    """Args: x `[B, L, d]`, mask as `TransformerBlock`'s. Returns: `[B, L, d]`, or `[B, 1, d]` when `last_only`."""
+    for i in range(self.num_blocks):
+      block = self.block.clone(parent=self, name=f"blocks_{i}")
+      x = block(x, mask, train=train, last_only=last_only and i == self.num_blocks - 1)
+    return x[:, -1:] if last_only and self.num_blocks == 0 else x

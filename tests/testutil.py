@@ -1,0 +1,20 @@
+"""Helpers shared by the test files (imported as `testutil`; pytest puts this folder on sys.path)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.test_util import check_grads
+
+
+def rbg_key(seed: int) -> jax.Array:
+  """An "rbg" key: XLA's RngBitGenerator compiles several times faster than threefry (fast tests)."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def check_param_grads(f, tree) -> None:
+  """check_grads of the scalar or array `f(tree)` in float64 on the flattened tree (one array keeps
+  op-by-op work small): first-order, reverse mode."""
+  with jax.enable_x64(True):
+    flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), tree))
+    check_grads(jax.jit(lambda v: f(unravel(v))), (flat,), order=1, modes=["rev"], eps=1e-5)
