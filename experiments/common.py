@@ -5,7 +5,8 @@ A script names a model, a dataset, config overrides and the reference figures it
 
   metric      reference   recjax   ratio
 
-Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key).
+Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key),
+`--resume` (continue an interrupted run in `--out`; `--epochs` is the total, counting earlier epochs).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--epochs", type=int, default=None, help="override the script's epoch budget")
   p.add_argument("--out", default=None, help="run folder (default: runs/experiments/<script>)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+  p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
   return p
 
 
@@ -42,7 +44,7 @@ def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.N
     config["epochs"] = args.epochs
   out = Path(args.out or f"runs/experiments/{out_name}")
   start = time.perf_counter()
-  metrics = train(config, out)
+  metrics = train(config, out, resume=getattr(args, "resume", False))
   metrics["wall_s"] = time.perf_counter() - start
   write_json(out / "metrics.json", metrics)
   return metrics

@@ -18,11 +18,13 @@ import jax
 import numpy as np
 
 from recjax import losses, models, tasks
-from recjax.data import preprocess, samplers, splits
+from recjax.data import labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
+from recjax.data.features import build_feature_tables
 from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError, DataError
-from recjax.eval import protocols, ranking
+from recjax.eval import classification, protocols, ranking
+from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, create_train_state, fit, make_train_step
 from recjax.train.mesh import batch_sharding, check_divisible, data_mesh
@@ -40,15 +42,32 @@ class Experiment:
   score_fn: Callable = None        # (params, inputs) -> [U, N]; one per run so evaluation compiles once
   item_score_fn: Callable = None   # (params, inputs, items [U, C]) -> [U, C], for sampled ranking
   mesh: Any = None                 # data-parallel mesh of the run (None: one device)
+  eval_params: Callable = None     # params -> what score_fn reads: the params, or a graph model's propagated tables
+  labeled_data: labeled.LabeledData | None = None   # labelled rows (pointwise training / labelled evaluation)
+  logits_fn: Callable = None       # jitted (params, rows) -> [C] of kind "ctr" models, one per run
 
   def __post_init__(self):
     self.mesh = train_mesh(self.config)
     self.score_fn = tasks.score_fn(self.model)
-    self.item_score_fn = ranking.gather_scorer(self.score_fn)
+    self.eval_params = _identity
+    if tasks.has_ranking_tables(self.model):   # propagate once per evaluation pass; user chunks only gather
+      self.eval_params, self.score_fn = jax.jit(tasks.ranking_tables_fn(self.model)), tasks.tables_score
+    self.item_score_fn = (ranking.gather_scorer(self.score_fn) if tasks.is_factorized(self.model)
+                          else tasks.item_score_fn(self.model))   # score_items models: the candidates only
+    if self.kind == "ctr":
+      self.logits_fn = jax.jit(tasks.logits_fn(self.model))
 
   @property
   def valid_metric(self) -> str:
     return self.config["valid_metric"] or self.protocol.valid_metric
+
+  @property
+  def higher_is_better(self) -> bool:
+    return protocols.higher_is_better(self.valid_metric)
+
+
+def _identity(params):
+  return params
 
 
 def preprocess_interactions(inter: Interactions, options: dict[str, Any]) -> Interactions:
@@ -81,6 +100,8 @@ def make_split(loaded: LoadedDataset, protocol: protocols.Protocol, config: dict
     return splits.temporal_ratio(inter, protocol.ratios)
   if protocol.split == "global_temporal":
     return splits.global_temporal(inter, protocol.ratios)
+  if protocol.split == "random_rows":
+    return labeled.random_rows(inter, protocol.ratios, seed=config["seed"])
   raise ConfigError(f"protocol {protocol.name!r}: unknown split {protocol.split!r}")
 
 
@@ -107,9 +128,43 @@ def build(config: dict[str, Any]) -> Experiment:
   kind = models.model_kind(name)
   if kind == "sequential":
     hparams.setdefault("max_len", protocol.max_len)
+  if getattr(models.MODELS[name], "needs_features", False):   # feature fields of the training split
+    hparams["features"] = build_feature_tables(split.train)
+  if getattr(models.MODELS[name], "needs_graph", False):   # the normalised graph of the training split, built once
+    hparams["graph"] = normalized_adjacency(split.train)
   model = models.create_model(name, num_users=split.train.num_users, num_items=split.train.num_items, **hparams)
-  eval_sets = {phase: build_eval_set(split, phase, protocol) for phase in ("valid", "test")}
-  return Experiment(config, split, protocol, model, kind, eval_sets)
+  data = build_labeled(config, protocol, split, kind)
+  if protocol.task == "ranking":
+    phases = ("test",) if protocol.split == "given" and len(split.valid) == 0 else ("valid", "test")
+    eval_sets = {phase: build_eval_set(split, phase, protocol) for phase in phases}
+    # A given split without a valid part (LightGCN's Gowalla): model selection on test, as the LightGCN and
+    # NGCF authors' code does (their published figures are chosen so).
+    eval_sets.setdefault("valid", eval_sets["test"])
+  else:
+    eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
+                 for phase, rows in (("valid", data.valid), ("test", data.test))}
+  return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data)
+
+
+def build_labeled(config: dict[str, Any], protocol: protocols.Protocol, split: splits.Split,
+                  kind: str) -> labeled.LabeledData | None:
+  """Labelled rows when the protocol evaluates them or the model trains on them (`training`
+  "labeled"), else None. The task is the protocol's ("labeled" | "rating"); a ranking protocol
+  with labelled training uses CTR labels. Checks that model kind, protocol and loss agree."""
+  pointwise = config["training"] == "labeled"
+  if protocol.task == "ranking" and not pointwise:
+    return None
+  if kind != "ctr":
+    what = f"protocol {protocol.name!r} evaluates labelled rows" if protocol.task != "ranking" else \
+        "training 'labeled' trains on labelled rows"
+    raise ConfigError(f"{what}: that needs a kind 'ctr' model (with logits), and "
+                      f"{config['model']['name']!r} is {kind!r}")
+  task = "labeled" if protocol.task == "ranking" else protocol.task
+  if pointwise and config["loss"] != {"labeled": "bce", "rating": "mse"}[task]:
+    fix = "--set loss='mse'" if task == "rating" else "--set loss='bce' (rating regression: --protocol rating)"
+    raise ConfigError(f"loss {config['loss']!r} does not fit task {task!r} of protocol {protocol.name!r}: {fix}")
+  return labeled.labeled_data(split, task, threshold=config["label_threshold"],
+                              normalization=config["rating_normalization"])
 
 
 def make_sampler(exp: Experiment):
@@ -123,7 +178,11 @@ def make_sampler(exp: Experiment):
                                     seed=c["seed"], mode=c["training"], stride=c["window_stride"],
                                     distribution=c["negative_distribution"],
                                     negatives_for="items" if tasks.objective(exp.model) == "masked_item" else "targets")
-  raise ConfigError(f"training: unknown scheme {c['training']!r}; known: pairs, sequence, prefix")
+  if c["training"] == "labeled":
+    rows = exp.labeled_data
+    return samplers.LabeledSampler(rows.train.user, rows.train.item, rows.train_targets(), c["batch_size"],
+                                   seed=c["seed"])
+  raise ConfigError(f"training: unknown scheme {c['training']!r}; known: pairs, sequence, prefix, labeled")
 
 
 def init_params(exp: Experiment, rng: jax.Array):
@@ -147,24 +206,60 @@ def make_loss_fn(exp: Experiment):
       options["beta"] = losses.gbce_beta(c["num_negatives"], exp.split.train.num_items - 1, c["gbce_t"])
     except ValueError as e:
       raise ConfigError(f"loss 'gbce' (num_negatives, gbce_t): {e}") from e
-  return tasks.create_loss_fn(exp.kind, name, model=exp.model, **options)
+  # kind "ctr" models trained on pairs (score_items) take the pairwise losses of general models
+  kind = "general" if exp.kind == "ctr" and c["training"] == "pairs" else exp.kind
+  return tasks.create_loss_fn(kind, name, model=exp.model, **options)
+
+
+def labeled_chunk(exp: Experiment) -> int:
+  """Rows scored per device call in labelled evaluation: what `eval_budget_mb` holds at the model's
+  `score_bytes_per_pair` (4 KiB if it does not say), at most the larger phase rounded up to a power of
+  two (so tiny data compiles a tiny program, once for both phases), a multiple of the devices."""
+  budget = exp.config["eval_budget_mb"] << 20
+  rows = max(len(exp.labeled_data.valid), len(exp.labeled_data.test))
+  chunk = min(max(1, budget // getattr(exp.model, "score_bytes_per_pair", 4096)), 1 << max(rows - 1, 0).bit_length())
+  devices = exp.mesh.size if exp.mesh else 1
+  return -(-chunk // devices) * devices
+
+
+def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, float]]:
+  """params -> the protocol's metrics over the labelled rows of `phase`: logits on device in chunks,
+  metrics on the host; for rating regression, outputs mapped back to the rating scale first."""
+  data, protocol = exp.labeled_data, exp.protocol
+  rows = getattr(data, phase)
+  inputs = {"user": rows.user, "item": rows.item}
+  chunk, sharding = labeled_chunk(exp), batch_sharding(exp.mesh) if exp.mesh else None
+
+  def run(params) -> dict[str, float]:
+    logits = classification.score_rows(exp.logits_fn, params, inputs, chunk, sharding)   # [n]
+    if protocol.task == "labeled":
+      return classification.binary_metrics(protocol.metrics, logits, rows.target, rows.user)
+    return classification.regression_metrics(protocol.metrics, data.scale.denormalize(logits, rows.user), rows.target)
+
+  return run
 
 
 def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, float]]:
-  """params -> metrics of `phase` under the protocol (full ranking, plus sampled when it asks)."""
+  """params -> metrics of `phase` under the protocol (full ranking, plus sampled when it asks; or
+  labelled rows, see `make_labeled_evaluator`)."""
+  if exp.protocol.task != "ranking":
+    return make_labeled_evaluator(exp, phase)
   data, protocol = exp.eval_sets[phase], exp.protocol
   options = dict(ks=protocol.ks, metrics=protocol.metrics, budget_bytes=exp.config["eval_budget_mb"] << 20)
   num_items = exp.split.train.num_items
   sharding = batch_sharding(exp.mesh) if exp.mesh else None
+  pair_bytes = None if tasks.is_factorized(exp.model) else exp.model.score_bytes_per_pair   # chunk sizes
 
   def run(params) -> dict[str, float]:
+    params = exp.eval_params(params)
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
-                                num_items=num_items, sharding=sharding, **options)
+                                num_items=num_items, sharding=sharding, bytes_per_pair=pair_bytes or 0, **options)
     if protocol.sampled:
       out.update(ranking.evaluate_sampled(
           exp.item_score_fn, params, data["inputs"], data["positives"][:, 0], data["exclude"],
           num_negatives=protocol.sampled, distribution=protocol.sampled_distribution,
-          item_counts=np.bincount(exp.split.train.item, minlength=num_items), seed=exp.config["seed"], **options))
+          item_counts=np.bincount(exp.split.train.item, minlength=num_items), seed=exp.config["seed"],
+          bytes_per_pair=pair_bytes, **options))
     return out
 
   return run
@@ -204,6 +299,69 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
   return restored[0].params
 
 
+def read_run_config(run_dir: str | os.PathLike, what: str) -> dict[str, Any]:
+  """The `config.json` of a run folder; ConfigError naming `what` (the key that pointed there) when absent."""
+  path = Path(run_dir) / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{what}: no recjax run at {run_dir} (no config.json)")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+# Keys a pretraining run must share with the run it initialises (same data, same split).
+_SAME_DATA_KEYS = ("dataset", "protocol", "preprocess", "seed")
+
+
+def _as_list(value):
+  return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, sizes: dict[str, str],
+                       what: str) -> dict:
+  """Best params of the finished `name` run in `run_dir`, checked to share the data and split of `exp`
+  and its sizes (`sizes`: the run's hyperparameter -> `exp`'s); a mismatch is a ConfigError naming
+  `what` and the run."""
+  config = read_run_config(run_dir, what)
+  got = config.get("model", {}).get("name")
+  if got != name:
+    raise ConfigError(f"{what}: {run_dir} is a {got!r} run, expected {name!r}")
+  for key in _SAME_DATA_KEYS:
+    if config.get(key) != exp.config[key]:
+      raise ConfigError(f"{what}: {run_dir} has {key}={config.get(key)!r}, this run {exp.config[key]!r} "
+                        "(pretraining needs the same data and split)")
+  for key, ours in sizes.items():
+    if _as_list(config["model"].get(key)) != _as_list(exp.config["model"][ours]):
+      raise ConfigError(f"{what}: {run_dir} has model.{key}={config['model'].get(key)!r}, this run model.{ours}="
+                        f"{exp.config['model'][ours]!r} (sizes must match)")
+  if config.get("epochs") == 0:
+    raise ConfigError(f"{what}: {run_dir} was never trained (epochs=0)")
+  hparams = {k: v for k, v in config["model"].items() if k != "name"}
+  model = models.create_model(name, num_users=exp.split.train.num_users, num_items=exp.split.train.num_items,
+                              **hparams)
+  try:
+    return restore_best_params(dataclasses.replace(exp, config=config, model=model, kind=model.kind), run_dir)
+  except ValueError as e:   # orbax: stored shapes differ from this data's table sizes
+    raise ConfigError(f"{what}: the checkpoint in {run_dir} does not fit this run's data ({e})") from e
+
+
+def pretrained_init(exp: Experiment, params):
+  """`params`, or NeuMF's initialised from the GMF and NCF-MLP runs named by `pretrain.gmf_run` and
+  `pretrain.mlp_run` with GMF share `pretrain.alpha` (He et al. 2017, Sec. 3.4.1; see
+  `recjax.models.neumf_from_pretrained`)."""
+  options = exp.config.get("pretrain") or {}
+  runs = {key: options.get(key) for key in ("gmf_run", "mlp_run")}
+  if not any(runs.values()):
+    return params
+  if exp.config["model"]["name"] != "neumf" or not all(runs.values()):
+    raise ConfigError(f"pretrain: NeuMF pretraining needs both pretrain.gmf_run and pretrain.mlp_run; got {runs} "
+                      f"for model {exp.config['model']['name']!r}")
+  gmf = restore_pretrained(exp, runs["gmf_run"], "gmf", {"dim": "mf_dim"}, "pretrain.gmf_run")
+  mlp = restore_pretrained(exp, runs["mlp_run"], "ncf_mlp", {"dim": "mlp_dim", "hidden": "hidden"}, "pretrain.mlp_run")
+  return models.neumf_from_pretrained(gmf, mlp, options["alpha"])
+
+
 def write_json(path: Path, obj: Any) -> None:
   """Atomic JSON write: a reader (or a kill) never sees half a file."""
   tmp = path.with_suffix(path.suffix + ".tmp")
@@ -228,7 +386,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
   rng = jax.random.PRNGKey(config["seed"])
-  params = init_params(exp, rng)
+  params = pretrained_init(exp, init_params(exp, rng))
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
   if exp.kind == "popularity" or config["epochs"] == 0:
@@ -242,7 +400,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     step = make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
-                 patience=config["patience"], out_dir=out, resume=resume, keep=config["keep_checkpoints"], log=log)
+                 higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,
+                 keep=config["keep_checkpoints"], log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run
     train_s, eval_s = result.train_epoch_s, result.eval_s
 

@@ -21,15 +21,43 @@ ScoreFn = Callable[[dict, dict], jax.Array]
 
 PAIRWISE_LOSSES = ("bpr", "bce")
 NEXT_ITEM_LOSSES = ("ce", "bce", "bpr", "sampled_softmax", "gbce")
+POINTWISE_LOSSES = ("bce", "mse")
 
 
 def _user_and_items(module: nn.Module, batch: dict, train: bool):
-  """One `apply` computing both towers (models that share work between them do it once)."""
+  """One `apply` computing both towers (models that share work between them do it once; models with
+  `ranking_tables`, e.g. graph propagation, compute every user and item at once, then gather)."""
+  if hasattr(module, "ranking_tables"):
+    users, items = module.ranking_tables(train=train)
+    return jnp.take(users, batch["user"], axis=0), items
   return module.user_repr(batch, train=train), module.item_repr()
+
+
+def _towers_and_ego(module: nn.Module, batch: dict, train: bool):
+  """Both towers, and the tables `(users [U, d], items [N, d])` the L2 term applies to when the model
+  names them (`ego_tables`: LightGCN's E^(0), not the propagated rows), else None."""
+  ego = module.ego_tables() if hasattr(module, "ego_tables") else None
+  return (*_user_and_items(module, batch, train), ego)
+
+
+def _ranking_tables(module: nn.Module, train: bool):
+  return module.ranking_tables(train=train)
 
 
 def _sequence_and_items(module: nn.Module, seq: jnp.ndarray, train: bool):
   return module.sequence_repr(seq, train=train), module.item_repr()
+
+
+def _score_items(module: nn.Module, batch: dict, items: jnp.ndarray, train: bool):
+  return module.score_items(batch, items, train=train)
+
+
+def is_factorized(model: nn.Module) -> bool:
+  """Whether scores are `user_repr @ item_repr().T` (the default); models that cannot factorise set
+  `factorized = False`, score (user, item) pairs with `score_items(batch, items [B, C]) -> [B, C]` and
+  say what a pair costs in evaluation with `score_bytes_per_pair` (read from the instance: a class
+  constant or a property of the sizes)."""
+  return getattr(model, "factorized", True)
 
 
 def _sampled_scores(h: jnp.ndarray, items: jnp.ndarray, pos: jnp.ndarray, neg: jnp.ndarray):
@@ -80,24 +108,49 @@ def pairwise_loss_fn(model: nn.Module, *, loss: str = "bpr", l2_weight: float = 
   scores: s_pos = <u, q_pos>, s_neg = <u, q_neg_j>, with rows gathered from `item_repr()` (no
   matmul against every item). With `l2_weight = lambda`, adds
   lambda * weighted_mean_b( (1/2)(||u_b||^2 + ||q_pos_b||^2 + sum_j ||q_neg_bj||^2) )
-  on the rows used by the batch (the usual BPR regulariser, as in LightGCN).
+  on the rows used by the batch (the usual BPR regulariser). A model with `ego_tables()` (LightGCN)
+  has the term on those tables' rows of the batch's users, positives and negatives instead (the
+  LightGCN paper's regulariser, on E^(0)).
+
+  Models that cannot factorise (`is_factorized` False) score [pos ; neg] `[B, 1+n]` with one
+  `score_items` call instead; `l2_weight` is then an error (it regularises representations such
+  models do not have: use `weight_decay`).
 
   Batch: `user [B]`, `pos [B]`, `neg [B, n]`, `weight [B]`.
   """
   if loss not in PAIRWISE_LOSSES:
     raise ConfigError(f"unknown pairwise loss {loss!r}; expected one of {PAIRWISE_LOSSES}")
+  if not is_factorized(model):
+    if l2_weight:
+      raise ConfigError(f"l2_weight regularises user/item representations; {type(model).__name__} scores pairs "
+                        "with score_items and has none (use weight_decay)")
+    return _pair_scoring_loss_fn(model, loss)
 
   def loss_fn(params, batch, rng):
-    user, items = model.apply(params, batch, True, method=_user_and_items, rngs={"dropout": rng})  # [B, d], [N, d]
+    user, items, ego = model.apply(params, batch, True, method=_towers_and_ego, rngs={"dropout": rng})  # [B, d], [N, d]
     pos_scores, neg_scores, pos_emb, neg_emb = _sampled_scores(user, items, batch["pos"], batch["neg"])
     rec_loss = _sampled_loss(loss, pos_scores, neg_scores, batch["weight"])
     if not l2_weight:
       return rec_loss, {}
+    if ego is not None:   # the regularised rows are the ego embeddings
+      user, pos_emb, neg_emb = (jnp.take(ego[0], batch["user"], axis=0), jnp.take(ego[1], batch["pos"], axis=0),
+                                jnp.take(ego[1], batch["neg"], axis=0))
     per_row = 0.5 * (
       jnp.sum(jnp.square(user), -1) + jnp.sum(jnp.square(pos_emb), -1) + jnp.sum(jnp.square(neg_emb), (-2, -1))
     )  # [B]
     reg = losses.weighted_mean(per_row, batch["weight"])
     return rec_loss + l2_weight * reg, {"rec_loss": rec_loss, "l2": reg}
+
+  return loss_fn
+
+
+def _pair_scoring_loss_fn(model: nn.Module, loss: str) -> LossFn:
+  """Pairwise loss of a `score_items` model: one apply scores each row's positive and negatives."""
+
+  def loss_fn(params, batch, rng):
+    items = jnp.concatenate([batch["pos"][:, None], batch["neg"]], axis=1)  # [B, 1+n]
+    scores = model.apply(params, batch, items, True, method=_score_items, rngs={"dropout": rng})  # [B, 1+n]
+    return _sampled_loss(loss, scores[:, 0], scores[:, 1:], batch["weight"]), {}
 
   return loss_fn
 
@@ -204,12 +257,56 @@ def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarra
 def score_fn(model: nn.Module) -> ScoreFn:
   """`f(params, inputs) -> [U, N]` = user_repr(inputs) @ item_repr().T, dropout off.
 
-  `inputs`: `user [U]` and/or `seq [U, L]` (each model reads what it needs).
+  `inputs`: `user [U]` and/or `seq [U, L]` (each model reads what it needs). A model that cannot
+  factorise scores every item of the table through `score_items(inputs, items [U, N])` (size the
+  user chunks with its `score_bytes_per_pair`, see `recjax.eval.ranking.chunk_users`).
   """
+  if not is_factorized(model):
+    def all_items(params, inputs):
+      rows = jax.tree.leaves(inputs)[0].shape[0]
+      items = jnp.broadcast_to(jnp.arange(model.num_items, dtype=jnp.int32), (rows, model.num_items))
+      return model.apply(params, inputs, items, False, method=_score_items)
+
+    return all_items
 
   def scores(params, inputs):
     user, items = model.apply(params, inputs, False, method=_user_and_items)  # [U, d], [N, d]
     return user @ items.T
+
+  return scores
+
+
+def has_ranking_tables(model: nn.Module) -> bool:
+  """Whether the model computes every user's and item's representation at once (graph models):
+  `ranking_tables(train=False) -> (users [U, d], items [N, d])`."""
+  return hasattr(model, "ranking_tables")
+
+
+def ranking_tables_fn(model: nn.Module) -> Callable[[dict], tuple[jax.Array, jax.Array]]:
+  """`f(params) -> (users [U, d], items [N, d])`, dropout off: computed once per evaluation pass, after
+  which each chunk of users only gathers (`tables_score`) instead of propagating again."""
+
+  def tables(params):
+    return model.apply(params, False, method=_ranking_tables)
+
+  return tables
+
+
+def tables_score(tables: tuple[jax.Array, jax.Array], inputs: dict) -> jax.Array:
+  """`[U', N]` = users[inputs["user"]] @ items.T from `tables = (users [U, d], items [N, d])`: the
+  `ScoreFn` of evaluation when `ranking_tables_fn` has made the tables (they take the params' place)."""
+  users, items = tables
+  return jnp.take(users, inputs["user"], axis=0) @ items.T
+
+
+def item_score_fn(model: nn.Module) -> Callable[[dict, dict, jax.Array], jax.Array]:
+  """`f(params, inputs, items [U, C]) -> [U, C]` = score_items(inputs, items), dropout off: a model
+  that cannot factorise scores only the candidates (sampled ranking)."""
+  if is_factorized(model):
+    raise ConfigError(f"{type(model).__name__} is factorised: gather its candidates from score_fn's scores")
+
+  def scores(params, inputs, items):
+    return model.apply(params, inputs, items, False, method=_score_items)
 
   return scores
 
@@ -227,9 +324,56 @@ def sequential_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray
   return builder(model, loss=loss, log_q=log_q, beta=beta)
 
 
+def _logits(module: nn.Module, batch: dict, train: bool):
+  return module.logits(batch, train=train)
+
+
+def _logits_and_penalty(module: nn.Module, batch: dict, train: bool):
+  """Logits `[B]` and the model's own regulariser (DCN-v2's cross-weight norms; 0 without one)."""
+  penalty = module.penalty() if hasattr(module, "penalty") else jnp.zeros(())
+  return module.logits(batch, train=train), penalty
+
+
+def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
+  """Pointwise loss for kind "ctr" models on labelled rows; dropout on (rng stream "dropout").
+
+  z = model.logits(batch) `[B]`, y = `batch["label"]` `[B]`, w = `batch["weight"]` `[B]`:
+  - "bce": binary cross-entropy with logits, weighted_mean_b( y softplus(-z) + (1 - y) softplus(z) )
+    (PyTorch's BCEWithLogitsLoss; RecBole's context-aware models apply sigmoid then BCELoss);
+  - "mse": squared error for rating regression, weighted_mean_b( (z - y)^2 );
+  plus `model.penalty()` when the model defines one (RecBole adds DCN-v2's to its loss too).
+
+  Batch: `user [B]`, `item [B]` (+ whatever else the model reads), `label [B] float32`, `weight [B]`.
+  """
+  if loss not in POINTWISE_LOSSES:
+    raise ConfigError(f"unknown pointwise loss {loss!r}; expected one of {POINTWISE_LOSSES}")
+
+  def loss_fn(params, batch, rng):
+    z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
+    y = batch["label"].astype(z.dtype)  # [B], as the logits z
+    if loss == "bce":
+      per_row = y * jax.nn.softplus(-z) + (1 - y) * jax.nn.softplus(z)
+    else:
+      per_row = jnp.square(z - y)
+    data_loss = losses.weighted_mean(per_row, batch["weight"])
+    return data_loss + penalty, {"data_loss": data_loss, "penalty": penalty}
+
+  return loss_fn
+
+
+def logits_fn(model: nn.Module) -> ScoreFn:
+  """`f(params, batch) -> [B]` = model.logits(batch), dropout off (kind "ctr" models)."""
+
+  def logits(params, batch):
+    return model.apply(params, batch, False, method=_logits)
+
+  return logits
+
+
 LOSSES: dict[str, dict[str, Callable[..., LossFn]]] = {
   "general": {name: functools.partial(pairwise_loss_fn, loss=name) for name in PAIRWISE_LOSSES},
   "sequential": {name: functools.partial(sequential_loss_fn, loss=name) for name in NEXT_ITEM_LOSSES},
+  "ctr": {name: functools.partial(pointwise_loss_fn, loss=name) for name in POINTWISE_LOSSES},
 }
 
 

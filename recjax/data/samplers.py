@@ -50,6 +50,39 @@ class PairSampler:
       yield pad_batch(batch, self.batch_size)
 
 
+class LabeledSampler:
+  """Labelled rows (pointwise training: CTR labels or rating targets), reshuffled each epoch.
+
+  Batches: `user [B] int32`, `item [B] int32`, `label [B] float32` (the row's target), `weight [B]
+  float32` (0 on the padding rows of the last batch). No negatives are drawn: every row is an example.
+  """
+
+  def __init__(self, user: np.ndarray, item: np.ndarray, label: np.ndarray, batch_size: int, seed: int = 0):
+    user, item, label = np.asarray(user), np.asarray(item), np.asarray(label)
+    if user.ndim != 1 or item.shape != user.shape or label.shape != user.shape:
+      raise ValueError(f"LabeledSampler: user, item and label must be 1-D of one length, got {user.shape}, "
+                       f"{item.shape}, {label.shape}")
+    if len(user) == 0:
+      raise DataError("train", "LabeledSampler got no training rows")
+    if batch_size < 1:
+      raise ValueError(f"LabeledSampler: batch_size must be positive, got {batch_size}")
+    self.user, self.item = user.astype(np.int32), item.astype(np.int32)
+    self.label = label.astype(np.float32)
+    self.batch_size, self.seed = batch_size, seed
+
+  @property
+  def num_batches(self) -> int:
+    return -(-len(self.user) // self.batch_size)
+
+  def epoch(self, epoch: int) -> Iterator[Batch]:
+    perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.user))
+    for start in range(0, len(perm), self.batch_size):
+      rows = perm[start:start + self.batch_size]
+      batch = {"user": self.user[rows], "item": self.item[rows], "label": self.label[rows],
+               "weight": np.ones(len(rows), np.float32)}
+      yield pad_batch(batch, self.batch_size)
+
+
 class SequenceSampler:
   """Next-item training rows from each user's time-ordered training items (L = max_len).
 

@@ -1,22 +1,37 @@
-"""Binary-classification metrics for "will the user like the next item" classifiers.
+"""Labelled-row metrics: binary classification (CTR) and rating regression.
 
-Each metric reads `scores [n]` (logits: higher = more likely positive), `labels [n]` (bool or 0/1)
-and optional example weights `weight [n]` (default 1; 0 drops an example), and returns a Python
-float. With P / N the positive / negative examples and w the weights:
+Each metric reads `scores [n]` (logits: higher = more likely positive) or predictions, `labels [n]`
+(bool or 0/1) or regression targets, and optional example weights `weight [n]` (default 1; 0 drops
+an example), and returns a Python float. With P / N the positive / negative examples and w the weights:
 
   auc      = sum_{i in P, j in N} w_i w_j (1[s_i > s_j] + 1/2 1[s_i = s_j]) / (sum_P w * sum_N w)
+  gauc     = sum_u W_u auc_u / sum_u W_u over the users u with both classes, auc_u the AUC of u's rows
+             and W_u = sum_{i in P_u} w_i (RecBole 1.2.1) or sum_{i of u} w_i (the DIN paper)
   accuracy = sum_i w_i 1[(s_i > threshold) = y_i] / sum_i w_i
   log_loss = sum_i w_i (y_i softplus(-s_i) + (1 - y_i) softplus(s_i)) / sum_i w_i
            = -mean_w [y log sigmoid(s) + (1 - y) log(1 - sigmoid(s))]
+  mse      = sum_i w_i (p_i - t_i)^2 / sum_i w_i,  rmse = sqrt(mse),  mae = sum_i w_i |p_i - t_i| / sum_i w_i
 
 AUC is the (weighted) Mann-Whitney U statistic divided by |P| |N|: the probability that a random
 positive outscores a random negative, ties counting 1/2 (the same as ranking with average ranks;
-what `sklearn.metrics.roc_auc_score` computes). It is computed in O(n log n) by sorting.
+what `sklearn.metrics.roc_auc_score` and RecBole's AUC compute). It is computed in O(n log n) by
+sorting, as is GAUC (one sort by (user, score)).
 Everything runs in float64 numpy on the host: these are evaluation metrics, not traced code.
+`score_rows` computes the scores of many rows on device, in fixed-shape chunks.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+# Metric names of labelled evaluation (see `binary_metrics`, `regression_metrics`).
+BINARY_METRICS = ("auc", "gauc", "logloss", "accuracy")
+REGRESSION_METRICS = ("rmse", "mae", "mse")
+LOWER_IS_BETTER = frozenset({"logloss", "rmse", "mae", "mse"})
+GAUC_WEIGHTS = ("positives", "rows")
 
 
 def _prepare(scores, labels, weight, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,3 +120,150 @@ def log_loss(logits, labels, weight=None) -> float:
   per_example = np.where(labels == 1, np.logaddexp(0.0, -logits), np.logaddexp(0.0, logits))  # [n]
   keep = weight > 0  # a dropped example never gives 0 * inf
   return float(np.sum(weight[keep] * per_example[keep]) / np.sum(weight))
+
+
+def _group_runs(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """For rows sorted by `keys` (each `[n]`), the index of the first and one past the last row of
+  each row's run of equal keys: `(start [n], end [n])`."""
+  n = len(keys[0])
+  change = np.zeros(max(n - 1, 0), bool)
+  for key in keys:
+    change |= key[1:] != key[:-1]
+  run = np.concatenate([[0], np.cumsum(change)])                     # [n] run id of each row
+  starts = np.flatnonzero(np.concatenate([[True], change]))           # [runs]
+  ends = np.append(starts[1:], n)
+  return starts[run], ends[run]
+
+
+def gauc(scores, labels, groups, weight=None, weight_by: str = "positives") -> float:
+  """Group (user) AUC: the AUC of each group's rows, averaged with group weights.
+
+  `weight_by="positives"` is RecBole 1.2.1's GAUC (`recbole.evaluator.metrics.GAUC`): user u's AUC
+  (ties 1/2, from average ranks) weighted by |R(u)|, u's number of positive rows; users with no
+  positive or no negative row are dropped (RecBole logs a warning and removes them). RecBole
+  computes it over a full ranking of all items (a ranking metric, which it cannot mix with AUC /
+  LogLoss); here the same formula runs over each user's labelled rows. `weight_by="rows"` weights
+  by all of u's rows (impressions), as in the DIN paper (Zhou et al., KDD 2018, Eq. 1). With
+  example weights w, auc_u is the weighted AUC and the counts become weight sums.
+
+  Args:
+    scores: `[n]` scores or logits (no NaN); labels: `[n]` bool or 0/1.
+    groups: `[n]` int group id of each row (e.g. the user).
+    weight: `[n]` non-negative example weights, or None for 1.
+    weight_by: "positives" (RecBole) or "rows" (DIN).
+
+  Returns:
+    GAUC in [0, 1].
+
+  Raises:
+    ValueError: no group has both classes with positive weight, or malformed input.
+  """
+  scores, labels, weight = _prepare(scores, labels, weight, "gauc")
+  groups = np.asarray(groups)
+  if groups.shape != scores.shape or not np.issubdtype(groups.dtype, np.integer):
+    raise ValueError(f"gauc: groups must be integers of the shape of scores {scores.shape}, got {groups.dtype} "
+                     f"{groups.shape}")
+  if weight_by not in GAUC_WEIGHTS:
+    raise ValueError(f"gauc: weight_by must be one of {GAUC_WEIGHTS}, got {weight_by!r}")
+  if np.any(np.isnan(scores)):
+    raise ValueError("gauc: scores contain NaN")
+  _, group = np.unique(groups, return_inverse=True)                  # dense group index [n]
+  order = np.lexsort((scores, group))                                # by group, then score
+  g, s = group[order], scores[order]
+  pos_w, neg_w = (weight * labels)[order], (weight * (1 - labels))[order]
+  cum_neg = np.concatenate([[0.0], np.cumsum(neg_w)])                # [n+1]
+  group_start, _ = _group_runs([g])
+  tie_start, tie_end = _group_runs([g, s])
+  below = cum_neg[tie_start] - cum_neg[group_start]                  # [n] u's negatives with s_j < s_i
+  up_to = cum_neg[tie_end] - cum_neg[group_start]                    # [n] ... with s_j <= s_i
+  size = g.max(initial=-1) + 1
+  wins = np.bincount(g, pos_w * (below + 0.5 * (up_to - below)), minlength=size)
+  num_pos, num_neg = np.bincount(g, pos_w, minlength=size), np.bincount(g, neg_w, minlength=size)
+  both = (num_pos > 0) & (num_neg > 0)
+  if not both.any():
+    raise ValueError("gauc: no group has both classes with positive weight")
+  group_auc = wins[both] / (num_pos[both] * num_neg[both])
+  group_w = num_pos[both] if weight_by == "positives" else (num_pos + num_neg)[both]
+  return float(np.sum(group_w * group_auc) / np.sum(group_w))
+
+
+def _prepare_regression(pred, target, weight, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Validated float64 (pred [n], target [n], weight [n] >= 0 with a positive sum)."""
+  pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  if pred.ndim != 1 or target.shape != pred.shape:
+    raise ValueError(f"{name}: predictions and targets must be 1-D of the same length, got {pred.shape} and "
+                     f"{target.shape}")
+  if not (np.all(np.isfinite(pred)) and np.all(np.isfinite(target))):
+    raise ValueError(f"{name}: predictions and targets must be finite")
+  weight = np.ones_like(pred) if weight is None else np.asarray(weight, np.float64)
+  if weight.shape != pred.shape:
+    raise ValueError(f"{name}: weight must have the shape of the predictions {pred.shape}, got {weight.shape}")
+  if not np.all(np.isfinite(weight) & (weight >= 0)):
+    raise ValueError(f"{name}: weights must be finite and >= 0")
+  if not np.sum(weight) > 0:
+    raise ValueError(f"{name}: no examples with positive weight")
+  return pred, target, weight
+
+
+def mse(pred, target, weight=None) -> float:
+  """Weighted mean squared error sum_i w_i (p_i - t_i)^2 / sum_i w_i; `pred`, `target`, `weight` `[n]`."""
+  pred, target, weight = _prepare_regression(pred, target, weight, "mse")
+  return float(np.sum(weight * np.square(pred - target)) / np.sum(weight))
+
+
+def rmse(pred, target, weight=None) -> float:
+  """sqrt(mse): root mean squared error (RecBole's RMSE without weights)."""
+  pred, target, weight = _prepare_regression(pred, target, weight, "rmse")
+  return float(np.sqrt(np.sum(weight * np.square(pred - target)) / np.sum(weight)))
+
+
+def mae(pred, target, weight=None) -> float:
+  """Weighted mean absolute error sum_i w_i |p_i - t_i| / sum_i w_i (RecBole's MAE without weights)."""
+  pred, target, weight = _prepare_regression(pred, target, weight, "mae")
+  return float(np.sum(weight * np.abs(pred - target)) / np.sum(weight))
+
+
+def binary_metrics(names, logits, labels, groups) -> dict[str, float]:
+  """`{name: value}` for names in BINARY_METRICS over rows `logits [n]`, `labels [n]`, `groups [n]` (users)."""
+  fns = {"auc": lambda: auc(logits, labels), "gauc": lambda: gauc(logits, labels, groups),
+         "logloss": lambda: log_loss(logits, labels), "accuracy": lambda: accuracy(logits, labels)}
+  return {name: fns[name]() for name in names}
+
+
+def regression_metrics(names, pred, target) -> dict[str, float]:
+  """`{name: value}` for names in REGRESSION_METRICS over `pred [n]`, `target [n]`."""
+  fns = {"rmse": rmse, "mae": mae, "mse": mse}
+  return {name: fns[name](pred, target) for name in names}
+
+
+def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: int, sharding=None) -> np.ndarray:
+  """Logits of every row, computed on device in chunks of `chunk` rows (the last one padded with
+  row 0s), copied to the host once at the end.
+
+  Args:
+    logits_fn: jitted `f(params, batch) -> [C]` for a batch of `[C]` arrays (each chunk has the
+      same shape, so it compiles once).
+    params: the model variables.
+    rows: per-row arrays of length n (e.g. `user [n]`, `item [n]`); only these are passed.
+    chunk: rows per call (a multiple of the devices of `sharding`).
+    sharding: a `NamedSharding` splitting each chunk over its mesh, where `params` are then
+      replicated (a no-op if they already are); None: the default device.
+
+  Returns:
+    float64 `[n]`.
+  """
+  n = len(next(iter(rows.values())))
+  if sharding is not None:
+    params = jax.device_put(params, NamedSharding(sharding.mesh, PartitionSpec()))
+  outputs = []
+  for start in range(0, n, chunk):
+    batch = {k: _pad_rows(v[start:start + chunk], chunk) for k, v in rows.items()}
+    batch = jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
+    outputs.append(logits_fn(params, batch))                          # dispatched; no host sync yet
+  host = jax.device_get(outputs)
+  return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in host])[:n] if host else np.zeros(0)
+
+
+def _pad_rows(array: np.ndarray, size: int) -> np.ndarray:
+  missing = size - len(array)
+  return array if missing == 0 else np.concatenate([array, np.zeros((missing,) + array.shape[1:], array.dtype)])

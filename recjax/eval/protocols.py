@@ -4,6 +4,10 @@
 general models split each user's interactions at random 80/10/10 and rank all items with the
 training items masked; sequential models split leave-one-out in time order and mask only the
 padding item (RecBole's `FullSortEvalDataLoader` passes no history for sequential models).
+`recbole-context` mirrors its context-aware preset (`quick_start_config/context-aware.yaml`): all
+rows split at random 80/10/10 (`group_by: ~`), each part's rows evaluated as labelled
+(`mode: labeled`, label = rating >= threshold) with AUC and LogLoss (+ GAUC), AUC selecting;
+`rating` is the same split with the rating as a regression target (RMSE selecting, lower is better).
 """
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import numpy as np
 
 from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError
+from recjax.eval.classification import BINARY_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS
 from recjax.eval.metrics import check_metrics, parse_metric_key
 
-SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given")
+SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given", "random_rows")
+# What is evaluated: a ranking of items per user, or labelled rows (0/1 labels | ratings).
+TASKS = {"ranking": None, "labeled": BINARY_METRICS, "rating": REGRESSION_METRICS}
 DISTRIBUTIONS = ("uniform", "popularity")
 
 
@@ -30,10 +37,13 @@ class Protocol:
     ratios: train/valid/test shares for the ratio splits.
     mask_history: mask the user's earlier items (train, + valid at test time) before top-k.
     max_len: history length fed to sequential models.
-    ks, metrics: cut-offs and metric names (recjax.eval.metrics.METRIC_NAMES).
-    valid_metric: the "name@k" key used for early stopping and model selection.
+    ks, metrics: cut-offs and metric names (recjax.eval.metrics.METRIC_NAMES; for labelled tasks
+      names from recjax.eval.classification, without cut-offs).
+    valid_metric: the "name@k" (ranking) or "name" (labelled) key used for early stopping and model
+      selection; see `higher_is_better`.
     sampled: number of sampled negatives, or None for full ranking.
     sampled_distribution: "uniform" or "popularity".
+    task: "ranking", or labelled rows: "labeled" (0/1 labels, binary metrics) or "rating" (regression).
   """
   name: str
   split: str
@@ -45,12 +55,21 @@ class Protocol:
   valid_metric: str = "mrr@10"
   sampled: int | None = None
   sampled_distribution: str = "uniform"
+  task: str = "ranking"
 
   def __post_init__(self):
     if self.split not in SPLITS:
       raise ConfigError(f"protocol {self.name!r}: unknown split {self.split!r}; valid: {', '.join(SPLITS)}")
     if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
       raise ConfigError(f"protocol {self.name!r}: ratios must be 3 non-negative shares summing to 1")
+    if self.task not in TASKS:
+      raise ConfigError(f"protocol {self.name!r}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+    if self.task != "ranking":
+      unknown = sorted(set(self.metrics) - set(TASKS[self.task]))
+      if unknown or self.valid_metric not in self.metrics:
+        raise ConfigError(f"protocol {self.name!r}: task {self.task!r} computes {list(TASKS[self.task])}; "
+                          f"got metrics {list(self.metrics)}, valid_metric {self.valid_metric!r}")
+      return
     check_metrics(self.metrics, self.ks)
     name, k = parse_metric_key(self.valid_metric)
     if name not in self.metrics or k not in self.ks:
@@ -69,7 +88,17 @@ PRESETS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
              metrics=("hit", "ndcg", "mrr"), valid_metric="ndcg@10", sampled=100,
              sampled_distribution="popularity"),
+    Protocol("recbole-context", split="random_rows", ratios=(0.8, 0.1, 0.1), task="labeled",
+             metrics=("auc", "gauc", "logloss"), valid_metric="auc"),
+    Protocol("rating", split="random_rows", ratios=(0.8, 0.1, 0.1), task="rating",
+             metrics=("rmse", "mae", "mse"), valid_metric="rmse"),
 )}
+
+
+def higher_is_better(metric: str) -> bool:
+  """Whether a larger value of `metric` (a ranking "name@k" or a labelled metric name) is better:
+  False for losses and errors (logloss, rmse, mae, mse), as RecBole's `smaller` metrics."""
+  return metric not in LOWER_IS_BETTER
 
 
 def get_protocol(name: str) -> Protocol:

@@ -122,13 +122,16 @@ def _sampled_eval(score_fn_items: ItemScoreFn, ks: tuple[int, ...], metrics: tup
 
 # ----------------------------------------------------------------------------- host helpers
 
-def chunk_users(num_items: int, budget_bytes: int = DEFAULT_BUDGET, extra_bytes_per_user: int = 0) -> int:
+def chunk_users(num_items: int, budget_bytes: int = DEFAULT_BUDGET, extra_bytes_per_user: int = 0,
+                bytes_per_pair: int = 0) -> int:
   """Users per chunk so that a chunk's [chunk, N] temporaries fit in `budget_bytes`.
 
   Counted per user: float32 scores, the masked copy, top-k workspace (~4 x 4N bytes), the bool
-  mask (N) and `extra_bytes_per_user` (targets, exclusions).
+  mask (N), `bytes_per_pair` per item for what the scorer itself holds per (user, item) pair (a
+  model that scores pairs, e.g. an MLP's activations: its `score_bytes_per_pair`; 0 for a matmul
+  scorer) and `extra_bytes_per_user` (targets, exclusions).
   """
-  per_user = 17 * num_items + extra_bytes_per_user
+  per_user = (17 + bytes_per_pair) * num_items + extra_bytes_per_user
   return max(1, int(budget_bytes // per_user))
 
 
@@ -208,7 +211,7 @@ def _chunk_inputs(inputs: Mapping[str, np.ndarray], start: int, stop: int, chunk
 def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], positives: np.ndarray,
                   exclude: Exclude, ks: Sequence[int] = (10,), metrics: Sequence[str] = DEFAULT_METRICS,
                   budget_bytes: int = DEFAULT_BUDGET, num_items: int | None = None,
-                  chunk_size: int | None = None, sharding=None) -> dict[str, float]:
+                  chunk_size: int | None = None, sharding=None, bytes_per_pair: int = 0) -> dict[str, float]:
   """Full-ranking metrics averaged over users with at least one positive.
 
   Args:
@@ -224,6 +227,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     chunk_size: users per chunk, overriding the budget.
     sharding: optional batch sharding (`recjax.train.mesh.batch_sharding`): each chunk's users are
       split over its devices (the chunk is rounded up to a multiple of their count).
+    bytes_per_pair: device bytes the scorer holds per (user, item) pair beyond the scores, for the
+      chunk size (see `chunk_users`; a `score_items` model's `score_bytes_per_pair`).
   Returns:
     {"ndcg@10": mean, ...}.
   """
@@ -241,7 +246,7 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     if num_items is None:
       num_items = jax.eval_shape(score_fn, params, _chunk_inputs(inputs, 0, 1, 1)).shape[-1]
     extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + 8)
-    chunk_size = chunk_users(num_items, budget_bytes, extra)
+    chunk_size = chunk_users(num_items, budget_bytes, extra, bytes_per_pair)
   chunk = min(chunk_size, num_rows)
   step = make_full_ranking_eval(score_fn, ks, metrics)
   if sharding is not None:
@@ -327,7 +332,7 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
                      distribution: str = "uniform", item_counts: np.ndarray | None = None,
                      num_items: int | None = None, seed: int = 0, ks: Sequence[int] = (10,),
                      metrics: Sequence[str] = DEFAULT_METRICS, budget_bytes: int = DEFAULT_BUDGET,
-                     chunk_size: int | None = None) -> dict[str, float]:
+                     chunk_size: int | None = None, bytes_per_pair: int | None = None) -> dict[str, float]:
   """Sampled-ranking metrics: the target ranked among itself and `num_negatives` sampled items.
 
   Only for comparison with papers that used it; every key is prefixed "sampled_"
@@ -344,6 +349,9 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
     seed: negatives depend only on the seed.
     chunk_size: users per chunk (default: from budget_bytes and N, as a gathered full scorer
       materialises [chunk, N] scores).
+    bytes_per_pair: None for a gathered full scorer; for a scorer of the candidates only (a
+      `score_items` model), its bytes per (user, item) pair: chunks are then sized to the 1+n
+      candidates, not to N.
   Returns:
     {"sampled_ndcg@10": mean, ...}.
   """
@@ -367,7 +375,10 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
   num_rows = len(candidates)
   if num_rows == 0:
     return _means({}, 0.0, ks, metrics)
-  chunk = min(chunk_size or chunk_users(num_items, budget_bytes, 12 * candidates.shape[1]), num_rows)
+  if not chunk_size:
+    chunk_size = (chunk_users(num_items, budget_bytes, 12 * candidates.shape[1]) if bytes_per_pair is None
+                  else chunk_users(candidates.shape[1], budget_bytes, bytes_per_pair=bytes_per_pair))
+  chunk = min(chunk_size, num_rows)
   step = make_sampled_eval(score_fn_items, ks, metrics)
   make_args = lambda start, stop: (
       params, _chunk_inputs(inputs, start, stop, chunk), _pad_rows(candidates[start:stop], chunk))

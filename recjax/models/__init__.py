@@ -17,13 +17,20 @@ import jax.numpy as jnp
 from recjax.errors import ConfigError
 from recjax.models.bert4rec import BERT4Rec
 from recjax.models.caser import Caser
+from recjax.models.ctr import DCNv2, DeepFM, FeatureMLP, WideDeep
 from recjax.models.gru4rec import GRU4Rec
+from recjax.models.lightgcn import LightGCN
 from recjax.models.mf import BPRMF
+from recjax.models.ncf import GMF, NCFMLP, NeuMF, neumf_from_pretrained
+from recjax.models.ngcf import NGCF
 from recjax.models.pop import Pop, pop_params
 from recjax.models.sasrec import SASRec
 
 MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec, "bert4rec": BERT4Rec,
-                                     "gru4rec": GRU4Rec, "caser": Caser}
+                                     "gru4rec": GRU4Rec, "caser": Caser,
+                                     "gmf": GMF, "ncf_mlp": NCFMLP, "neumf": NeuMF,
+                                     "deepfm": DeepFM, "dcnv2": DCNv2, "widedeep": WideDeep, "feature_mlp": FeatureMLP,
+                                     "lightgcn": LightGCN, "ngcf": NGCF}
 
 # Set by `create_model` itself, never a hyperparameter; `parent`/`name` are linen's own fields.
 _SIZE_FIELDS = ("num_users", "num_items")
@@ -33,15 +40,25 @@ __all__ = [
   "BERT4Rec",
   "BPRMF",
   "Caser",
+  "DCNv2",
+  "DeepFM",
+  "FeatureMLP",
+  "GMF",
   "GRU4Rec",
+  "LightGCN",
   "MODELS",
+  "NCFMLP",
+  "NGCF",
+  "NeuMF",
   "Pop",
   "SASRec",
+  "WideDeep",
   "create_model",
   "default_hparams",
   "example_batch",
   "init_params",
   "model_kind",
+  "neumf_from_pretrained",
   "pop_params",
 ]
 
@@ -82,14 +99,20 @@ def create_model(name: str, /, *, num_users: int, num_items: int, **kwargs) -> n
   if unknown:
     allowed = sorted(k for k in fields if k not in _SIZE_FIELDS)
     raise ConfigError(f"model {name!r} got unknown hyperparameter(s) {unknown}; it takes {allowed}")
+  missing = sorted(k for k, f in fields.items() if k not in kwargs and k not in _SIZE_FIELDS
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+  if missing:   # data-derived constants (a graph, feature tables): recjax.experiment.build supplies them
+    raise ConfigError(f"model {name!r} needs {missing}, built from the training data (see recjax.experiment.build)")
   sizes = {"num_users": num_users, "num_items": num_items}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # hashable (JSON gives lists)
   return cls(**{k: v for k, v in sizes.items() if k in fields}, **kwargs)
 
 
 def example_batch(model: nn.Module, batch_size: int = 2) -> dict:
-  """A padding-only evaluation batch (`user [B]`, `seq [B, max_len]`) for `init` / shape checks."""
+  """A padding-only evaluation batch (`user [B]`, `item [B]`, `seq [B, max_len]`) for `init` / shape checks."""
   max_len = getattr(model, "max_len", 1)
-  return {"user": jnp.zeros((batch_size,), jnp.int32), "seq": jnp.zeros((batch_size, max_len), jnp.int32)}
+  return {"user": jnp.zeros((batch_size,), jnp.int32), "item": jnp.zeros((batch_size,), jnp.int32),
+          "seq": jnp.zeros((batch_size, max_len), jnp.int32)}
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -75,16 +75,19 @@ def _train_epoch(state, train_step, batches: Iterable[dict], bar: ProgressBar):
   return state, float(total), int(bad), steps, time.perf_counter() - start
 
 
-def _record_eval(book: dict, epoch: int, valid: dict, valid_metric: str, patience: int) -> bool:
+def _record_eval(book: dict, epoch: int, valid: dict, valid_metric: str, patience: int,
+                 higher_is_better: bool = True) -> bool:
   """Updates the best / early-stopping bookkeeping; returns whether this evaluation is the best.
 
-  RecBole's rule (`stopping_step` = patience): a value >= the best so far is an improvement
-  (ties included); the run stops once more than `patience` evaluations in a row are not.
+  RecBole's rule (`stopping_step` = patience): a value >= the best so far (<= when lower is better,
+  as RecBole's `valid_metric_bigger: False`) is an improvement (ties included); the run stops once
+  more than `patience` evaluations in a row are not.
   """
   if valid_metric not in valid:
     raise TrainingError(f"valid_metric {valid_metric!r} is not among the evaluation metrics {sorted(valid)}")
   value = valid[valid_metric]
-  if math.isfinite(value) and (book["best_value"] is None or value >= book["best_value"]):
+  best = book["best_value"]
+  if math.isfinite(value) and (best is None or (value >= best if higher_is_better else value <= best)):
     book.update(best_value=value, best_epoch=epoch, best_valid=valid, bad_evals=0)
     return True
   book["bad_evals"] += 1
@@ -121,14 +124,15 @@ def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
 
 def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterable[dict]],
         evaluate: Callable[[Any], dict[str, float]], *, epochs: int, eval_every: int = 1,
-        valid_metric: str = "mrr@10", patience: int = 10, out_dir=None, resume: bool = False,
-        keep: int = 3, plot: bool = True, steps_per_epoch: int | None = None,
+        valid_metric: str = "mrr@10", higher_is_better: bool = True, patience: int = 10, out_dir=None,
+        resume: bool = False, keep: int = 3, plot: bool = True, steps_per_epoch: int | None = None,
         on_epoch: Callable[[int, TrainState, dict], None] | None = None,
         log: Callable[[str], None] = print) -> FitResult:
   """Trains for up to `epochs` epochs with validation, early stopping and checkpoints.
 
   Epoch `e` (0-based) runs `train_step` over `batches(e)`; every `eval_every` epochs and at the
-  last epoch, `evaluate(state.params)` returns metrics (higher is better for `valid_metric`).
+  last epoch, `evaluate(state.params)` returns metrics (`higher_is_better` says which way
+  `valid_metric` improves).
   With `out_dir`: `log.jsonl` (one row per epoch), `checkpoints/latest/<epoch>` every epoch,
   `checkpoints/best/<epoch>`, and `curves.png` at the end. A resumed run (`resume=True`)
   continues after the newest checkpoint and, when `batches(e)` depends only on the seed and
@@ -188,7 +192,7 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
         valid = {k: float(v) for k, v in evaluate(state.params).items()}
         row.update(eval_s=time.perf_counter() - start, valid=valid)
         book["eval_s"].append(row["eval_s"])
-        improved = _record_eval(book, epoch, valid, valid_metric, patience)
+        improved = _record_eval(book, epoch, valid, valid_metric, patience, higher_is_better)
         if improved:
           best_params = jax.tree.map(jnp.copy, state.params)  # the next step donates state.params
       book["epoch"] = epoch
