@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from recjax.nn.embedding import embedding_table
-from recjax.nn.graph import Graph, propagate, split_nodes
+from recjax.nn.graph import Graph, GraphTowers, propagate, split_nodes
 
 
-class LightGCN(nn.Module):
+class LightGCN(GraphTowers):
   """User table P `[U, dim]`, item table Q `[N, dim]`, `num_layers` propagation steps over `graph`.
 
   Methods: `ranking_tables() -> (users [U, d], items [N, d])` (one propagation, shared by every
@@ -60,17 +59,3 @@ class LightGCN(nn.Module):
       layer = propagate(self.graph, layer)
       total = total + layer
     return split_nodes(self.graph, total / (self.num_layers + 1))
-
-  def user_repr(self, batch: dict, train: bool = False) -> jnp.ndarray:
-    """`batch["user"] [B]` -> `[B, d]` (propagates the whole graph)."""
-    users, _ = self.ranking_tables(train)
-    return jnp.take(users, batch["user"], axis=0)
-
-  def item_repr(self) -> jnp.ndarray:
-    """`[N, d]` (row 0 = padding, never ranked; propagates the whole graph)."""
-    return self.ranking_tables()[1]
-
-  def __call__(self, batch: dict, train: bool = False) -> jnp.ndarray:
-    """Scores `[B, N]`; `model.init(rng, batch)` creates every parameter through it."""
-    users, items = self.ranking_tables(train)
-    return jnp.take(users, batch["user"], axis=0) @ items.T

@@ -29,7 +29,7 @@ from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout, dropout
 from recjax.nn.embedding import embedding_table
-from recjax.nn.graph import Graph, propagate, split_nodes
+from recjax.nn.graph import Graph, GraphTowers, propagate, split_nodes
 
 XAVIER_NORMAL = initializers.variance_scaling(1.0, "fan_avg", "normal")   # torch's xavier_normal_, untruncated
 
@@ -55,7 +55,7 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-class NGCF(nn.Module):
+class NGCF(GraphTowers):
   """Ego tables and `len(hidden_sizes)` bi-interaction layers over `graph`; representations of width
   `dim + sum(hidden_sizes)`.
 
@@ -93,17 +93,3 @@ class NGCF(nn.Module):
       emb = l2_normalize(drop(jax.nn.leaky_relu(layer(emb, weight), 0.2), deterministic=not train))
       outputs.append(emb)
     return split_nodes(self.graph, jnp.concatenate(outputs, axis=-1))   # [U+I, D]
-
-  def user_repr(self, batch: dict, train: bool = False) -> jnp.ndarray:
-    """`batch["user"] [B]` -> `[B, D]` (propagates the whole graph)."""
-    users, _ = self.ranking_tables(train)
-    return jnp.take(users, batch["user"], axis=0)
-
-  def item_repr(self) -> jnp.ndarray:
-    """`[N, D]` (row 0 = padding, never ranked; propagates the whole graph)."""
-    return self.ranking_tables()[1]
-
-  def __call__(self, batch: dict, train: bool = False) -> jnp.ndarray:
-    """Scores `[B, N]`; `model.init(rng, batch)` creates every parameter through it."""
-    users, items = self.ranking_tables(train)
-    return jnp.take(users, batch["user"], axis=0) @ items.T

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -117,3 +118,22 @@ _ROW_UPDATES = lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_win
 def split_nodes(graph: Graph, emb: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Node rows `[U+I, d]` -> (users `[U, d]`, items `[I, d]`)."""
   return emb[:graph.num_users], emb[graph.num_users:]
+
+
+class GraphTowers(nn.Module):
+  """Base of the graph models: every tower comes from `ranking_tables(train) -> (users [U, D],
+  items [N, D])`, which the subclass defines (one propagation of the whole graph)."""
+
+  def user_repr(self, batch: dict, train: bool = False) -> jnp.ndarray:
+    """`batch["user"] [B]` -> `[B, D]` (propagates the whole graph)."""
+    users, _ = self.ranking_tables(train)
+    return jnp.take(users, batch["user"], axis=0)
+
+  def item_repr(self) -> jnp.ndarray:
+    """`[N, D]` (row 0 = padding, never ranked; propagates the whole graph)."""
+    return self.ranking_tables()[1]
+
+  def __call__(self, batch: dict, train: bool = False) -> jnp.ndarray:
+    """Scores `[B, N]`; `model.init(rng, batch)` creates every parameter through it."""
+    users, items = self.ranking_tables(train)
+    return jnp.take(users, batch["user"], axis=0) @ items.T
