@@ -8,7 +8,8 @@ Recall@20; LightGCN's code evaluates test every 10 epochs). Hyperparameters: the
 code's (3 layers, d = 64, Adam 1e-3, batch 2048, L2 1e-4 on the ego embeddings of the batch, BPR
 with one uniform negative, up to 1000 epochs). Differences from the authors' PyTorch code: recjax
 draws each training pair once per epoch (theirs draws a user uniformly, then one of the user's
-items) and initialises the tables xavier-uniform (theirs: N(0, 0.1^2)). On the 2-core CPU an epoch
+items). The tables start N(0, 0.1^2) as in their code (recjax's LightGCN default is RecBole's
+xavier-uniform). On the 2-core CPU an epoch
 takes minutes (docs/architecture.md): run it in parts with `--epochs N --resume`.
 
     python experiments/gowalla_lightgcn.py --data-dir ../shared/data [--epochs N] [--resume]
@@ -27,7 +28,7 @@ PAPER = {"recall@20": 0.1830, "ndcg@20": 0.1554}
 CONFIG = {
     "protocol": "lightgcn", "loss": "bpr", "num_negatives": 1, "l2_weight": 1e-4, "learning_rate": 1e-3,
     "batch_size": 2048, "epochs": 1000, "eval_every": 10, "patience": 5, "valid_metric": "recall@20",
-    "model": {"dim": 64, "num_layers": 3},
+    "model": {"dim": 64, "num_layers": 3, "embedding_init": "normal", "embedding_std": 0.1},
 }
 
 

@@ -354,7 +354,7 @@ def test_create_loss_fn_registry():
   params = init_params(model, _key(0))
   value, _ = fn(params, _pair_batch(), _key(1))
   assert np.isfinite(value)
-  assert set(tasks.LOSSES) == {"general", "sequential"}
+  assert set(tasks.LOSSES) == {"general", "sequential", "ctr"}
   with pytest.raises(ConfigError, match="unknown loss"):
     tasks.create_loss_fn("general", "ce", model=model)
   with pytest.raises(ConfigError, match="unknown option"):

@@ -36,6 +36,7 @@ class LightGCN(GraphTowers):
   dim: int = 64
   num_layers: int = 2
   embedding_init: str = "xavier_uniform"
+  embedding_std: float = 0.1           # the scale of init "normal" (the authors' code: N(0, 0.1^2))
   kind: ClassVar[str] = "general"
   needs_graph: ClassVar[bool] = True
 
@@ -43,8 +44,8 @@ class LightGCN(GraphTowers):
     if (self.graph.num_users, self.graph.num_items) != (self.num_users, self.num_items):
       raise ValueError(f"LightGCN: graph has ({self.graph.num_users}, {self.graph.num_items}) users/items, "
                        f"the tables ({self.num_users}, {self.num_items})")
-    self.user_embedding = embedding_table(self.num_users, self.dim, init=self.embedding_init)
-    self.item_embedding = embedding_table(self.num_items, self.dim, init=self.embedding_init)
+    self.user_embedding = embedding_table(self.num_users, self.dim, init=self.embedding_init, std=self.embedding_std)
+    self.item_embedding = embedding_table(self.num_items, self.dim, init=self.embedding_init, std=self.embedding_std)
 
   def ego_tables(self) -> tuple[jnp.ndarray, jnp.ndarray]:
     """E^(0): the user table `[U, d]` and the item table `[N, d]`."""
