@@ -6,7 +6,7 @@
 Runs unchanged on CPU and GPU (whatever `jax.devices()` shows). For each model: compile seconds of
 the step, median ms/step over `--steps` timed steps after `--warmup` burn-in steps (each blocked
 until ready), examples/s, and the eval pass (all valid users, full ranking) median seconds and
-users/s. Prints a table and writes JSON.
+users/s (labelled rows/s for context-aware models). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def bench_model(name: str, dataset: str, data_dir: str | None, overrides: list[s
   _, eval_compile_s = _timed(evaluate, state.params)
   eval_times = [_timed(evaluate, state.params)[1] for _ in range(eval_repeats)]
   eval_s = statistics.median(eval_times)
-  num_users = len(exp.eval_sets["valid"]["positives"])
+  valid = exp.eval_sets["valid"]
+  num_users = len(valid["positives"]) if "positives" in valid else len(valid["user"])   # ranked users or labelled rows
   return {
       "model": name, "dataset": dataset, "training": config["training"], "batch_size": config["batch_size"],
       "steps_per_epoch": sampler.num_batches, "compile_s": compile_s, "step_ms": 1e3 * step_s,
