@@ -1,9 +1,10 @@
 """Model registry: names -> linen Modules, built from explicit keyword arguments.
 
-Every model exposes `user_repr(batch, train=False) -> [B, d]`, `item_repr() -> [N, d]` (row 0 =
+Factorised models expose `user_repr(batch, train=False) -> [B, d]`, `item_repr() -> [N, d]` (row 0 =
 padding) and `__call__(batch, train=False) -> scores [B, N]` (used by `init_params`); sequential
-models also `sequence_repr(seq [B, L], train=False) -> [B, L, d]`. Each class carries
-`kind` in {"general", "sequential", "popularity"}, which picks the batches and losses.
+models also `sequence_repr(seq [B, L], train=False) -> [B, L, d]`. Models that score pairs
+(`factorized = False`) expose `score_items(batch, items [B, C])` instead (docs/architecture.md). Each class carries
+`kind` in {"general", "sequential", "ctr", "popularity"}, which picks the batches and losses.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def default_hparams(name: str) -> dict:
 
 
 def model_kind(name: str) -> str:
-  """The model's kind: "general" (pair batches), "sequential" (sequence batches) or "popularity" (counted)."""
+  """The model's kind: "general" (pair batches), "sequential" (sequence batches), "ctr" (labelled rows)
+  or "popularity" (counted)."""
   return _model_class(name).kind
 
 
