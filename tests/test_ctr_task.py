@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_classification import ref_auc
 from testutil import check_param_grads, rbg_key
 
 from recjax import config as config_lib
@@ -104,17 +105,6 @@ def small_config(*overrides, dataset="tiny-rated"):
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def ref_auc(scores, labels, weight):
-  num = den = 0.0
-  for i in range(len(scores)):
-    for j in range(len(scores)):
-      if labels[i] and not labels[j]:
-        pair = weight[i] * weight[j]
-        den += pair
-        num += pair * (1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0)
-  return num / den
-
 
 def ref_gauc(scores, labels, groups, weight, by="positives"):
   """Loop over users: the pairwise AUC of each user with both classes, weighted by its positive

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recjax.eval.ranking import _chunk_inputs
+
 # Metric names of labelled evaluation (see `binary_metrics`, `regression_metrics`).
 BINARY_METRICS = ("auc", "gauc", "logloss", "accuracy")
 REGRESSION_METRICS = ("rmse", "mae", "mse")
@@ -42,15 +44,19 @@ def _prepare(scores, labels, weight, name: str) -> tuple[np.ndarray, np.ndarray,
     raise ValueError(f"{name}: scores and labels must be 1-D of the same length, got {scores.shape} and {labels.shape}")
   if not np.all((labels == 0) | (labels == 1)):
     raise ValueError(f"{name}: labels must be bool or 0/1")
-  labels = labels.astype(np.float64)
-  weight = np.ones_like(scores) if weight is None else np.asarray(weight, np.float64)
-  if weight.shape != scores.shape:
-    raise ValueError(f"{name}: weight must have the shape of scores {scores.shape}, got {weight.shape}")
+  return scores, labels.astype(np.float64), _checked_weight(weight, scores.shape, name)
+
+
+def _checked_weight(weight, shape: tuple[int, ...], name: str) -> np.ndarray:
+  """float64 weights of `shape` (ones when None), finite, >= 0, with a positive sum."""
+  weight = np.ones(shape) if weight is None else np.asarray(weight, np.float64)
+  if weight.shape != shape:
+    raise ValueError(f"{name}: weight must have the shape of the scores {shape}, got {weight.shape}")
   if not np.all(np.isfinite(weight) & (weight >= 0)):
     raise ValueError(f"{name}: weights must be finite and >= 0")
   if not np.sum(weight) > 0:
     raise ValueError(f"{name}: no examples with positive weight")
-  return scores, labels, weight
+  return weight
 
 
 def auc(scores, labels, weight=None) -> float:
@@ -195,14 +201,7 @@ def _prepare_regression(pred, target, weight, name: str) -> tuple[np.ndarray, np
                      f"{target.shape}")
   if not (np.all(np.isfinite(pred)) and np.all(np.isfinite(target))):
     raise ValueError(f"{name}: predictions and targets must be finite")
-  weight = np.ones_like(pred) if weight is None else np.asarray(weight, np.float64)
-  if weight.shape != pred.shape:
-    raise ValueError(f"{name}: weight must have the shape of the predictions {pred.shape}, got {weight.shape}")
-  if not np.all(np.isfinite(weight) & (weight >= 0)):
-    raise ValueError(f"{name}: weights must be finite and >= 0")
-  if not np.sum(weight) > 0:
-    raise ValueError(f"{name}: no examples with positive weight")
-  return pred, target, weight
+  return pred, target, _checked_weight(weight, pred.shape, name)
 
 
 def mse(pred, target, weight=None) -> float:
@@ -257,13 +256,9 @@ def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: 
     params = jax.device_put(params, NamedSharding(sharding.mesh, PartitionSpec()))
   outputs = []
   for start in range(0, n, chunk):
-    batch = {k: _pad_rows(v[start:start + chunk], chunk) for k, v in rows.items()}
+    batch = _chunk_inputs(rows, start, min(start + chunk, n), chunk)
     batch = jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
     outputs.append(logits_fn(params, batch))                          # dispatched; no host sync yet
   host = jax.device_get(outputs)
   return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in host])[:n] if host else np.zeros(0)
 
-
-def _pad_rows(array: np.ndarray, size: int) -> np.ndarray:
-  missing = size - len(array)
-  return array if missing == 0 else np.concatenate([array, np.zeros((missing,) + array.shape[1:], array.dtype)])

@@ -79,6 +79,16 @@ class _FieldModel(nn.Module):
     self.encoder = FieldEncoder(tables, self.dim, embedding_init=self.embedding_init, first_order=first_order)
     self.offsets = {"user": 0, "item": len(tables.side("user")) * self.dim}   # columns in the flat [F * d] row
 
+  def _setup_deep(self, first_order: bool = True):
+    """The encoder, and an MLP over the concatenated field embeddings with one output unit."""
+    self._setup_encoder(first_order=first_order)
+    self.mlp = MLP(self.num_fields * self.dim, self.mlp_dims, self.dropout)
+    self.predict = nn.Dense(1, kernel_init=xavier_normal)
+
+  def _deep(self, user: dict, item: dict, train: bool) -> jnp.ndarray:
+    """MLP([e_1; ...; e_F]) h `[B, C]`, from each side's first-layer part `proj` (see `MLP.project`)."""
+    return self.predict(self.mlp.rest(user["proj"] + item["proj"], train))[..., 0]
+
   def _fields(self, side: str, ids: jnp.ndarray):
     """(embeddings `[..., F_side, d]`, weights `[..., F_side]`, flat `[..., F_side * d]`)."""
     emb, weight = self.encoder.encode(side, ids)
@@ -128,9 +138,7 @@ class DeepFM(_FieldModel):
   embedding_init: str = "xavier_normal"
 
   def setup(self):
-    self._setup_encoder()
-    self.mlp = MLP(self.num_fields * self.dim, self.mlp_dims, self.dropout)
-    self.predict = nn.Dense(1, kernel_init=xavier_normal)
+    self._setup_deep()
     self.bias = self.param("bias", initializers.zeros, ())
 
   def _side(self, side: str, ids: jnp.ndarray, train: bool) -> dict:
@@ -141,8 +149,7 @@ class DeepFM(_FieldModel):
   def _combine(self, user: dict, item: dict, train: bool) -> jnp.ndarray:
     first = self.bias + user["first"] + item["first"]
     fm = fm_from_sums(user["total"] + item["total"], user["square"] + item["square"])
-    deep = self.predict(self.mlp.rest(user["proj"] + item["proj"], train))[..., 0]
-    return first + fm + deep
+    return first + fm + self._deep(user, item, train)
 
 
 class WideDeep(_FieldModel):
@@ -161,9 +168,7 @@ class WideDeep(_FieldModel):
   embedding_init: str = "xavier_normal"
 
   def setup(self):
-    self._setup_encoder()
-    self.mlp = MLP(self.num_fields * self.dim, self.mlp_dims, self.dropout)
-    self.predict = nn.Dense(1, kernel_init=xavier_normal)
+    self._setup_deep()
     self.bias = self.param("bias", initializers.zeros, ())
 
   def _side(self, side: str, ids: jnp.ndarray, train: bool) -> dict:
@@ -171,8 +176,7 @@ class WideDeep(_FieldModel):
     return {"first": weight.sum(-1), "proj": self.mlp.project(flat, self.offsets[side], train)}
 
   def _combine(self, user: dict, item: dict, train: bool) -> jnp.ndarray:
-    deep = self.predict(self.mlp.rest(user["proj"] + item["proj"], train))[..., 0]
-    return self.bias + user["first"] + item["first"] + deep
+    return self.bias + user["first"] + item["first"] + self._deep(user, item, train)
 
 
 class FeatureMLP(_FieldModel):
@@ -189,16 +193,14 @@ class FeatureMLP(_FieldModel):
   embedding_init: str = "xavier_normal"
 
   def setup(self):
-    self._setup_encoder(first_order=False)
-    self.mlp = MLP(self.num_fields * self.dim, self.mlp_dims, self.dropout)
-    self.predict = nn.Dense(1, kernel_init=xavier_normal)
+    self._setup_deep(first_order=False)
 
   def _side(self, side: str, ids: jnp.ndarray, train: bool) -> dict:
     _, _, flat = self._fields(side, ids)
     return {"proj": self.mlp.project(flat, self.offsets[side], train)}
 
   def _combine(self, user: dict, item: dict, train: bool) -> jnp.ndarray:
-    return self.predict(self.mlp.rest(user["proj"] + item["proj"], train))[..., 0]
+    return self._deep(user, item, train)
 
 
 class DCNv2(_FieldModel):
