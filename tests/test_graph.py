@@ -80,6 +80,14 @@ def make(name: str, train: Interactions, **hparams):
   return model, models.init_params(model, jax.random.key(0))
 
 
+@pytest.mark.parametrize("name", ["lightgcn", "ngcf"])
+def test_graph_of_other_sizes_is_rejected(name):
+  train = small_train()
+  with pytest.raises(ValueError, match="graph has"):
+    models.create_model(name, num_users=train.num_users + 1, num_items=train.num_items,
+                        graph=normalized_adjacency(train))
+
+
 def test_lightgcn_matches_dense_numpy():
   train = small_train()
   model, params = make("lightgcn", train, dim=4, num_layers=3)

@@ -41,9 +41,6 @@ class LightGCN(GraphTowers):
   needs_graph: ClassVar[bool] = True
 
   def setup(self):
-    if (self.graph.num_users, self.graph.num_items) != (self.num_users, self.num_items):
-      raise ValueError(f"LightGCN: graph has ({self.graph.num_users}, {self.graph.num_items}) users/items, "
-                       f"the tables ({self.num_users}, {self.num_items})")
     self.user_embedding = embedding_table(self.num_users, self.dim, init=self.embedding_init, std=self.embedding_std)
     self.item_embedding = embedding_table(self.num_items, self.dim, init=self.embedding_init, std=self.embedding_std)
 

@@ -73,9 +73,6 @@ class NGCF(GraphTowers):
   needs_graph: ClassVar[bool] = True
 
   def setup(self):
-    if (self.graph.num_users, self.graph.num_items) != (self.num_users, self.num_items):
-      raise ValueError(f"NGCF: graph has ({self.graph.num_users}, {self.graph.num_items}) users/items, "
-                       f"the tables ({self.num_users}, {self.num_items})")
     self.user_embedding = embedding_table(self.num_users, self.dim, init="xavier_normal")
     self.item_embedding = embedding_table(self.num_items, self.dim, init="xavier_normal")
     self.layers = [BiInteraction(self.graph, size) for size in self.hidden_sizes]

@@ -122,7 +122,14 @@ def split_nodes(graph: Graph, emb: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
 
 class GraphTowers(nn.Module):
   """Base of the graph models: every tower comes from `ranking_tables(train) -> (users [U, D],
-  items [N, D])`, which the subclass defines (one propagation of the whole graph)."""
+  items [N, D])`, which the subclass defines (one propagation of the whole graph). Subclasses have
+  the fields `num_users`, `num_items` and `graph`, whose sizes must agree."""
+
+  def __post_init__(self):
+    super().__post_init__()
+    if (self.graph.num_users, self.graph.num_items) != (self.num_users, self.num_items):
+      raise ValueError(f"{type(self).__name__}: graph has ({self.graph.num_users}, {self.graph.num_items}) "
+                       f"users/items, the tables ({self.num_users}, {self.num_items})")
 
   def user_repr(self, batch: dict, train: bool = False) -> jnp.ndarray:
     """`batch["user"] [B]` -> `[B, D]` (propagates the whole graph)."""
