@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--seed", type=int, default=None)
   train.add_argument("--out", default=None, help="output folder (default: runs/MODEL-DATASET)")
   train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+  train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="multi-host run: the first process's address (or 'auto' on SLURM / Cloud TPU); "
+                          "default $RECJAX_COORDINATOR")
+  train.add_argument("--num-processes", type=int, default=None, help="multi-host run: process count")
+  train.add_argument("--process-id", type=int, default=None, help="multi-host run: this process's index")
   train.set_defaults(func=cmd_train)
 
   evaluate = sub.add_parser("evaluate", help="evaluate a trained run's best checkpoint")
@@ -99,6 +104,7 @@ def _train_config(args) -> dict:
 
 def cmd_train(args) -> int:
   from recjax import experiment
+  from recjax.train import distributed
 
   out = Path(args.out or f"runs/{args.model}-{args.dataset or 'synthetic'}")
   config = _train_config(args)
@@ -109,6 +115,7 @@ def cmd_train(args) -> int:
     config = saved
   elif (out / "metrics.json").exists() or (out / "checkpoints").exists():
     raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)   # after the checks: a barrier
   metrics = experiment.train(config, out, resume=args.resume)
   print(json.dumps({"out": str(out), "valid": metrics["valid"], "test": metrics["test"],
                     "epochs_run": metrics["epochs_run"], "train_epoch_s": round(metrics["train_epoch_s"], 4)}))

@@ -37,7 +37,11 @@ BASE = {
     "valid_metric": None,         # None: the protocol's
     "eval_budget_mb": 256,        # device memory for one chunk of [users, items] scores
     "keep_checkpoints": 2,
-    "devices": None,              # data-parallel devices for training (None: all visible)
+    "devices": None,              # devices for training (None: all visible, across processes)
+    "model_parallel": 1,          # devices on the mesh's `model` axis; the rest split the batch (`data`)
+    "shard_tables_mb": 64.0,      # embedding tables at least this big are row-sharded over `model`
+    "compute_dtype": "float32",   # float32 | bfloat16 (forward/backward; weights and Adam state stay float32)
+    "grad_accum": 1,              # micro-batches per step (same update, a micro-batch's activation memory)
     "preprocess": {"dedup": False, "min_rating": None, "user_core": 0, "item_core": 0},
     "model": {},
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
@@ -27,7 +28,7 @@ from recjax.eval import classification, protocols, ranking
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, create_train_state, fit, make_train_step
-from recjax.train.mesh import batch_sharding, check_divisible, data_mesh
+from recjax.train.mesh import batch_sharding, check_divisible, create_sharded, make_mesh, pad_tables, put_global
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ class Experiment:
   eval_sets: dict[str, dict[str, np.ndarray]]   # phase -> inputs / positives / exclude
   score_fn: Callable = None        # (params, inputs) -> [U, N]; one per run so evaluation compiles once
   item_score_fn: Callable = None   # (params, inputs, items [U, C]) -> [U, C], for sampled ranking
-  mesh: Any = None                 # data-parallel mesh of the run (None: one device)
+  mesh: Any = None                 # [data, model] mesh of the run (None: one device)
   eval_params: Callable = None     # params -> what score_fn reads: the params, or a graph model's propagated tables
   labeled_data: labeled.LabeledData | None = None   # labelled rows (pointwise training / labelled evaluation)
   logits_fn: Callable = None       # jitted (params, rows) -> [C] of kind "ctr" models, one per run
@@ -189,7 +190,28 @@ def init_params(exp: Experiment, rng: jax.Array):
   """Model parameters: counted for Pop, initialised by the model otherwise."""
   if exp.kind == "popularity":
     return models.pop_params(np.bincount(exp.split.train.item, minlength=exp.split.train.num_items))
-  return models.init_params(exp.model, rng)
+  params = models.init_params(exp.model, rng)
+  return pad_tables(params, exp.mesh, shard_min_bytes(exp.config)) if exp.mesh else params
+
+
+def shard_min_bytes(config: dict[str, Any]) -> int:
+  return int(config["shard_tables_mb"] * (1 << 20))
+
+
+def init_state(exp: Experiment, optimizer, rng: jax.Array):
+  """The training state at step 0 and its sharding (None on one device). On a mesh the state is created
+  in place: embedding tables of at least `shard_tables_mb` row-sharded over `model` (Adam's moments
+  alike), the rest replicated, so a table too big for one device is never whole on one."""
+  key = jax.random.fold_in(rng, 1)
+  pretrained = any((exp.config.get("pretrain") or {}).get(k) for k in ("gmf_run", "mlp_run"))
+  if pretrained:   # restored from other runs' checkpoints on the host, then placed
+    params = pretrained_init(exp, init_params(exp, rng))
+    make = lambda: create_train_state(params, optimizer, key)  # noqa: E731
+  else:
+    make = lambda: create_train_state(init_params(exp, rng), optimizer, key)  # noqa: E731
+  if exp.mesh is None:
+    return make(), None
+  return create_sharded(make, exp.mesh, shard_min_bytes(exp.config))
 
 
 def make_loss_fn(exp: Experiment):
@@ -266,19 +288,35 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
 
 
 def train_mesh(config: dict[str, Any]):
-  """The data-parallel mesh of a run, or None for one device."""
+  """The `[data, model]` mesh of a run (`devices`, all by default, `model_parallel` of them on `model`),
+  or None for one device."""
+  if config["grad_accum"] < 1 or config["batch_size"] % config["grad_accum"]:
+    raise ConfigError(f"grad_accum={config['grad_accum']} must divide batch_size={config['batch_size']}")
   count = config["devices"] or jax.device_count()
   if count == 1:
     return None
-  mesh = data_mesh(count)
-  check_divisible(config["batch_size"], mesh)
+  try:
+    mesh = make_mesh(count, config["model_parallel"])
+    check_divisible(config["batch_size"] // config["grad_accum"], mesh)
+  except ValueError as e:
+    raise ConfigError(f"devices / model_parallel / batch_size / grad_accum: {e}") from e
   return mesh
 
 
 def device_batches(exp: Experiment, sampler) -> Callable[[int], Any]:
   """epoch -> the sampler's batches on device, split over the run's mesh, prefetched."""
-  sharding = batch_sharding(exp.mesh) if exp.mesh else None
-  return lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch), sharding=sharding)
+  if exp.mesh is None:
+    return lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch))
+  sharding = batch_sharding(exp.mesh)   # each process puts only its own devices' rows
+  return lambda epoch: samplers.prefetch_to_device(put_global(batch, sharding) for batch in sampler.epoch(epoch))
+
+
+def compute_dtype(config: dict[str, Any]):
+  """The step's forward/backward dtype (`compute_dtype`: "float32" or "bfloat16"; master weights stay float32)."""
+  dtypes = {"float32": None, "bfloat16": jnp.bfloat16}
+  if config["compute_dtype"] not in dtypes:
+    raise ConfigError(f"compute_dtype: expected one of {sorted(dtypes)}, got {config['compute_dtype']!r}")
+  return dtypes[config["compute_dtype"]]
 
 
 def make_optimizer(config: dict[str, Any]):
@@ -363,7 +401,9 @@ def pretrained_init(exp: Experiment, params):
 
 
 def write_json(path: Path, obj: Any) -> None:
-  """Atomic JSON write: a reader (or a kill) never sees half a file."""
+  """Atomic JSON write (a reader, or a kill, never sees half a file), by the first process only."""
+  if jax.process_index() != 0:   # a multi-host run writes its files once
+    return
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
   os.replace(tmp, path)
@@ -386,18 +426,19 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
   rng = jax.random.PRNGKey(config["seed"])
-  params = pretrained_init(exp, init_params(exp, rng))
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
   if exp.kind == "popularity" or config["epochs"] == 0:
+    params = pretrained_init(exp, init_params(exp, rng))
     start = time.perf_counter()
     best_params, best_valid, epochs_run, train_s, eval_s = params, valid_eval(params), 0, [], []
     eval_s.append(time.perf_counter() - start)
   else:
     sampler = make_sampler(exp)
     optimizer = make_optimizer(config)
-    state = create_train_state(params, optimizer, jax.random.fold_in(rng, 1))
-    step = make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh)
+    state, state_sharding = init_state(exp, optimizer, rng)
+    step = make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh, state_sharding=state_sharding,
+                           compute_dtype=compute_dtype(config), accum_steps=config["grad_accum"])
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,

@@ -25,9 +25,9 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from recjax.eval.ranking import _chunk_inputs
+from recjax.train.mesh import fetch, on_mesh, put_global
 
 # Metric names of labelled evaluation (see `binary_metrics`, `regression_metrics`).
 BINARY_METRICS = ("auc", "gauc", "logloss", "accuracy")
@@ -246,19 +246,19 @@ def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: 
     rows: per-row arrays of length n (e.g. `user [n]`, `item [n]`); only these are passed.
     chunk: rows per call (a multiple of the devices of `sharding`).
     sharding: a `NamedSharding` splitting each chunk over its mesh, where `params` are then
-      replicated (a no-op if they already are); None: the default device.
+      replicated (arrays already on the mesh keep their sharding); None: the default device.
 
   Returns:
     float64 `[n]`.
   """
   n = len(next(iter(rows.values())))
   if sharding is not None:
-    params = jax.device_put(params, NamedSharding(sharding.mesh, PartitionSpec()))
+    params = on_mesh(params, sharding.mesh)
   outputs = []
   for start in range(0, n, chunk):
     batch = _chunk_inputs(rows, start, min(start + chunk, n), chunk)
-    batch = jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
+    batch = put_global(batch, sharding) if sharding is not None else jax.device_put(batch)
     outputs.append(logits_fn(params, batch))                          # dispatched; no host sync yet
-  host = jax.device_get(outputs)
+  host = fetch(outputs)
   return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in host])[:n] if host else np.zeros(0)
 

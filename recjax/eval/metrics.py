@@ -136,22 +136,34 @@ def per_user_metrics(hits: Array, num_relevant: Array, ks: Sequence[int],
   return {f"{name}@{k}": METRICS[name](hits[:, :k], num_relevant) for k in ks for name in names}
 
 
-def metric_sums(hits: Array, num_relevant: Array, ks: Sequence[int], names: Sequence[str],
+def metric_rows(hits: Array, num_relevant: Array, ks: Sequence[int], names: Sequence[str],
                 weight: Array | None = None) -> tuple[dict[str, Array], Array]:
-  """Weighted sums of the per-user metrics and the total weight, for exact merging of chunks.
+  """Weighted per-user metrics and weights: each user's figures depend on that user's row alone, so
+  however the users are split over devices the values are the same, and a sum of them on the host
+  (`math.fsum`) is exact and order-free.
 
   A user's weight is `weight` (default 1; 0 for padded rows) times 1[num_relevant > 0].
-  mean = sums[key] / count.
 
   Args:
     hits: [U, K]; num_relevant: [U]; weight: [U] or None.
   Returns:
-    ({"name@k": scalar sum}, scalar count).
+    ({"name@k": [U] weight * value}, [U] weight).
   """
   values = per_user_metrics(hits, num_relevant, ks, names)
   w = (jnp.asarray(num_relevant) > 0).astype(jnp.float32)
   if weight is not None:
     w = w * jnp.asarray(weight, jnp.float32)
   keep = w > 0                                # padded rows may hold NaN: never multiply them in
-  sums = {key: jnp.where(keep, v * w, 0.0).sum() for key, v in values.items()}
-  return sums, w.sum()
+  return {key: jnp.where(keep, v * w, 0.0) for key, v in values.items()}, w
+
+
+def metric_sums(hits: Array, num_relevant: Array, ks: Sequence[int], names: Sequence[str],
+                weight: Array | None = None) -> tuple[dict[str, Array], Array]:
+  """Weighted sums of the per-user metrics and the total weight (`metric_rows` summed on device):
+  mean = sums[key] / count.
+
+  Returns:
+    ({"name@k": scalar sum}, scalar count).
+  """
+  rows, w = metric_rows(hits, num_relevant, ks, names, weight)
+  return {key: v.sum() for key, v in rows.items()}, w.sum()

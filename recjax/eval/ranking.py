@@ -12,14 +12,15 @@ argsort of -score. Sampled ranking counts ties against the target (pessimistic, 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from recjax.eval.metrics import check_metrics, metric_sums
+from recjax.eval.metrics import check_metrics, metric_rows
+from recjax.train.mesh import fetch, on_mesh, put_global
 
 Array = jnp.ndarray
 ScoreFn = Callable[[Any, Mapping[str, Array]], Array]               # (params, inputs) -> [U, N]
@@ -48,6 +49,45 @@ def full_ranking_topk(scores: Array, exclude: Array, k: int) -> Array:
   _, ids = jax.lax.top_k(masked, min(k, n - 1))
   ids = jnp.where(jnp.take_along_axis(mask, ids, axis=1), 0, ids)   # fewer unmasked items than k
   return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
+
+
+def merged_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Array:
+  """`full_ranking_topk` with the item axis split over the mesh's `model` axis (users over `data`).
+
+  Each device masks and ranks only its own slice of the items; the `model` devices then exchange their
+  top-k (ids and scores, `[U, k]` each, never the `[U, N]` scores) and take the top k of those. Exact:
+  the global top k holds at most k items of any slice, and among equal scores the lower id comes first,
+  as in `full_ranking_topk` (slices are gathered in id order and `lax.top_k` keeps the earlier of ties).
+
+  Args:
+    scores: [U, N]; exclude: [U, H] 0-padded; k: list length; mesh: a mesh with `data` and `model` axes
+      (U a multiple of the `data` size; N is padded to a multiple of the `model` size here).
+  Returns:
+    [U, k] int32 item ids, as `full_ranking_topk`.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  num_items = scores.shape[1]
+  slices = mesh.shape["model"]
+  width = -(-num_items // slices)
+  scores = jnp.pad(scores, ((0, 0), (0, width * slices - num_items)))
+
+  def local_topk(scores, exclude):   # [u, width] one slice of the items, [u, H]
+    offset = jax.lax.axis_index("model") * width
+    ids = offset + jnp.arange(width)
+    local = jnp.where((exclude > 0) & (exclude >= offset) & (exclude < offset + width), exclude - offset, width)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    mask = jnp.zeros(scores.shape, bool).at[rows, local].set(True, mode="drop") | (ids == 0) | (ids >= num_items)
+    values, top = jax.lax.top_k(jnp.where(mask, -jnp.inf, scores), min(k, width))
+    top_ids = jnp.where(jnp.take_along_axis(mask, top, axis=1), 0, top + offset)
+    values = jax.lax.all_gather(values, "model", axis=1, tiled=True)       # [u, slices * k'] in id order
+    top_ids = jax.lax.all_gather(top_ids, "model", axis=1, tiled=True)
+    _, pick = jax.lax.top_k(values, min(k, values.shape[1]))
+    ids = jnp.take_along_axis(top_ids, pick, axis=1)
+    return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
+
+  return jax.shard_map(local_topk, mesh=mesh, in_specs=(P("data", "model"), P("data")),
+                       out_specs=P("data"), check_vma=False)(scores, exclude)   # equal over `model` after the merge
 
 
 def hits_from_topk(topk_ids: Array, positives: Array) -> Array:
@@ -84,27 +124,31 @@ def gather_scorer(score_fn: ScoreFn) -> ItemScoreFn:
 
 
 def make_full_ranking_eval(score_fn: ScoreFn, ks: Sequence[int] = (10,),
-                           metrics: Sequence[str] = DEFAULT_METRICS) -> Callable:
+                           metrics: Sequence[str] = DEFAULT_METRICS, item_mesh=None) -> Callable:
   """Jitted chunk evaluator (params, inputs, exclude [U, H], positives [U, P], weight [U]) ->
-  ({"name@k": sum}, count), summed on device. Cached per (score_fn, ks, metrics), so calling it
-  again with the same scorer reuses the compiled function."""
+  ({"name@k": [U] weighted values}, [U] weights) (`metric_rows`), summed exactly on the host. Cached per (score_fn, ks, metrics, item_mesh), so calling
+  it again with the same scorer reuses the compiled function. With `item_mesh` (a mesh whose `model`
+  axis has more than one device), the items are ranked in slices and the top-k merged
+  (`merged_full_ranking_topk`)."""
   metrics, ks = check_metrics(metrics, ks)
-  return _full_ranking_eval(score_fn, ks, metrics)
+  return _full_ranking_eval(score_fn, ks, metrics, item_mesh)
 
 
 @functools.lru_cache(maxsize=32)
-def _full_ranking_eval(score_fn: ScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...]) -> Callable:
+def _full_ranking_eval(score_fn: ScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...], item_mesh) -> Callable:
   @jax.jit
   def evaluate_chunk(params, inputs, exclude, positives, weight):
-    topk = full_ranking_topk(score_fn(params, inputs), exclude, max(ks))
+    scores = score_fn(params, inputs)
+    topk = (full_ranking_topk(scores, exclude, max(ks)) if item_mesh is None
+            else merged_full_ranking_topk(scores, exclude, max(ks), item_mesh))
     hits = hits_from_topk(topk, positives)
-    return metric_sums(hits, (positives > 0).sum(-1), ks, metrics, weight)
+    return metric_rows(hits, (positives > 0).sum(-1), ks, metrics, weight)
   return evaluate_chunk
 
 
 def make_sampled_eval(score_fn_items: ItemScoreFn, ks: Sequence[int] = (10,),
                       metrics: Sequence[str] = DEFAULT_METRICS) -> Callable:
-  """Jitted chunk evaluator (params, inputs, candidates [U, 1+n], weight [U]) -> (sums, count);
+  """Jitted chunk evaluator (params, inputs, candidates [U, 1+n], weight [U]) -> `metric_rows`;
   candidate 0 is the target, the only relevant item. Cached like make_full_ranking_eval."""
   metrics, ks = check_metrics(metrics, ks)
   return _sampled_eval(score_fn_items, ks, metrics)
@@ -116,7 +160,7 @@ def _sampled_eval(score_fn_items: ItemScoreFn, ks: tuple[int, ...], metrics: tup
   def evaluate_chunk(params, inputs, candidates, weight):
     rank = sampled_rank(score_fn_items(params, inputs, candidates))
     hits = (rank[:, None] == jnp.arange(max(ks))).astype(jnp.float32)  # [U, K]
-    return metric_sums(hits, jnp.ones_like(weight), ks, metrics, weight)
+    return metric_rows(hits, jnp.ones_like(weight), ks, metrics, weight)
   return evaluate_chunk
 
 
@@ -179,20 +223,21 @@ def _sharded(step: Callable, chunk: int, sharding) -> tuple[int, Callable]:
   """Chunk size rounded up to the device count, and `step` with its per-user arguments sharded."""
   devices = len(sharding.device_set)
   chunk = -(-chunk // devices) * devices
-  everywhere = NamedSharding(sharding.mesh, PartitionSpec())   # params replicated (a no-op if they are)
-  return chunk, lambda params, *rows: step(jax.device_put(params, everywhere), *jax.device_put(rows, sharding))
+  return chunk, lambda params, *rows: step(on_mesh(params, sharding.mesh), *put_global(rows, sharding))
 
 
 def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable) -> tuple[dict, float]:
-  """Sum of step(*make_args(start, stop), weight) over chunks; results fetched once at the end."""
+  """Sums of the per-user rows `step(*make_args(start, stop), weight)` returns for each chunk, fetched
+  once at the end and added exactly (`math.fsum`), so they do not depend on the chunking or the devices."""
   outs = []
   for start in range(0, num_rows, chunk):
     stop = min(start + chunk, num_rows)
     weight = _pad_rows(np.ones(stop - start, np.float32), chunk)
     outs.append(step(*make_args(start, stop), weight))
-  outs = jax.device_get(outs)
-  sums = {key: float(np.sum([np.float64(s[key]) for s, _ in outs])) for key in outs[0][0]}
-  return sums, float(np.sum([np.float64(c) for _, c in outs]))
+  outs = fetch(outs)
+  exact_sum = lambda parts: math.fsum(np.concatenate([np.ravel(p) for p in parts]).tolist())  # noqa: E731
+  sums = {key: exact_sum([rows[key] for rows, _ in outs]) for key in outs[0][0]}
+  return sums, exact_sum([w for _, w in outs])
 
 
 def _means(sums: dict, count: float, ks: Sequence[int], metrics: Sequence[str], prefix: str = "") -> dict[str, float]:
@@ -226,7 +271,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     num_items: N, for the chunk size; found by scoring one row when None.
     chunk_size: users per chunk, overriding the budget.
     sharding: optional batch sharding (`recjax.train.mesh.batch_sharding`): each chunk's users are
-      split over its devices (the chunk is rounded up to a multiple of their count).
+      split over its devices (the chunk is rounded up to a multiple of their count); when its mesh has
+      a `model` axis, the items are ranked in slices over it and the slices' top-k merged.
     bytes_per_pair: device bytes the scorer holds per (user, item) pair beyond the scores, for the
       chunk size (see `chunk_users`; a `score_items` model's `score_bytes_per_pair`).
   Returns:
@@ -248,7 +294,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + 8)
     chunk_size = chunk_users(num_items, budget_bytes, extra, bytes_per_pair)
   chunk = min(chunk_size, num_rows)
-  step = make_full_ranking_eval(score_fn, ks, metrics)
+  item_mesh = sharding.mesh if sharding is not None and sharding.mesh.shape.get("model", 1) > 1 else None
+  step = make_full_ranking_eval(score_fn, ks, metrics, item_mesh)
   if sharding is not None:
     chunk, step = _sharded(step, chunk, sharding)
   make_args = lambda start, stop: (

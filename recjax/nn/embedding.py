@@ -46,6 +46,19 @@ def _symmetric_uniform(scale: float) -> Initializer:
   return init
 
 
+class Embed(nn.Embed):
+  """`nn.Embed` whose stored table may hold more rows than `num_embeddings`: a row-sharded table is
+  padded to a multiple of the devices it is split over (`recjax.train.mesh.pad_tables`), and the
+  module reads the stored table as it is and shows the model exactly `num_embeddings` rows."""
+
+  def setup(self):
+    if self.has_variable("params", "embedding"):   # applying: the stored (maybe padded) table
+      table = self.get_variable("params", "embedding")
+    else:
+      table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype)
+    self.embedding = table[:self.num_embeddings]
+
+
 def embedding_table(
   num_embeddings: int,
   features: int,
@@ -55,8 +68,8 @@ def embedding_table(
   logical_axes: tuple[str, str] | None = None,
   param_dtype=jnp.float32,
   name: str | None = None,
-) -> nn.Embed:
-  """An `nn.Embed` of shape `[num_embeddings, features]` with a named initialiser.
+) -> Embed:
+  """An `Embed` of shape `[num_embeddings, features]` with a named initialiser.
 
   Args:
     num_embeddings: rows N, including the padding row 0.
@@ -76,6 +89,6 @@ def embedding_table(
   init_fn = embedding_init(init, std=std)
   if logical_axes is not None:
     init_fn = nn.with_logical_partitioning(init_fn, logical_axes)
-  return nn.Embed(
+  return Embed(
     num_embeddings=num_embeddings, features=features, embedding_init=init_fn, param_dtype=param_dtype, name=name
   )

@@ -5,9 +5,9 @@ from recjax.train.checkpoint import Checkpointer
 from recjax.train.fit import FitResult, fit
 from recjax.train.logging import JsonlLogger, ProgressBar, plot_curves
 from recjax.train.state import TrainState, create_train_state
-from recjax.train.step import make_train_step
+from recjax.train.step import make_pmap_train_step, make_train_step, replicate, split_for_pmap, unreplicate
 
 __all__ = [
   "Checkpointer", "FitResult", "JsonlLogger", "ProgressBar", "TrainState", "create_train_state", "fit",
-  "make_train_step", "plot_curves",
+  "make_pmap_train_step", "make_train_step", "plot_curves", "replicate", "split_for_pmap", "unreplicate",
 ]

@@ -168,7 +168,8 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
     elif ckpt.latest_epochs():
       ckpt.close()
       raise TrainingError(f"{out_dir} already holds checkpoints: pass resume=True or use a new directory")
-    logger = JsonlLogger(out_dir / "log.jsonl", append=resume, last_epoch=book["epoch"])
+    if jax.process_index() == 0:   # one log per run; every process saves its shards of the checkpoints
+      logger = JsonlLogger(out_dir / "log.jsonl", append=resume, last_epoch=book["epoch"])
   try:
     for epoch in range(book["epoch"] + 1, epochs):
       if book["stopped_early"]:
@@ -214,7 +215,7 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
       logger.close()
     if ckpt:
       ckpt.close()
-  if out_dir is not None and plot:
+  if out_dir is not None and plot and jax.process_index() == 0:
     plot_curves(book["history"], out_dir / "curves.png", log=log)
   return FitResult(state=state, best_params=best_params, best_valid=book["best_valid"],
                    best_epoch=book["best_epoch"], epochs_run=book["epoch"] + 1,

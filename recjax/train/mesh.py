@@ -1,8 +1,17 @@
-"""Device meshes for data parallelism: the batch is split over the `data` axis, the state replicated.
+"""Device meshes and shardings: the batch split over the `data` axis, big embedding tables over `model`.
+
+A mesh is `[data, model]`. Batches are split on their leading axis over `data` (and repeated over
+`model`); parameters are replicated, except embedding tables (flax `nn.Embed` leaves, named
+`embedding`) of at least `shard_min_bytes`, which are row-sharded over `model` so each device holds
+`rows / model` of them. The rule applies to every leaf of the training state by shape, so Adam's
+moments of a sharded table are sharded alike. Under `jit` XLA's SPMD partitioner turns the lookups
+and their gradients into the collectives they need; the result equals the single-device step up to
+float summation order.
 
 On a CPU host, `XLA_FLAGS=--xla_force_host_platform_device_count=N` gives N devices that XLA runs
 on separate threads; one device keeps most of a step on one core, so data parallelism over host
-devices is how a step uses several cores. The same code splits a batch over GPUs or TPUs.
+devices is how a step uses several cores. The same code splits a batch over GPUs or TPUs, and over
+the processes of a multi-host run (`recjax.train.distributed`).
 """
 from __future__ import annotations
 
@@ -10,15 +19,36 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+DATA, MODEL = "data", "model"
+TABLE_LEAF = "embedding"       # the param name of flax `nn.Embed` tables
+DEFAULT_SHARD_MIN_BYTES = 64 << 20
 
-def data_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh over the first `num_devices` devices (all by default), axis name `data`."""
+
+def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
+  """A `[data, model]` mesh over the first `num_devices` devices (all, across processes, by default).
+
+  `model_parallel` devices hold one replica's row-sharded tables; `data = num_devices / model_parallel`
+  replicas each take a slice of the batch. Devices are laid out process by process, so in a multi-host
+  run each process's devices are neighbours on the mesh.
+  """
   devices = jax.devices()
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
       raise ValueError(f"asked for {num_devices} devices; {len(devices)} are visible")
     devices = devices[:num_devices]
-  return Mesh(np.array(devices), ("data",))
+  if model_parallel < 1 or len(devices) % model_parallel:
+    raise ValueError(f"model_parallel={model_parallel} does not divide the {len(devices)} devices")
+  grid = np.array(devices).reshape(len(devices) // model_parallel, model_parallel)
+  return Mesh(grid, (DATA, MODEL))
+
+
+def data_mesh(num_devices: int | None = None) -> Mesh:
+  """A mesh with every device on `data` (pure data parallelism)."""
+  return make_mesh(num_devices, 1)
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+  return mesh.shape[axis] if axis in mesh.shape else 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -27,11 +57,100 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (example) axis split over `data`, the rest whole."""
-  return NamedSharding(mesh, PartitionSpec("data"))
+  """Leading (example) axis split over `data`, the rest whole (repeated over `model`)."""
+  return NamedSharding(mesh, PartitionSpec(DATA))
 
 
 def check_divisible(batch_size: int, mesh: Mesh) -> None:
   """A sharded batch must split evenly; say so up front rather than inside XLA."""
-  if batch_size % mesh.devices.size:
-    raise ValueError(f"batch size {batch_size} does not split over {mesh.devices.size} devices")
+  if batch_size % axis_size(mesh, DATA):
+    raise ValueError(f"batch size {batch_size} does not split over {axis_size(mesh, DATA)} data-parallel devices")
+
+
+def _leaf_name(path) -> str:
+  last = path[-1] if path else None
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def table_spec(path, leaf, mesh: Mesh, shard_min_bytes: int) -> PartitionSpec:
+  """Row-sharded on `model` for an embedding table of at least `shard_min_bytes` whose rows split
+  evenly over the `model` axis; replicated otherwise."""
+  model = axis_size(mesh, MODEL)
+  shape = getattr(leaf, "shape", ())
+  nbytes = int(np.prod(shape)) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize if shape else 0
+  if (model > 1 and len(shape) == 2 and _leaf_name(path) == TABLE_LEAF and nbytes >= shard_min_bytes
+      and shape[0] % model == 0):
+    return PartitionSpec(MODEL)
+  return PartitionSpec()
+
+
+def state_shardings(tree, mesh: Mesh, shard_min_bytes: int = DEFAULT_SHARD_MIN_BYTES):
+  """A `NamedSharding` per leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s), by `table_spec`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, table_spec(path, leaf, mesh, shard_min_bytes)), tree)
+
+
+def pad_tables(params, mesh: Mesh, shard_min_bytes: int = DEFAULT_SHARD_MIN_BYTES):
+  """Embedding tables of at least `shard_min_bytes` with zero rows appended up to a multiple of the
+  `model` axis, so they split evenly (`recjax.nn.embedding.Embed` shows the model only its real rows;
+  the extra rows get zero gradients). Unchanged without a `model` axis."""
+  model = axis_size(mesh, MODEL)
+
+  def pad(path, leaf):
+    if (model == 1 or leaf.ndim != 2 or _leaf_name(path) != TABLE_LEAF
+        or leaf.size * leaf.dtype.itemsize < shard_min_bytes or leaf.shape[0] % model == 0):
+      return leaf
+    return jax.numpy.pad(leaf, ((0, -leaf.shape[0] % model), (0, 0)))
+  return jax.tree_util.tree_map_with_path(pad, params)
+
+
+def create_sharded(init_fn, mesh: Mesh, shard_min_bytes: int = DEFAULT_SHARD_MIN_BYTES):
+  """Runs `init_fn() -> pytree` with its outputs placed by `state_shardings`, so a table too big for one
+  device is created in shards and never whole. Returns `(tree, shardings)`."""
+  shardings = state_shardings(jax.eval_shape(init_fn), mesh, shard_min_bytes)
+  return jax.jit(init_fn, out_shardings=shardings)(), shardings
+
+
+def put_global(tree, sharding: NamedSharding):
+  """Host arrays (the same global values in every process) as global arrays placed by `sharding`.
+
+  Each process transfers only the parts its own devices hold, so the same call serves one host and a
+  multi-host run (where `jax.device_put` of a host array cannot reach other processes' devices).
+  """
+  def put(x):
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def on_mesh(tree, mesh: Mesh):
+  """`tree` with every array not yet placed on `mesh` replicated over it (arrays already on it, e.g.
+  row-sharded tables, keep their sharding)."""
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return x
+    if isinstance(x, jax.Array) and jax.process_count() > 1:
+      x = np.asarray(x)   # a single-device array of this process: the same values in every process
+    return put_global(x, replicated(mesh))
+  return jax.tree.map(place, tree)
+
+
+def fetch(tree):
+  """`jax.device_get`; in a multi-host run, arrays split across processes are gathered first."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+def shard_shapes(x: jax.Array) -> list[tuple[int, ...]]:
+  """The shape each addressable device holds of `x`."""
+  return [tuple(shard.data.shape) for shard in x.addressable_shards]

@@ -1,9 +1,21 @@
-"""The compiled training step."""
+"""The compiled training step: one `jit` for one device or a mesh, and a `pmap` variant.
+
+Options of both: mixed precision (`compute_dtype`: the loss sees the params cast to e.g. bfloat16, the
+gradients, master weights and optimizer state stay float32) and, for `make_train_step`, gradient
+accumulation (`accum_steps` micro-batches of one global batch, scanned on device).
+
+Combining the gradients of parts of a batch (micro-batches, or pmap's per-device shards) weights each
+part by its share of the batch's total `weight`: the result is exact for losses that are weighted means
+over `weight` (every recjax loss except BERT4Rec's Cloze loss, which averages over its masked positions).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.jax_utils
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -11,10 +23,60 @@ from recjax.train.mesh import batch_sharding, replicated
 from recjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+PMAP_AXIS = "devices"
+
+
+def cast_floating(tree, dtype):
+  """Floating leaves of `tree` as `dtype` (None: unchanged); the transpose of the cast makes the
+  gradients of float32 params float32 again."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _grad_fn(loss_fn: LossFn, compute_dtype):
+  """`(params, batch, rng) -> ((loss f32, metrics), grads)` with the forward pass in `compute_dtype`."""
+  def loss_in_dtype(params, batch, rng):
+    loss, metrics = loss_fn(cast_floating(params, compute_dtype), batch, rng)
+    return loss.astype(jnp.float32), jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+  return jax.value_and_grad(loss_in_dtype, has_aux=True)
+
+
+def _batch_weight(batch: dict) -> jax.Array:
+  """The total `weight` of a batch (its real targets), the share a part of it carries."""
+  return jnp.sum(batch["weight"]).astype(jnp.float32)
+
+
+def _apply(state: TrainState, optimizer, loss, metrics, grads) -> tuple[TrainState, dict]:
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _accumulated(grad_fn, params, batch: dict, rng, accum_steps: int):
+  """Loss, metrics and gradients of `batch` from `accum_steps` equal micro-batches (scanned, so one
+  micro-batch's activations are live at a time), each weighted by its share of the total weight."""
+  size = jax.tree.leaves(batch)[0].shape[0]
+  if size % accum_steps:
+    raise ValueError(f"batch of {size} rows does not split into {accum_steps} micro-batches")
+  micro = jax.tree.map(lambda x: x.reshape(accum_steps, size // accum_steps, *x.shape[1:]), batch)
+  total = jnp.maximum(_batch_weight(batch), 1e-12)
+
+  def body(acc, part):
+    index, micro_batch = part
+    (loss, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+    share = _batch_weight(micro_batch) / total
+    return jax.tree.map(lambda a, x: a + share * x, acc, (loss, metrics, grads)), None
+
+  (loss, metrics), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
+  (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+  return loss, metrics, grads
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None,
-                    donate: bool = True):
+                    state_sharding=None, compute_dtype=None, accum_steps: int = 1, donate: bool = True):
   """Builds `step(state, batch) -> (state, metrics)`, jitted once.
 
   The step key is `fold_in(state.rng, state.step)`, so a run is a pure function of the initial
@@ -24,8 +86,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     loss_fn: `loss_fn(params, batch, rng) -> (loss, metrics)` with a scalar loss and a dict of
       scalar metrics.
     optimizer: any optax transformation.
-    mesh: with a mesh (`recjax.train.mesh.data_mesh`), the batch is split over its `data` axis and
-      the state replicated; the result equals the single-device step up to float summation order.
+    mesh: with a mesh (`recjax.train.mesh.make_mesh`), the batch is split over its `data` axis; the
+      state is placed by `state_sharding` (default: replicated; `recjax.train.mesh.state_shardings`
+      row-shards big embedding tables over `model`). The result equals the single-device step up to
+      float summation order.
+    state_sharding: a sharding per state leaf (a pytree matching the state), with `mesh` only.
+    compute_dtype: e.g. `jnp.bfloat16`: the forward and backward passes run on params cast to it;
+      params, gradients and optimizer state stay in their own dtype (float32).
+    accum_steps: split each batch into this many micro-batches and sum their weighted gradients
+      before one update (the same update as the whole batch, with a micro-batch's memory).
     donate: donate the input state's buffers (the caller must use the returned state; the one
       passed in is invalidated).
 
@@ -33,19 +102,66 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     The jitted step; its metrics are `loss_fn`'s plus "loss" and "grad_norm" (the global L2 norm
     of the gradients), all device scalars.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = _grad_fn(loss_fn, compute_dtype)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = grad_fn(state.params, batch, rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    if accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      loss, metrics, grads = _accumulated(grad_fn, state.params, batch, rng, accum_steps)
+    return _apply(state, optimizer, loss, metrics, grads)
 
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
-  state_sharding, data_sharding = replicated(mesh), batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, state_sharding),
-                 donate_argnums=donate_argnums)
+  state_sharding = replicated(mesh) if state_sharding is None else state_sharding
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
+                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=donate_argnums)
+
+
+# ----------------------------------------------------------------------------- pmap
+
+def make_pmap_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, compute_dtype=None,
+                         donate: bool = True):
+  """The step as `pmap` over the local devices: `step(state, batch) -> (state, metrics)` with the state
+  replicated (`replicate`) and the batch split (`split_for_pmap`, `[D, B/D, ...]`).
+
+  Each device takes the gradient of its shard; `lax.psum` of the gradients weighted by each shard's share
+  of the batch weight gives every device the whole batch's gradient (exact for weighted-mean losses,
+  where a plain `pmean` is exact only when every shard carries the same weight), so the replicas stay
+  equal to each other and to `make_train_step`'s state. Dropout keys are folded with the device index:
+  the masks differ from the jitted step's, which draws them for the global batch.
+  """
+  grad_fn = _grad_fn(loss_fn, compute_dtype)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(PMAP_AXIS))
+    (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    weight = _batch_weight(batch)
+    share = weight / jnp.maximum(jax.lax.psum(weight, PMAP_AXIS), 1e-12)
+    loss, metrics, grads = jax.lax.psum(jax.tree.map(lambda x: share * x, (loss, metrics, grads)), PMAP_AXIS)
+    return _apply(state, optimizer, loss, metrics, grads)
+
+  return jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
+
+
+def replicate(tree, devices=None):
+  """`tree` with a leading axis of one copy per local device (the pmap state layout)."""
+  return flax.jax_utils.replicate(tree, devices)
+
+
+def unreplicate(tree):
+  """The first device's copy of a replicated tree."""
+  return flax.jax_utils.unreplicate(tree)
+
+
+def split_for_pmap(batch: dict, num_devices: int | None = None) -> dict:
+  """`[B, ...]` host arrays as `[D, B / D, ...]`."""
+  num_devices = num_devices or jax.local_device_count()
+  def split(x):
+    x = np.asarray(x)
+    if x.shape[0] % num_devices:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split over {num_devices} devices")
+    return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+  return {name: split(x) for name, x in batch.items()}
