@@ -296,7 +296,11 @@ def prefetch_to_device(iterator: Iterable[Batch], size: int = 2, sharding=None) 
 
   def enqueue(n):
     for batch in itertools.islice(iterator, n):
-      queue.append(jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch))
+      if sharding is not None:
+        batch = jax.device_put(batch, sharding)
+      else:   # arrays already on device (e.g. placed across processes) stay where they are
+        batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), batch)
+      queue.append(batch)
 
   enqueue(size)
   while queue:

@@ -18,8 +18,11 @@ import orbax.checkpoint as ocp
 
 
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+  # Each manager names its own barriers: in a multi-host run the latest and best managers both
+  # synchronise the processes, and shared barrier names would collide.
+  multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
+                                         cleanup_tmp_directories=True, multiprocessing_options=multiprocessing)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
