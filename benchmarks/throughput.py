@@ -1,31 +1,68 @@
-"""Hot-path timing: the jitted train step and the full-ranking eval pass, compile time apart.
+"""Hot-path timing across device counts: the jitted train step and the full-ranking eval pass.
 
-    python benchmarks/throughput.py --model bpr sasrec --dataset ml-100k --data-dir ../shared/data
-    python benchmarks/throughput.py --dataset synthetic --json out.json
+    python benchmarks/throughput.py                                   # bpr lightgcn sasrec, synthetic, all devices
+    python benchmarks/throughput.py --cpu-devices 4 --devices 1 2 4   # N fake CPU devices (this must come first)
+    python benchmarks/throughput.py --model sasrec --dataset ml-100k --data-dir ../shared/data --dtype bfloat16
+    python benchmarks/throughput.py --model bpr --devices 4 --model-parallel 4 --set shard_tables_mb=0
 
-Runs unchanged on CPU and GPU (whatever `jax.devices()` shows). For each model: compile seconds of
-the step, median ms/step over `--steps` timed steps after `--warmup` burn-in steps (each blocked
-until ready), examples/s, and the eval pass (all valid users, full ranking) median seconds and
-users/s (labelled rows/s for context-aware models). Prints a table and writes JSON.
+On a GPU/TPU host it uses whatever `jax.devices()` shows (install the matching jax, e.g.
+`pip install -U "jax[cuda12]"`); on CPU, `--cpu-devices N` gives N XLA host devices (by default one per
+core). For each model and device count (`--devices`, default 1, 2, 4, ... up to all): the step's compile
+seconds, median ms/step over `--steps` steps after `--warmup` (each blocked until ready), examples/s (real
+rows of the global batch), the eval pass (all valid users, full ranking) median seconds and users/s, and
+the peak device memory where the backend reports it. For LightGCN also the memory bandwidth the
+propagation achieves (a lower bound: each layer's messages, `edges x d` floats, written and read once in
+the forward pass and once in the backward pass) against the device's measured copy bandwidth.
+Prints a table and writes JSON (`--json`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
-from recjax.cli import use_all_cpu_cores
 
-use_all_cpu_cores()  # before jax starts: one host device per core on CPU
+def _parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", nargs="+", default=["bpr", "lightgcn", "sasrec"])
+  parser.add_argument("--dataset", default="synthetic")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--devices", nargs="+", type=int, default=None,
+                      help="device counts to run (default: 1, 2, 4, ... up to all visible)")
+  parser.add_argument("--cpu-devices", type=int, default=None, help="XLA host devices on a CPU host")
+  parser.add_argument("--model-parallel", type=int, default=1, help="devices on the mesh's model axis")
+  parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the model's)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override applied to every model (e.g. training=prefix)")
+  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--eval-repeats", type=int, default=3)
+  parser.add_argument("--json", default="throughput.json", help="where to write the results")
+  return parser.parse_args(argv)
+
+
+ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
+if ARGS.cpu_devices:   # before jax starts
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={ARGS.cpu_devices}").strip()
+from recjax.cli import use_all_cpu_cores  # noqa: E402
+
+use_all_cpu_cores()  # one host device per core on CPU, unless chosen above
 
 import jax  # noqa: E402
-import numpy as np
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-from recjax import experiment
-from recjax.config import apply_overrides, default_config
-from recjax.train import create_train_state, make_train_step
+from recjax import experiment  # noqa: E402
+from recjax.config import apply_overrides, default_config  # noqa: E402
+from recjax.train import make_train_step  # noqa: E402
+
+LIGHTGCN_PASSES = 2     # forward and backward propagation per training step
 
 
 def _timed(fn, *args):
@@ -34,79 +71,103 @@ def _timed(fn, *args):
   return out, time.perf_counter() - start
 
 
-def bench_model(name: str, dataset: str, data_dir: str | None, overrides: list[str], steps: int,
-                warmup: int, eval_repeats: int) -> dict:
-  config = apply_overrides(default_config(name), overrides)
-  config.update(dataset=dataset, data_dir=data_dir)
+def peak_memory_bytes() -> int | None:
+  """Largest peak allocation over the devices, where the backend reports it (GPU/TPU; not CPU)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  peaks = [s.get("peak_bytes_in_use") for s in stats if s]
+  return max(peaks) if peaks and None not in peaks else None
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+  """Bytes/s of a device-to-device copy on one device (read + write counted)."""
+  x = jnp.ones(nbytes // 4, jnp.float32)
+  copy = jax.jit(lambda x: x + 1.0)
+  jax.block_until_ready(copy(x))
+  return 2 * nbytes / statistics.median(_timed(copy, x)[1] for _ in range(repeats))
+
+
+def _config(name: str, args, devices: int) -> dict:
+  config = apply_overrides(default_config(name), args.set)
+  config.update(dataset=args.dataset, data_dir=args.data_dir, devices=devices, model_parallel=args.model_parallel,
+                compute_dtype=args.dtype)
+  if args.batch_size:
+    config["batch_size"] = args.batch_size
+  return config
+
+
+def bench(name: str, args, devices: int) -> dict:
+  config = _config(name, args, devices)
   exp = experiment.build(config)
   sampler = experiment.make_sampler(exp)
-  loss_fn = experiment.make_loss_fn(exp)
   optimizer = experiment.make_optimizer(config)
-  rng = jax.random.PRNGKey(config["seed"])
-  state = create_train_state(experiment.init_params(exp, rng), optimizer, rng)
-  step = make_train_step(loss_fn, optimizer)
-
-  batches, epoch = [], 0
-  while len(batches) < warmup + steps + 1:   # host batches made before timing starts
-    batches.extend(jax.device_put(b) for b in sampler.epoch(epoch))
+  state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
+  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=exp.mesh, state_sharding=sharding,
+                         compute_dtype=experiment.compute_dtype(config), accum_steps=config["grad_accum"])
+  batches, epoch, to_device = [], 0, experiment.device_batches(exp, sampler)
+  while len(batches) < args.warmup + args.steps + 1:   # on device before timing starts
+    batches.extend(to_device(epoch))
     epoch += 1
   start = time.perf_counter()
   state, metrics = step(state, batches[0])
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
   times = []
-  for i, batch in enumerate(batches[1:warmup + steps + 1]):
+  for i, batch in enumerate(batches[1:args.warmup + args.steps + 1]):
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    if i >= warmup:
+    if i >= args.warmup:
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  weight = np.asarray(batches[1]["weight"])
-  examples = float(np.sum(weight.reshape(len(weight), -1).sum(1) > 0))  # real rows of a batch
+  weight = np.asarray(jax.device_get(batches[1]["weight"]))
+  examples = float(np.sum(weight.reshape(len(weight), -1).sum(1) > 0))   # real rows of a global batch
 
   evaluate = experiment.make_evaluator(exp, "valid")
   _, eval_compile_s = _timed(evaluate, state.params)
-  eval_times = [_timed(evaluate, state.params)[1] for _ in range(eval_repeats)]
-  eval_s = statistics.median(eval_times)
+  eval_s = statistics.median(_timed(evaluate, state.params)[1] for _ in range(args.eval_repeats))
   valid = exp.eval_sets["valid"]
-  num_users = len(valid["positives"]) if "positives" in valid else len(valid["user"])   # ranked users or labelled rows
-  return {
-      "model": name, "dataset": dataset, "training": config["training"], "batch_size": config["batch_size"],
-      "steps_per_epoch": sampler.num_batches, "compile_s": compile_s, "step_ms": 1e3 * step_s,
-      "examples_per_s": examples / step_s, "epoch_s_est": step_s * sampler.num_batches,
-      "eval_compile_s": eval_compile_s, "eval_s": eval_s, "eval_users_per_s": num_users / eval_s,
-  }
+  users = len(valid["positives"]) if "positives" in valid else len(valid["user"])   # ranked users or labelled rows
+  row = {"model": name, "devices": devices, "model_parallel": args.model_parallel, "dtype": args.dtype,
+         "training": config["training"], "batch_size": config["batch_size"], "steps_per_epoch": sampler.num_batches,
+         "compile_s": compile_s,
+         "step_ms": 1e3 * step_s, "examples_per_s": examples / step_s, "epoch_s_est": step_s * sampler.num_batches,
+         "eval_compile_s": eval_compile_s, "eval_s": eval_s, "eval_users_per_s": users / eval_s,
+         "peak_memory_bytes": peak_memory_bytes()}
+  if getattr(exp.model, "graph", None) is not None:
+    graph, dim = exp.model.graph, exp.model.dim
+    moved = exp.model.num_layers * LIGHTGCN_PASSES * 2 * graph.num_edges * dim * 4
+    row.update(edges=graph.num_edges, propagation_bytes_per_step=moved, achieved_gb_per_s=moved / step_s / 1e9)
+  return row
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", nargs="+", default=["bpr", "sasrec"])
-  parser.add_argument("--dataset", default="synthetic")
-  parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override applied to every model (e.g. training=prefix)")
-  parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--warmup", type=int, default=5)
-  parser.add_argument("--eval-repeats", type=int, default=5)
-  parser.add_argument("--json", default="throughput.json", help="where to write the results")
-  args = parser.parse_args(argv)
-
-  rows = [bench_model(m, args.dataset, args.data_dir, args.set, args.steps, args.warmup, args.eval_repeats)
-          for m in args.model]
+def main() -> None:
+  args = ARGS
+  available = jax.device_count()
+  counts = args.devices or [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= available]
+  rows = []
+  for name in args.model:
+    for n in counts:
+      row = bench(name, args, n)
+      rows.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
   device = jax.devices()[0]
-  header = f"{'model':<8} {'training':<9} {'batch':>6} {'compile s':>9} {'ms/step':>9} {'examples/s':>11} " \
-           f"{'epoch s':>8} {'eval s':>8} {'users/s':>9}"
-  print(f"# {device.platform} x{jax.device_count()} ({device.device_kind}), jax {jax.__version__}, "
-        f"dataset {args.dataset}")
-  print(header)
+  copy_gb_per_s = copy_bandwidth() / 1e9
+  print(f"# {device.platform} x{available} ({device.device_kind}), jax {jax.__version__}, dataset {args.dataset}, "
+        f"dtype {args.dtype}, model axis {args.model_parallel}, copy bandwidth {copy_gb_per_s:.1f} GB/s per device")
+  print(f"{'model':<9} {'dev':>3} {'batch':>6} {'compile s':>9} {'ms/step':>9} {'examples/s':>11} {'speedup':>7} "
+        f"{'eval s':>8} {'users/s':>9} {'peak MiB':>9} {'GB/s':>6}")
   for r in rows:
-    print(f"{r['model']:<8} {r['training']:<9} {r['batch_size']:>6} {r['compile_s']:>9.2f} {r['step_ms']:>9.2f} "
-          f"{r['examples_per_s']:>11.0f} {r['epoch_s_est']:>8.2f} {r['eval_s']:>8.4f} {r['eval_users_per_s']:>9.0f}")
+    first = next(x for x in rows if x["model"] == r["model"])
+    speedup = r["examples_per_s"] / first["examples_per_s"]
+    peak = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] else "n/a"
+    bandwidth = f"{r['achieved_gb_per_s']:.1f}" if "achieved_gb_per_s" in r else ""
+    print(f"{r['model']:<9} {r['devices']:>3} {r['batch_size']:>6} {r['compile_s']:>9.2f} {r['step_ms']:>9.2f} "
+          f"{r['examples_per_s']:>11.0f} {speedup:>6.2f}x {r['eval_s']:>8.4f} {r['eval_users_per_s']:>9.0f} "
+          f"{peak:>9} {bandwidth:>6}")
   with open(args.json, "w") as f:
-    json.dump({"device": f"{device.platform}:{device.device_kind}", "device_count": jax.device_count(),
-               "jax": jax.__version__, "host": platform.node(), "date": time.strftime("%Y-%m-%d"),
-               "rows": rows}, f, indent=2)
+    json.dump({"device": f"{device.platform}:{device.device_kind}", "device_count": available,
+               "copy_gb_per_s": copy_gb_per_s, "jax": jax.__version__, "host": platform.node(),
+               "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

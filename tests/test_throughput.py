@@ -1,0 +1,32 @@
+"""benchmarks/throughput.py runs over several device counts and writes its table and JSON."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+
+
+def test_throughput_table_over_device_counts(tmp_path):
+  out = tmp_path / "tp.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run([sys.executable, str(SCRIPT), "--cpu-devices", "2", "--devices", "1", "2", "--model", "bpr",
+                         "lightgcn", "--batch-size", "256", "--steps", "3", "--warmup", "1", "--eval-repeats", "1",
+                         "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["device_count"] == 2 and report["copy_gb_per_s"] > 0
+  rows = {(r["model"], r["devices"]): r for r in report["rows"]}
+  assert set(rows) == {("bpr", 1), ("bpr", 2), ("lightgcn", 1), ("lightgcn", 2)}
+  for row in rows.values():
+    assert row["batch_size"] == 256 and row["step_ms"] > 0 and row["eval_users_per_s"] > 0
+    assert row["examples_per_s"] == pytest.approx(256e3 / row["step_ms"])   # every row of the batch is real
+  assert rows[("lightgcn", 1)]["achieved_gb_per_s"] > 0 and "achieved_gb_per_s" not in rows[("bpr", 1)]
+  table = done.stdout.splitlines()
+  assert table[0].startswith("# cpu x2") and len(table) == 2 + len(rows)
