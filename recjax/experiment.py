@@ -120,6 +120,7 @@ def build(config: dict[str, Any]) -> Experiment:
   if config["negative_distribution"] not in samplers.DISTRIBUTIONS:
     raise ConfigError(f"negative_distribution: expected one of {samplers.DISTRIBUTIONS}, "
                       f"got {config['negative_distribution']!r}")
+  compute_dtype(config)   # checked before any data is read
   protocol = protocols.get_protocol(config["protocol"])
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
@@ -293,7 +294,7 @@ def train_mesh(config: dict[str, Any]):
   if config["grad_accum"] < 1 or config["batch_size"] % config["grad_accum"]:
     raise ConfigError(f"grad_accum={config['grad_accum']} must divide batch_size={config['batch_size']}")
   count = config["devices"] or jax.device_count()
-  if count == 1:
+  if count == 1 and config["model_parallel"] == 1:
     return None
   try:
     mesh = make_mesh(count, config["model_parallel"])

@@ -70,6 +70,10 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "preprocess.user_core=100000"], "no interactions left"),
     (["train", "gru4rec", "--set", "loss='gbce'", "--set", "gbce_t=2.0"], "loss 'gbce'"),
     (["train", "sasrec", "--set", "negative_distribution='zipf'"], "negative_distribution"),
+    (["train", "bpr", "--set", "devices=1", "--set", "model_parallel=3"], "model_parallel=3 does not divide"),
+    (["train", "bpr", "--set", "grad_accum=3"], "grad_accum=3 must divide batch_size=2048"),
+    (["train", "bpr", "--set", "compute_dtype='float16'"], "compute_dtype"),
+    (["train", "bpr", "--num-processes", "2"], "without a coordinator"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
   assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2

@@ -126,10 +126,10 @@ def gather_scorer(score_fn: ScoreFn) -> ItemScoreFn:
 def make_full_ranking_eval(score_fn: ScoreFn, ks: Sequence[int] = (10,),
                            metrics: Sequence[str] = DEFAULT_METRICS, item_mesh=None) -> Callable:
   """Jitted chunk evaluator (params, inputs, exclude [U, H], positives [U, P], weight [U]) ->
-  ({"name@k": [U] weighted values}, [U] weights) (`metric_rows`), summed exactly on the host. Cached per (score_fn, ks, metrics, item_mesh), so calling
-  it again with the same scorer reuses the compiled function. With `item_mesh` (a mesh whose `model`
-  axis has more than one device), the items are ranked in slices and the top-k merged
-  (`merged_full_ranking_topk`)."""
+  ({"name@k": [U] weighted values}, [U] weights) (`metric_rows`), summed exactly on the host. Cached
+  per (score_fn, ks, metrics, item_mesh), so calling it again with the same scorer reuses the compiled
+  function. With `item_mesh` (a mesh whose `model` axis has more than one device), the items are ranked
+  in slices and the top-k merged (`merged_full_ranking_topk`)."""
   metrics, ks = check_metrics(metrics, ks)
   return _full_ranking_eval(score_fn, ks, metrics, item_mesh)
 
