@@ -67,19 +67,20 @@ def check_divisible(batch_size: int, mesh: Mesh) -> None:
     raise ValueError(f"batch size {batch_size} does not split over {axis_size(mesh, DATA)} data-parallel devices")
 
 
-def _leaf_name(path) -> str:
+def _is_big_table(path, leaf, mesh: Mesh, shard_min_bytes: int) -> bool:
+  """Whether `leaf` is an embedding table (a 2-D flax `embedding` param) of at least `shard_min_bytes`
+  on a mesh with a `model` axis: one to split by rows."""
+  shape = getattr(leaf, "shape", ())
   last = path[-1] if path else None
-  return str(getattr(last, "key", getattr(last, "name", last)))
+  name = str(getattr(last, "key", getattr(last, "name", last)))
+  return (axis_size(mesh, MODEL) > 1 and len(shape) == 2 and name == TABLE_LEAF
+          and int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize >= shard_min_bytes)
 
 
 def table_spec(path, leaf, mesh: Mesh, shard_min_bytes: int) -> PartitionSpec:
-  """Row-sharded on `model` for an embedding table of at least `shard_min_bytes` whose rows split
-  evenly over the `model` axis; replicated otherwise."""
-  model = axis_size(mesh, MODEL)
-  shape = getattr(leaf, "shape", ())
-  nbytes = int(np.prod(shape)) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize if shape else 0
-  if (model > 1 and len(shape) == 2 and _leaf_name(path) == TABLE_LEAF and nbytes >= shard_min_bytes
-      and shape[0] % model == 0):
+  """Row-sharded on `model` for a big embedding table whose rows split evenly over the `model` axis
+  (`pad_tables` makes them); replicated otherwise."""
+  if _is_big_table(path, leaf, mesh, shard_min_bytes) and leaf.shape[0] % axis_size(mesh, MODEL) == 0:
     return PartitionSpec(MODEL)
   return PartitionSpec()
 
@@ -94,13 +95,10 @@ def pad_tables(params, mesh: Mesh, shard_min_bytes: int = DEFAULT_SHARD_MIN_BYTE
   """Embedding tables of at least `shard_min_bytes` with zero rows appended up to a multiple of the
   `model` axis, so they split evenly (`recjax.nn.embedding.Embed` shows the model only its real rows;
   the extra rows get zero gradients). Unchanged without a `model` axis."""
-  model = axis_size(mesh, MODEL)
-
   def pad(path, leaf):
-    if (model == 1 or leaf.ndim != 2 or _leaf_name(path) != TABLE_LEAF
-        or leaf.size * leaf.dtype.itemsize < shard_min_bytes or leaf.shape[0] % model == 0):
+    if not _is_big_table(path, leaf, mesh, shard_min_bytes):
       return leaf
-    return jax.numpy.pad(leaf, ((0, -leaf.shape[0] % model), (0, 0)))
+    return jax.numpy.pad(leaf, ((0, -leaf.shape[0] % axis_size(mesh, MODEL)), (0, 0)))
   return jax.tree_util.tree_map_with_path(pad, params)
 
 
