@@ -60,7 +60,6 @@ import numpy as np  # noqa: E402
 
 from recjax import experiment  # noqa: E402
 from recjax.config import apply_overrides, default_config  # noqa: E402
-from recjax.train import make_train_step  # noqa: E402
 
 LIGHTGCN_PASSES = 2     # forward and backward propagation per training step
 
@@ -101,8 +100,7 @@ def bench(name: str, args, devices: int) -> dict:
   sampler = experiment.make_sampler(exp)
   optimizer = experiment.make_optimizer(config)
   state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
-  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=exp.mesh, state_sharding=sharding,
-                         compute_dtype=experiment.compute_dtype(config), accum_steps=config["grad_accum"])
+  step = experiment.make_step(exp, optimizer, sharding)
   batches, epoch, to_device = [], 0, experiment.device_batches(exp, sampler)
   while len(batches) < args.warmup + args.steps + 1:   # on device before timing starts
     batches.extend(to_device(epoch))

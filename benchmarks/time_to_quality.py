@@ -21,7 +21,6 @@ import jax  # noqa: E402
 
 from recjax import experiment
 from recjax.config import apply_overrides, default_config
-from recjax.train import create_train_state, make_train_step
 
 
 def main(argv=None) -> None:
@@ -41,9 +40,8 @@ def main(argv=None) -> None:
   exp = experiment.build(config)
   sampler = experiment.make_sampler(exp)
   optimizer = experiment.make_optimizer(config)
-  rng = jax.random.PRNGKey(config["seed"])
-  state = create_train_state(experiment.init_params(exp, rng), optimizer, jax.random.fold_in(rng, 1))
-  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=exp.mesh)
+  state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
+  step = experiment.make_step(exp, optimizer, sharding)
   test = experiment.make_evaluator(exp, "test")
   batches = experiment.device_batches(exp, sampler)
   path = []

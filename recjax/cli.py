@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
   out = Path(args.out or f"runs/{args.model}-{args.dataset or 'synthetic'}")
   config = _train_config(args)
   if args.resume:
-    saved = _saved_config(out)
+    saved = experiment.saved_config(out)
     if saved is None:
       raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
     config = saved
@@ -122,21 +122,11 @@ def cmd_train(args) -> int:
   return 0
 
 
-def _saved_config(run: Path) -> dict | None:
-  path = run / "config.json"
-  if not path.exists():
-    return None
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e})") from e
-
-
 def _load_run(run_dir: str, data_dir: str | None):
   """(experiment, best params) of a finished or interrupted run."""
   from recjax import experiment
 
-  config = _saved_config(Path(run_dir))
+  config = experiment.saved_config(run_dir)
   if config is None:
     raise ConfigError(f"--run {run_dir}: no config.json there; is it a recjax run folder?")
   if data_dir:

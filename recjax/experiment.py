@@ -7,6 +7,7 @@ with a few keys changed. Everything it writes goes under one output folder:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -204,8 +205,7 @@ def init_state(exp: Experiment, optimizer, rng: jax.Array):
   in place: embedding tables of at least `shard_tables_mb` row-sharded over `model` (Adam's moments
   alike), the rest replicated, so a table too big for one device is never whole on one."""
   key = jax.random.fold_in(rng, 1)
-  pretrained = any((exp.config.get("pretrain") or {}).get(k) for k in ("gmf_run", "mlp_run"))
-  if pretrained:   # restored from other runs' checkpoints on the host, then placed
+  if any(pretrain_runs(exp.config).values()):   # restored from other runs' checkpoints on the host, then placed
     params = pretrained_init(exp, init_params(exp, rng))
     make = lambda: create_train_state(params, optimizer, key)  # noqa: E731
   else:
@@ -237,12 +237,11 @@ def make_loss_fn(exp: Experiment):
 def labeled_chunk(exp: Experiment) -> int:
   """Rows scored per device call in labelled evaluation: what `eval_budget_mb` holds at the model's
   `score_bytes_per_pair` (4 KiB if it does not say), at most the larger phase rounded up to a power of
-  two (so tiny data compiles a tiny program, once for both phases), a multiple of the devices."""
+  two (so tiny data compiles a tiny program, once for both phases); `score_rows` rounds it up to a
+  multiple of the devices."""
   budget = exp.config["eval_budget_mb"] << 20
   rows = max(len(exp.labeled_data.valid), len(exp.labeled_data.test))
-  chunk = min(max(1, budget // getattr(exp.model, "score_bytes_per_pair", 4096)), 1 << max(rows - 1, 0).bit_length())
-  devices = exp.mesh.size if exp.mesh else 1
-  return -(-chunk // devices) * devices
+  return min(max(1, budget // getattr(exp.model, "score_bytes_per_pair", 4096)), 1 << max(rows - 1, 0).bit_length())
 
 
 def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, float]]:
@@ -308,8 +307,15 @@ def device_batches(exp: Experiment, sampler) -> Callable[[int], Any]:
   """epoch -> the sampler's batches on device, split over the run's mesh, prefetched."""
   if exp.mesh is None:
     return lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch))
-  sharding = batch_sharding(exp.mesh)   # each process puts only its own devices' rows
-  return lambda epoch: samplers.prefetch_to_device(put_global(batch, sharding) for batch in sampler.epoch(epoch))
+  put = functools.partial(put_global, sharding=batch_sharding(exp.mesh))   # each process: its devices' rows
+  return lambda epoch: samplers.prefetch_to_device(sampler.epoch(epoch), put=put)
+
+
+def make_step(exp: Experiment, optimizer, state_sharding=None):
+  """The run's jitted train step: its loss, mesh, state sharding (from `init_state`), compute dtype
+  and gradient accumulation."""
+  return make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh, state_sharding=state_sharding,
+                         compute_dtype=compute_dtype(exp.config), accum_steps=exp.config["grad_accum"])
 
 
 def compute_dtype(config: dict[str, Any]):
@@ -338,11 +344,11 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
   return restored[0].params
 
 
-def read_run_config(run_dir: str | os.PathLike, what: str) -> dict[str, Any]:
-  """The `config.json` of a run folder; ConfigError naming `what` (the key that pointed there) when absent."""
+def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+  """The `config.json` of a run folder, or None when there is none; ConfigError when it is not JSON."""
   path = Path(run_dir) / "config.json"
   if not path.is_file():
-    raise ConfigError(f"{what}: no recjax run at {run_dir} (no config.json)")
+    return None
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -362,7 +368,9 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
   """Best params of the finished `name` run in `run_dir`, checked to share the data and split of `exp`
   and its sizes (`sizes`: the run's hyperparameter -> `exp`'s); a mismatch is a ConfigError naming
   `what` and the run."""
-  config = read_run_config(run_dir, what)
+  config = saved_config(run_dir)
+  if config is None:
+    raise ConfigError(f"{what}: no recjax run at {run_dir} (no config.json)")
   got = config.get("model", {}).get("name")
   if got != name:
     raise ConfigError(f"{what}: {run_dir} is a {got!r} run, expected {name!r}")
@@ -385,12 +393,17 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
     raise ConfigError(f"{what}: the checkpoint in {run_dir} does not fit this run's data ({e})") from e
 
 
+def pretrain_runs(config: dict[str, Any]) -> dict[str, str | None]:
+  """`{"gmf_run": ..., "mlp_run": ...}`: the run folders NeuMF starts from (None: not pretrained)."""
+  options = config.get("pretrain") or {}
+  return {key: options.get(key) for key in ("gmf_run", "mlp_run")}
+
+
 def pretrained_init(exp: Experiment, params):
   """`params`, or NeuMF's initialised from the GMF and NCF-MLP runs named by `pretrain.gmf_run` and
   `pretrain.mlp_run` with GMF share `pretrain.alpha` (He et al. 2017, Sec. 3.4.1; see
   `recjax.models.neumf_from_pretrained`)."""
-  options = exp.config.get("pretrain") or {}
-  runs = {key: options.get(key) for key in ("gmf_run", "mlp_run")}
+  runs = pretrain_runs(exp.config)
   if not any(runs.values()):
     return params
   if exp.config["model"]["name"] != "neumf" or not all(runs.values()):
@@ -398,7 +411,7 @@ def pretrained_init(exp: Experiment, params):
                       f"for model {exp.config['model']['name']!r}")
   gmf = restore_pretrained(exp, runs["gmf_run"], "gmf", {"dim": "mf_dim"}, "pretrain.gmf_run")
   mlp = restore_pretrained(exp, runs["mlp_run"], "ncf_mlp", {"dim": "mlp_dim", "hidden": "hidden"}, "pretrain.mlp_run")
-  return models.neumf_from_pretrained(gmf, mlp, options["alpha"])
+  return models.neumf_from_pretrained(gmf, mlp, exp.config["pretrain"]["alpha"])
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -438,8 +451,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     sampler = make_sampler(exp)
     optimizer = make_optimizer(config)
     state, state_sharding = init_state(exp, optimizer, rng)
-    step = make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh, state_sharding=state_sharding,
-                           compute_dtype=compute_dtype(config), accum_steps=config["grad_accum"])
+    step = make_step(exp, optimizer, state_sharding)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,

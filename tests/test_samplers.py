@@ -268,7 +268,7 @@ def test_prefetch_yields_same_values():
       for k in h:
         np.testing.assert_array_equal(np.asarray(d[k]), h[k])
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  first = next(iter(prefetch_to_device(sampler.epoch(0), sharding=sharding)))
+  first = next(iter(prefetch_to_device(sampler.epoch(0), put=lambda b: jax.device_put(b, sharding))))
   assert first["user"].sharding == sharding
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -288,19 +288,16 @@ def pad_batch(batch: Batch, size: int) -> Batch:
   return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
-def prefetch_to_device(iterator: Iterable[Batch], size: int = 2, sharding=None) -> Iterator:
-  """Yields the batches of `iterator` already on device (`jax.device_put`, with `sharding` if
-  given), keeping `size` transfers in flight so host batching overlaps device work."""
+def prefetch_to_device(iterator: Iterable[Batch], size: int = 2, put: Callable = jax.device_put) -> Iterator:
+  """Yields the batches of `iterator` already on device, placed by `put(batch)` (default
+  `jax.device_put`; a mesh run passes `recjax.train.mesh.put_global` bound to its batch sharding),
+  keeping `size` transfers in flight so host batching overlaps device work."""
   queue = collections.deque()
   iterator = iter(iterator)
 
   def enqueue(n):
     for batch in itertools.islice(iterator, n):
-      if sharding is not None:
-        batch = jax.device_put(batch, sharding)
-      else:   # arrays already on device (e.g. placed across processes) stay where they are
-        batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), batch)
-      queue.append(batch)
+      queue.append(put(batch))
 
   enqueue(size)
   while queue:

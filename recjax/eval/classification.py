@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import numpy as np
 
-from recjax.eval.ranking import _chunk_inputs
-from recjax.train.mesh import fetch, on_mesh, put_global
+from recjax.eval.ranking import _chunk_inputs, _sharded
+from recjax.train.mesh import fetch
 
 # Metric names of labelled evaluation (see `binary_metrics`, `regression_metrics`).
 BINARY_METRICS = ("auc", "gauc", "logloss", "accuracy")
@@ -244,21 +243,21 @@ def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: 
       same shape, so it compiles once).
     params: the model variables.
     rows: per-row arrays of length n (e.g. `user [n]`, `item [n]`); only these are passed.
-    chunk: rows per call (a multiple of the devices of `sharding`).
-    sharding: a `NamedSharding` splitting each chunk over its mesh, where `params` are then
-      replicated (arrays already on the mesh keep their sharding); None: the default device.
+    chunk: rows per call (rounded up to a multiple of the devices of `sharding`).
+    sharding: a `NamedSharding` splitting each chunk over its mesh, as full ranking does
+      (`recjax.eval.ranking.evaluate_full`); None: the default device.
 
   Returns:
     float64 `[n]`.
   """
   n = len(next(iter(rows.values())))
+  step = logits_fn
   if sharding is not None:
-    params = on_mesh(params, sharding.mesh)
+    chunk, step = _sharded(logits_fn, chunk, sharding)
   outputs = []
   for start in range(0, n, chunk):
     batch = _chunk_inputs(rows, start, min(start + chunk, n), chunk)
-    batch = put_global(batch, sharding) if sharding is not None else jax.device_put(batch)
-    outputs.append(logits_fn(params, batch))                          # dispatched; no host sync yet
+    outputs.append(step(params, batch))                               # dispatched; no host sync yet
   host = fetch(outputs)
   return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in host])[:n] if host else np.zeros(0)
 
