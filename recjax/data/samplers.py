@@ -27,11 +27,11 @@ class PairSampler:
   """
 
   def __init__(self, train: Interactions, batch_size: int, num_negatives: int = 1, seed: int = 0,
-               distribution: str = "uniform"):
+               distribution: str = "uniform", exclude_items: np.ndarray | None = None):
     if len(train) == 0:
       raise DataError(train.name or "train", "PairSampler got no training interactions")
     self.user, self.item = train.user.astype(np.int32), train.item.astype(np.int32)
-    self.negatives = NegativeSampler(train, distribution)
+    self.negatives = NegativeSampler(train, distribution, exclude_items)
     self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
 
   @property
@@ -98,13 +98,13 @@ class SequenceSampler:
   mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
     i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
     `neg [B, n]`, `user [B]`, `weight [B]`; sum over users of (n_u - 1) rows.
-  Negatives come from `NegativeSampler(train, distribution)`. Rows are kept
+  Negatives come from `NegativeSampler(train, distribution, exclude_items)`. Rows are kept
   as indices into the CSR item array and windows are gathered per batch, so memory is O(n).
   """
 
   def __init__(self, train: Interactions, max_len: int, batch_size: int, num_negatives: int = 1,
                seed: int = 0, mode: str = "sequence", stride: int | None = None, distribution: str = "uniform",
-               negatives_for: str = "targets"):
+               negatives_for: str = "targets", exclude_items: np.ndarray | None = None):
     if mode not in ("sequence", "prefix"):
       raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
     if negatives_for not in ("targets", "items"):
@@ -130,7 +130,7 @@ class SequenceSampler:
     if len(self.row_user) == 0:
       raise DataError(train.name or "train", f"SequenceSampler({mode}) found no user with 2 or more training items")
     self.starts = offsets[:-1]
-    self.negatives = NegativeSampler(train, distribution)
+    self.negatives = NegativeSampler(train, distribution, exclude_items)
     self.max_len, self.batch_size, self.num_negatives = max_len, batch_size, num_negatives
     self.seed, self.mode, self.negatives_for = seed, mode, negatives_for
 
@@ -172,11 +172,13 @@ class SequenceSampler:
 DISTRIBUTIONS = ("uniform", "popularity")
 
 
-def negative_probs(train: Interactions, distribution: str = "uniform") -> np.ndarray:
+def negative_probs(train: Interactions, distribution: str = "uniform",
+                   exclude_items: np.ndarray | None = None) -> np.ndarray:
   """q [num_items] float64, the proposal a negative is drawn from (before rejecting positives).
 
   "uniform": 1 / (N - 1) on items 1..N-1; "popularity": count(i) / sum of counts over the training
-  rows. q[0] = 0 (padding). Sampled-softmax losses correct scores by log q.
+  rows. q[0] = 0 (padding); `exclude_items` (e.g. the held-out items of a cold-start split) get 0
+  and the rest is renormalised. Sampled-softmax losses correct scores by log q.
   """
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"negative distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
@@ -186,27 +188,34 @@ def negative_probs(train: Interactions, distribution: str = "uniform") -> np.nda
     q = np.bincount(train.item, minlength=train.num_items).astype(np.float64)
     q /= max(q.sum(), 1.0)
   q[0] = 0.0
+  if exclude_items is not None and len(exclude_items):
+    q[exclude_items] = 0.0
+    q /= max(q.sum(), np.finfo(np.float64).tiny)
   return q
 
 
 class NegativeSampler:
   """Negatives drawn from `negative_probs(train, distribution)` that are not among the user's
-  training items.
+  training items, nor among `exclude_items` (int [C], e.g. items held out for cold start).
 
   Vectorised rejection: draw all, look the (user, item) keys up in the sorted positive keys, redraw
-  only the collisions until none is left.
+  only the collisions (and excluded draws) until none is left.
   """
 
-  def __init__(self, train: Interactions, distribution: str = "uniform"):
+  def __init__(self, train: Interactions, distribution: str = "uniform", exclude_items: np.ndarray | None = None):
     self.num_items = train.num_items
     probs = negative_probs(train, distribution)                # checks the name
     self.cdf = None if distribution == "uniform" else np.cumsum(probs)
+    self.excluded = np.zeros(train.num_items, bool)
+    if exclude_items is not None:
+      self.excluded[np.asarray(exclude_items, np.int64)] = True
     self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
     per_user = np.bincount(self.keys // self.num_items, minlength=train.num_users)
-    full = np.flatnonzero(per_user >= self.num_items - 1)
+    full = np.flatnonzero(per_user >= self.num_items - 1 - self.excluded[1:].sum())
     if len(full):
       raise DataError(train.name or "train", f"user {int(full[0])} ({train.user_vocab[full[0]]}) has interacted "
-                      f"with all {self.num_items - 1} items: no negative item can be sampled")
+                      f"with all {self.num_items - 1 - self.excluded[1:].sum()} samplable items: no negative item "
+                      "can be sampled")
 
   def sample(self, rng: np.random.Generator, user: np.ndarray, num: int) -> np.ndarray:
     """`num` negatives for each of `user` (int [m]); int32 [m, num]."""
@@ -229,10 +238,10 @@ class NegativeSampler:
     return np.clip(at, 1, self.num_items - 1).astype(np.int32)
 
   def is_positive(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """bool [m]: (user, item) is a training interaction."""
+    """bool [m]: (user, item) is a training interaction, or `item` is excluded (both are redrawn)."""
     key = user.astype(np.int64) * self.num_items + item
     at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
-    return self.keys[at] == key
+    return (self.keys[at] == key) | self.excluded[item]
 
 
 def windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:

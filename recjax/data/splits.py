@@ -17,11 +17,32 @@ from recjax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Three parts over the same vocabularies; `name` says how they were made."""
+  """Three parts over the same vocabularies; `name` says how they were made. A cold-start split also
+  has `cold` (every interaction with the held-out items, in none of the three parts) and
+  `cold_items` (int32 [C], the held-out item ids)."""
   train: Interactions
   valid: Interactions
   test: Interactions
   name: str
+  cold: Interactions | None = None
+  cold_items: np.ndarray | None = None
+
+
+def hold_out_items(inter: Interactions, share: float, seed: int = 0) -> tuple[Interactions, Interactions, np.ndarray]:
+  """Cold start: round(share * I) of the I items that have interactions, drawn uniformly (seeded),
+  lose all their interactions to a separate part.
+
+  Returns:
+    (warm: the other items' rows, cold: the held-out items' rows, cold_items int32 [C] sorted).
+  """
+  present = np.flatnonzero(np.bincount(inter.item, minlength=inter.num_items)[1:]) + 1
+  count = int(round(share * len(present)))
+  if not 0 < count < len(present):
+    raise DataError(inter.name or "dataset", f"holding out {share:.0%} of {len(present)} items leaves "
+                    f"{count} cold items: need at least one cold and one warm item")
+  cold_items = np.sort(np.random.default_rng([seed, 7]).choice(present, count, replace=False)).astype(np.int32)
+  is_cold = np.isin(inter.item, cold_items)
+  return inter.subset(~is_cold), inter.subset(is_cold), cold_items
 
 
 def leave_one_out(inter: Interactions) -> Split:

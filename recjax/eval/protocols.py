@@ -44,6 +44,8 @@ class Protocol:
     sampled: number of sampled negatives, or None for full ranking.
     sampled_distribution: "uniform" or "popularity".
     task: "ranking", or labelled rows: "labeled" (0/1 labels, binary metrics) or "rating" (regression).
+    cold_items: share of the items held out of training entirely (cold start, `recjax.data.splits.
+      hold_out_items`); their interactions form the "cold" phase, ranked over the held-out items only.
   """
   name: str
   split: str
@@ -56,8 +58,12 @@ class Protocol:
   sampled: int | None = None
   sampled_distribution: str = "uniform"
   task: str = "ranking"
+  cold_items: float = 0.0
 
   def __post_init__(self):
+    if not 0 <= self.cold_items < 1 or (self.cold_items and (self.task != "ranking" or self.split == "given")):
+      raise ConfigError(f"protocol {self.name!r}: cold_items must be in [0, 1), on a ranking task with a split made "
+                        "here (not given)")
     if self.split not in SPLITS:
       raise ConfigError(f"protocol {self.name!r}: unknown split {self.split!r}; valid: {', '.join(SPLITS)}")
     if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
@@ -88,6 +94,9 @@ PRESETS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
              metrics=("hit", "ndcg", "mrr"), valid_metric="ndcg@10", sampled=100,
              sampled_distribution="popularity"),
+    # Cold start: 20% of the items (at random) never seen in training; the rest split as recbole-sequential.
+    Protocol("cold-start", split="leave_one_out", mask_history=False, max_len=50, ks=(10, 20), cold_items=0.2,
+             valid_metric="ndcg@10"),
     Protocol("recbole-context", split="random_rows", ratios=(0.8, 0.1, 0.1), task="labeled",
              metrics=("auc", "gauc", "logloss"), valid_metric="auc"),
     Protocol("rating", split="random_rows", ratios=(0.8, 0.1, 0.1), task="rating",
@@ -135,6 +144,23 @@ def padded_item_sets(inter: Interactions, users: np.ndarray) -> np.ndarray:
   rows = np.repeat(np.arange(len(users)), lengths)
   out[rows, np.arange(len(items)) - offsets[rows]] = items
   return out
+
+
+def cold_targets(split: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Interactions]:
+  """The cold phase of a split with held-out items (`split.cold`): every user with a held-out
+  interaction, ranked over the held-out items only.
+
+  Returns:
+    users [U] (sorted), positives [U, P] (the user's held-out items), exclude [U, W] (every item
+    that is not held out, so only held-out items are ranked), history (train + valid + test: all
+    the user's warm interactions, the input of sequential models).
+  """
+  cold = split.cold
+  users = np.unique(cold.user).astype(np.int32)
+  warm_items = np.setdiff1d(np.arange(1, cold.num_items), split.cold_items).astype(np.int32)
+  exclude = np.broadcast_to(warm_items, (len(users), max(len(warm_items), 1)))
+  history = split.train.concat(split.valid).concat(split.test)
+  return users, padded_item_sets(cold, users), exclude, history
 
 
 def eval_targets(split: Any, phase: str, mask_history: bool, csr: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from recjax.errors import ConfigError
 from recjax.models.bert4rec import BERT4Rec
 from recjax.models.caser import Caser
+from recjax.models.content import TextMLP
 from recjax.models.ctr import DCNv2, DeepFM, FeatureMLP, WideDeep
 from recjax.models.gru4rec import GRU4Rec
 from recjax.models.lightgcn import LightGCN
@@ -26,15 +28,18 @@ from recjax.models.ncf import GMF, NCFMLP, NeuMF, neumf_from_pretrained
 from recjax.models.ngcf import NGCF
 from recjax.models.pop import Pop, pop_params
 from recjax.models.sasrec import SASRec
+from recjax.nn.text import tower_pretrained
 
 MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec, "bert4rec": BERT4Rec,
                                      "gru4rec": GRU4Rec, "caser": Caser,
                                      "gmf": GMF, "ncf_mlp": NCFMLP, "neumf": NeuMF,
                                      "deepfm": DeepFM, "dcnv2": DCNv2, "widedeep": WideDeep, "feature_mlp": FeatureMLP,
-                                     "lightgcn": LightGCN, "ngcf": NGCF}
+                                     "lightgcn": LightGCN, "ngcf": NGCF, "text_mlp": TextMLP}
 
 # Set by `create_model` itself, never a hyperparameter; `parent`/`name` are linen's own fields.
 _SIZE_FIELDS = ("num_users", "num_items")
+# Built from the data by recjax.experiment.build (the config's `text` section), never a config key.
+_DATA_FIELDS = ("item_text",)
 _LINEN_FIELDS = ("parent", "name")
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
   "NeuMF",
   "Pop",
   "SASRec",
+  "TextMLP",
   "WideDeep",
   "create_model",
   "default_hparams",
@@ -79,8 +85,13 @@ def default_hparams(name: str) -> dict:
   return {
     k: f.default
     for k, f in _fields(_model_class(name)).items()
-    if k not in _SIZE_FIELDS and f.default is not dataclasses.MISSING
+    if k not in _SIZE_FIELDS + _DATA_FIELDS and f.default is not dataclasses.MISSING
   }
+
+
+def reads_text(name: str) -> bool:
+  """Whether model `name` can take item text vectors (an `item_text` field)."""
+  return "item_text" in _fields(_model_class(name))
 
 
 def model_kind(name: str) -> str:
@@ -98,6 +109,8 @@ def create_model(name: str, /, *, num_users: int, num_items: int, **kwargs) -> n
   cls = _model_class(name)
   fields = _fields(cls)
   unknown = sorted(k for k in kwargs if k not in fields or k in _SIZE_FIELDS)
+  if getattr(cls, "needs_text", False) and kwargs.get("item_text") is None:
+    raise ConfigError(f"model {name!r} ranks items by their text: set text.model (e.g. --set text.model='minilm')")
   if unknown:
     allowed = sorted(k for k in fields if k not in _SIZE_FIELDS)
     raise ConfigError(f"model {name!r} got unknown hyperparameter(s) {unknown}; it takes {allowed}")
@@ -123,8 +136,14 @@ def _init(model: nn.Module, rng: jax.Array) -> dict:
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> dict:
-  """Initial parameters `{"params": ...}` of every submodule (runs `__call__` once).
+  """Initial parameters `{"params": ...}` of every submodule (runs `__call__` once), with fine-tuned
+  text-encoder layers set to their checkpoint's values.
 
   Jitted with the model static, so equal models share one compilation.
   """
-  return _init(model, rng)
+  params = _init(model, rng)
+  text = getattr(model, "item_text", None)
+  if text is not None and text.layers:
+    params = flax.core.unfreeze(params)
+    params["params"]["item_tower"].update(jax.tree.map(jnp.asarray, tower_pretrained(text)))
+  return params

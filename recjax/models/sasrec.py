@@ -34,6 +34,7 @@ from jax.nn import initializers
 from recjax.nn.attention import TransformerBlock, TransformerStack, causal_padding_mask
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
+from recjax.nn.text import ItemTextTable, TextItemTower
 
 
 class SASRec(nn.Module):
@@ -56,10 +57,15 @@ class SASRec(nn.Module):
   layer_norm_eps: float = 1e-12
   pre_norm: bool = False
   init_std: float = 0.02
+  item_text: ItemTextTable | None = None   # text-aware items (config `text.model`): recjax.nn.text.TextItemTower
   kind: ClassVar[str] = "sequential"
 
   def setup(self):
-    self.item_embedding = embedding_table(self.num_items, self.dim, init="normal", std=self.init_std)
+    if self.item_text is None:
+      self.item_embedding = embedding_table(self.num_items, self.dim, init="normal", std=self.init_std)
+    else:
+      self.item_tower = TextItemTower(self.num_items, self.dim, self.item_text, use_id=self.item_text.use_id,
+                                      std=self.init_std)
     self.position_embedding = self.param(
       "position_embedding", initializers.normal(self.init_std), (self.max_len, self.dim), jnp.float32
     )
@@ -78,7 +84,8 @@ class SASRec(nn.Module):
     length = seq.shape[-1]
     if length > self.max_len:
       raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
-    x = self.item_embedding(seq) + self.position_embedding[self.max_len - length :]  # [B, L, d]
+    items = self.item_embedding(seq) if self.item_text is None else jnp.take(self.item_tower(), seq, axis=0)
+    x = items + self.position_embedding[self.max_len - length :]  # [B, L, d]
     if not self.pre_norm:
       x = self.norm(x)
     x = self.input_dropout(x, deterministic=not train)
@@ -98,8 +105,8 @@ class SASRec(nn.Module):
 
   def item_repr(self) -> jnp.ndarray:
     """The item table `[N, d]` shared by the input and the output (row 0 = padding)."""
-    return self.item_embedding.embedding
+    return self.item_embedding.embedding if self.item_text is None else self.item_tower()
 
   def __call__(self, batch: dict, train: bool = False) -> jnp.ndarray:
     """Scores `[B, N]` of the next item; `model.init(rng, batch)` creates every parameter."""
-    return self.item_embedding.attend(self.user_repr(batch, train=train))
+    return self.user_repr(batch, train=train) @ self.item_repr().T
