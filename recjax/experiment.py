@@ -228,7 +228,11 @@ def make_sampler(exp: Experiment):
 def init_params(exp: Experiment, rng: jax.Array):
   """Model parameters: counted for Pop, initialised by the model otherwise."""
   if exp.kind == "popularity":
-    return models.pop_params(np.bincount(exp.split.train.item, minlength=exp.split.train.num_items))
+    try:
+      return models.pop_params(np.bincount(exp.split.train.item, minlength=exp.split.train.num_items),
+                               exp.model.unseen_order, seed=exp.model.unseen_seed)
+    except ValueError as e:
+      raise ConfigError(f"model.unseen_order: {e}") from e
   params = models.init_params(exp.model, rng)
   return pad_tables(params, exp.mesh, shard_min_bytes(exp.config)) if exp.mesh else params
 

@@ -17,20 +17,34 @@ import numpy as np
 UNSEEN_SCORE = -1e9
 
 
-def pop_params(item_counts) -> dict:
+UNSEEN_ORDERS = ("index", "random")
+
+
+def pop_params(item_counts, unseen_order: str = "index", seed: int = 0) -> dict:
   """Parameters of `Pop` from item counts.
 
   Args:
     item_counts: `[N]` number of training interactions of each item (row 0 = padding, ignored).
+    unseen_order: how items without a count are ordered among themselves: "index" (lower id first,
+      as a top-k over tied scores, RecBole's order) or "random" (a seeded permutation). Dense ids
+      follow first appearance in the data file, which tracks popularity: on items held out of
+      training (cold start) "index" would rank them by information Pop does not have.
+    seed: the permutation's seed ("random").
 
   Returns:
     `{"params": {"log_count": [N] float32}}` with log(count) where count > 0, else `UNSEEN_SCORE`
-    (always for the padding row 0).
+    (always for the padding row 0), plus 128 * (the item's place in the permutation) for "random"
+    (distinct in float32, still far below log(1) = 0).
   """
+  if unseen_order not in UNSEEN_ORDERS:
+    raise ValueError(f"unseen_order must be one of {UNSEEN_ORDERS}, got {unseen_order!r}")
   counts = np.asarray(item_counts, dtype=np.float64)
   log_count = np.full(counts.shape, UNSEEN_SCORE, dtype=np.float64)
   seen = counts > 0
   log_count[seen] = np.log(counts[seen])
+  if unseen_order == "random":
+    unseen = np.flatnonzero(~seen)
+    log_count[unseen] += 128.0 * np.random.default_rng(seed).permutation(len(unseen))
   log_count[0] = UNSEEN_SCORE
   return {"params": {"log_count": jnp.asarray(log_count, dtype=jnp.float32)}}
 
@@ -39,6 +53,8 @@ class Pop(nn.Module):
   """Popularity model: `user_repr -> ones [B, 1]`, `item_repr -> log count [N, 1]`."""
 
   num_items: int
+  unseen_order: str = "index"   # see pop_params
+  unseen_seed: int = 0          # the permutation of unseen_order "random"
   kind: ClassVar[str] = "popularity"
 
   def setup(self):
