@@ -335,7 +335,8 @@ def train_mesh(config: dict[str, Any]):
   or None for one device."""
   if config["grad_accum"] < 1 or config["batch_size"] % config["grad_accum"]:
     raise ConfigError(f"grad_accum={config['grad_accum']} must divide batch_size={config['batch_size']}")
-  count = config["devices"] or jax.device_count()
+  # Fine-tuning text layers re-encodes every item each step: data parallelism would repeat that on each device.
+  count = config["devices"] or (1 if config["text"]["finetune_layers"] else jax.device_count())
   if count == 1 and config["model_parallel"] == 1:
     return None
   try:

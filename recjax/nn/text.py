@@ -304,10 +304,6 @@ class TextEncoder:
   fingerprint: str = ""
 
   @property
-  def module(self) -> BertEncoder:
-    return BertEncoder(self.config)
-
-  @property
   def dim(self) -> int:
     return self.config.dim
 
