@@ -37,8 +37,8 @@ SMALL_KWARGS = {"pop": {}, "sasrec": SMALL_SASREC, "bert4rec": SMALL_SASREC, "gr
 SELF_CONTAINED = sorted(
   name for name, cls in MODELS.items()
   if getattr(cls, "factorized", True) and not getattr(cls, "needs_graph", False)
-  and not getattr(cls, "needs_features", False)
-)
+  and not getattr(cls, "needs_features", False) and not getattr(cls, "needs_text", False)
+)   # text_mlp: tests/test_text.py
 
 
 def _seq() -> jnp.ndarray:
@@ -259,7 +259,7 @@ def test_registry():
     activation="gelu", layer_norm_eps=1e-12, pre_norm=False, init_std=0.02,
   )
   assert default_hparams("bpr") == {"dim": 64, "embedding_init": "xavier_normal"}
-  assert default_hparams("pop") == {}
+  assert default_hparams("pop") == {"unseen_order": "index", "unseen_seed": 0}
   model = create_model("bpr", num_users=4, num_items=6, dim=3)
   assert (model.num_users, model.num_items, model.dim) == (4, 6, 3)
   assert example_batch(create_model("sasrec", num_users=1, num_items=3))["seq"].shape == (2, 50)

@@ -211,11 +211,12 @@ class NegativeSampler:
       self.excluded[np.asarray(exclude_items, np.int64)] = True
     self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
     per_user = np.bincount(self.keys // self.num_items, minlength=train.num_users)
-    full = np.flatnonzero(per_user >= self.num_items - 1 - self.excluded[1:].sum())
+    samplable = self.num_items - 1 - int(self.excluded[1:].sum())
+    full = np.flatnonzero(per_user >= samplable)
     if len(full):
+      excluded = " not excluded" if samplable < self.num_items - 1 else ""
       raise DataError(train.name or "train", f"user {int(full[0])} ({train.user_vocab[full[0]]}) has interacted "
-                      f"with all {self.num_items - 1 - self.excluded[1:].sum()} samplable items: no negative item "
-                      "can be sampled")
+                      f"with all {samplable} items{excluded}: no negative item can be sampled")
 
   def sample(self, rng: np.random.Generator, user: np.ndarray, num: int) -> np.ndarray:
     """`num` negatives for each of `user` (int [m]); int32 [m, num]."""
