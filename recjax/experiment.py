@@ -96,9 +96,9 @@ def make_split(loaded: LoadedDataset, protocol: protocols.Protocol, config: dict
   inter = preprocess_interactions(loaded.interactions, config["preprocess"])
   if not protocol.cold_items:
     return split_interactions(inter, protocol, config["seed"])
-  warm, cold, cold_items = splits.hold_out_items(inter, protocol.cold_items, seed=config["seed"])
+  warm, cold = splits.hold_out_items(inter, protocol.cold_items, seed=config["seed"])
   split = split_interactions(warm, protocol, config["seed"])   # the rest is split as usual
-  return dataclasses.replace(split, name=f"{split.name}+cold", cold=cold, cold_items=cold_items)
+  return dataclasses.replace(split, name=f"{split.name}+cold", cold=cold)
 
 
 def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: int) -> splits.Split:
@@ -178,7 +178,8 @@ def build_item_text(options: dict[str, Any], split: splits.Split):
   if options["finetune_layers"] < 0 or options["batch_size"] < 1:
     raise ConfigError(f"text.finetune_layers must be >= 0 and text.batch_size >= 1, got {options['finetune_layers']} "
                       f"and {options['batch_size']}")
-  encoder = load_text_encoder(options["model"])
+  # Fine-tuning needs the weights anyway; frozen vectors from the cache do not.
+  encoder = load_text_encoder(options["model"]) if options["finetune_layers"] else None
   texts = item_text_vectors(split.train, options["model"], options["fields"], options["cache_dir"],
                             options["batch_size"], encoder=encoder)
   trained = np.bincount(split.train.item, minlength=split.train.num_items) > 0

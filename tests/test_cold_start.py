@@ -22,13 +22,14 @@ def inter():
 
 
 def test_hold_out_items_partitions_rows_by_item(inter):
-  warm, cold, cold_items = splits.hold_out_items(inter, 0.25, seed=1)
+  warm, cold = splits.hold_out_items(inter, 0.25, seed=1)
+  cold_items = splits.Split(warm, warm, warm, "x", cold).cold_items
   present = np.unique(inter.item)
   assert len(cold_items) == round(0.25 * len(present)) and np.all(np.isin(cold_items, present))
   assert len(warm) + len(cold) == len(inter)
   assert np.all(np.isin(cold.item, cold_items)) and not np.any(np.isin(warm.item, cold_items))
-  np.testing.assert_array_equal(splits.hold_out_items(inter, 0.25, seed=1)[2], cold_items)   # seeded
-  assert not np.array_equal(splits.hold_out_items(inter, 0.25, seed=2)[2], cold_items)
+  np.testing.assert_array_equal(np.unique(splits.hold_out_items(inter, 0.25, seed=1)[1].item), cold_items)   # seeded
+  assert not np.array_equal(np.unique(splits.hold_out_items(inter, 0.25, seed=2)[1].item), cold_items)
   with pytest.raises(DataError, match="cold items"):
     splits.hold_out_items(inter, 0.999, seed=1)
 
@@ -62,9 +63,10 @@ def test_full_softmax_leaves_masked_items_out():
 
 
 def test_cold_targets_rank_held_out_items_only(inter):
-  warm, cold, cold_items = splits.hold_out_items(inter, 0.25, seed=1)
+  warm, cold = splits.hold_out_items(inter, 0.25, seed=1)
   split = splits.leave_one_out(warm)
-  split = splits.Split(split.train, split.valid, split.test, "loo+cold", cold, cold_items)
+  split = splits.Split(split.train, split.valid, split.test, "loo+cold", cold)
+  cold_items = split.cold_items
   users, positives, exclude, history = protocols.cold_targets(split)
   np.testing.assert_array_equal(users, np.unique(cold.user))
   assert np.all(np.isin(positives[positives > 0], cold_items))

@@ -7,6 +7,7 @@ Without timestamps, "time order" is file order (as in `user_sequences`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -18,22 +19,25 @@ from recjax.errors import DataError
 @dataclasses.dataclass(frozen=True)
 class Split:
   """Three parts over the same vocabularies; `name` says how they were made. A cold-start split also
-  has `cold` (every interaction with the held-out items, in none of the three parts) and
-  `cold_items` (int32 [C], the held-out item ids)."""
+  has `cold`: every interaction with the held-out items, in none of the three parts."""
   train: Interactions
   valid: Interactions
   test: Interactions
   name: str
   cold: Interactions | None = None
-  cold_items: np.ndarray | None = None
+
+  @functools.cached_property
+  def cold_items(self) -> np.ndarray | None:
+    """int32 [C] sorted: the held-out item ids (those of `cold`), or None without held-out items."""
+    return None if self.cold is None else np.unique(self.cold.item).astype(np.int32)
 
 
-def hold_out_items(inter: Interactions, share: float, seed: int = 0) -> tuple[Interactions, Interactions, np.ndarray]:
+def hold_out_items(inter: Interactions, share: float, seed: int = 0) -> tuple[Interactions, Interactions]:
   """Cold start: round(share * I) of the I items that have interactions, drawn uniformly (seeded),
   lose all their interactions to a separate part.
 
   Returns:
-    (warm: the other items' rows, cold: the held-out items' rows, cold_items int32 [C] sorted).
+    (warm: the other items' rows, cold: the held-out items' rows; every held-out item has one or more).
   """
   present = np.flatnonzero(np.bincount(inter.item, minlength=inter.num_items)[1:]) + 1
   count = int(round(share * len(present)))
@@ -42,7 +46,7 @@ def hold_out_items(inter: Interactions, share: float, seed: int = 0) -> tuple[In
                     f"{count} cold items: need at least one cold and one warm item")
   cold_items = np.sort(np.random.default_rng([seed, 7]).choice(present, count, replace=False)).astype(np.int32)
   is_cold = np.isin(inter.item, cold_items)
-  return inter.subset(~is_cold), inter.subset(is_cold), cold_items
+  return inter.subset(~is_cold), inter.subset(is_cold)
 
 
 def leave_one_out(inter: Interactions) -> Split:

@@ -33,11 +33,10 @@ LABELS = {"release_year": "year", "class": "genres"}
 @dataclasses.dataclass(frozen=True)
 class ItemTexts:
   """Encoded item texts: `vectors [num_items, d]` float32 (row 0 = 0), `texts [num_items]`, the
-  `fields` used, the checkpoint `model`, and the cache file `path` they are kept in."""
+  `fields` used, and the cache file `path` they are kept in."""
   vectors: np.ndarray
   texts: tuple[str, ...]
   fields: tuple[str, ...]
-  model: str
   path: Path
 
 
@@ -110,27 +109,31 @@ def item_text_vectors(inter: Interactions, model: str, fields: Sequence[str] | N
     model: a checkpoint directory or "minilm" (see `recjax.nn.text.checkpoint_dir`).
     fields: item columns (see `text_fields`).
     cache: the cache directory (see `cache_dir`).
-    encoder: an already loaded `recjax.nn.text.TextEncoder` of `model` (skips loading it again).
+    encoder: an already loaded `recjax.nn.text.TextEncoder` of `model`; otherwise the weights are
+      loaded only when the cache misses (a hit hashes the checkpoint's files, nothing more).
   """
   from recjax.nn import text  # the text extra is needed only here
 
   fields = text_fields(inter, fields)
   texts = item_texts(inter, fields)
-  encoder = encoder or text.load_text_encoder(model)
-  key = cache_key(encoder.fingerprint, texts)
+  key = cache_key(encoder.fingerprint if encoder else text.checkpoint_fingerprint(model), texts)
   path = cache_dir(cache) / f"{key[:32]}.npy"
-  vectors = None
-  if path.is_file():
-    try:
-      vectors = np.load(path)
-    except (ValueError, OSError):   # a damaged cache entry is encoded again
-      vectors = None
-    if vectors is not None and vectors.shape != (len(texts), encoder.dim):
-      vectors = None
+  vectors = _load_cached(path, len(texts))
   if vectors is None:
-    has_text = np.array([bool(t) for t in texts])
+    encoder = encoder or text.load_text_encoder(model)
+    rows = np.flatnonzero([bool(t) for t in texts])
     vectors = np.zeros((len(texts), encoder.dim), np.float32)
-    rows = np.flatnonzero(has_text)
     vectors[rows] = text.encode(encoder, [texts[i] for i in rows], batch_size=batch_size)
     _save_atomic(path, vectors)
-  return ItemTexts(vectors, texts, fields, str(model), path)
+  return ItemTexts(vectors, texts, fields, path)
+
+
+def _load_cached(path: Path, rows: int) -> np.ndarray | None:
+  """The cached `[rows, d]` float32 array at `path`, or None when absent, damaged or of other rows."""
+  if not path.is_file():
+    return None
+  try:
+    vectors = np.load(path)
+  except (ValueError, OSError):   # a damaged entry is encoded again
+    return None
+  return vectors if vectors.ndim == 2 and len(vectors) == rows and vectors.dtype == np.float32 else None

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.nn import initializers
 
 from recjax.errors import ConfigError, DataError
@@ -84,6 +85,23 @@ class BertConfig:
             "pad_token_id": 0, **out}
 
 
+def bert_layer(config: BertConfig, name: str, dropout: bool = True) -> TransformerBlock:
+  """One BERT layer: the post-LN `TransformerBlock` with the config's sizes (`dropout=False`: none)."""
+  return TransformerBlock(num_heads=config.num_heads, dim=config.dim, ffn_dim=config.ffn_dim,
+                          dropout=config.dropout if dropout else 0.0,
+                          attn_dropout=config.attn_dropout if dropout else 0.0, activation=config.activation,
+                          layer_norm_eps=config.layer_norm_eps, init_std=config.init_std, name=name)
+
+
+def apply_layers(layers: Sequence[TransformerBlock], x: jnp.ndarray, mask: jnp.ndarray,
+                 train: bool = False) -> jnp.ndarray:
+  """`layers` in turn on `x [B, T, d]`; `mask [B, T]` 1 on real tokens (padding keys hidden from every query)."""
+  keys = (mask > 0)[:, None, None, :]   # [B, 1, 1, T]
+  for layer in layers:
+    x = layer(x, keys, train=train)
+  return x
+
+
 class BertEncoder(nn.Module):
   """Token ids -> contextual states, BERT's post-LN layers.
 
@@ -101,10 +119,7 @@ class BertEncoder(nn.Module):
     self.token_type_embeddings = table(c.type_vocab_size, "token_type_embeddings")
     self.embed_norm = nn.LayerNorm(epsilon=c.layer_norm_eps)
     self.embed_dropout = Dropout(c.dropout)
-    self.layers = [TransformerBlock(num_heads=c.num_heads, dim=c.dim, ffn_dim=c.ffn_dim, dropout=c.dropout,
-                                    attn_dropout=c.attn_dropout, activation=c.activation,
-                                    layer_norm_eps=c.layer_norm_eps, init_std=c.init_std, name=f"layer_{i}")
-                   for i in range(c.num_layers)]
+    self.layers = [bert_layer(c, f"layer_{i}") for i in range(c.num_layers)]
     self.pooler = nn.Dense(c.dim, kernel_init=initializers.normal(c.init_std))
 
   def embed(self, ids: jnp.ndarray, type_ids: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
@@ -120,10 +135,7 @@ class BertEncoder(nn.Module):
                  train: bool = False) -> jnp.ndarray:
     """Layers `start`..`stop`-1 (default: to the last) on `x [B, T, d]`; `mask [B, T]` 1 on real tokens
     (padding keys are hidden from every query)."""
-    keys = (mask > 0)[:, None, None, :]   # [B, 1, 1, T]
-    for layer in self.layers[start:stop]:
-      x = layer(x, keys, train=train)
-    return x
+    return apply_layers(self.layers[start:stop], x, mask, train)
 
   def __call__(self, ids: jnp.ndarray, mask: jnp.ndarray, type_ids: jnp.ndarray | None = None,
                train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -204,42 +216,35 @@ def hf_to_params(weights: dict[str, np.ndarray], config: BertConfig, where: str 
   tensors = {_canonical(k): np.asarray(v) for k, v in weights.items()}
   for name in _BUFFERS:
     tensors.pop(name, None)
-  params, missing = {}, []
+  flat, missing = {}, []
   for hf, path, to_params, _ in weight_map(config):
     if hf not in tensors:
       missing.append(hf)
       continue
     tensor = tensors.pop(hf)
     try:
-      value = to_params(tensor.astype(np.float32))
+      flat[path] = to_params(tensor.astype(np.float32))
     except ValueError as e:   # a reshape that cannot be done: the tensor does not fit config.json
       raise DataError(where, f"tensor {hf} of shape {tensor.shape} does not fit config.json ({e})") from e
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
   if missing or tensors:
     raise DataError(where, f"does not match a {config.num_layers}-layer BERT: missing {missing[:5]}"
                     f"{' ...' if len(missing) > 5 else ''}; unused {sorted(tensors)[:5]}"
                     f"{' ...' if len(tensors) > 5 else ''}")
-  expected = jax.eval_shape(BertEncoder(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32),
-                            jnp.ones((1, 1), jnp.int32))["params"]
-  wrong = [f"{'/'.join(map(str, p))}: {np.shape(a)} != {e.shape}" for (p, a), e
-           in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)) if np.shape(a) != e.shape]
-  if jax.tree.structure(params) != jax.tree.structure(dict(expected)) or wrong:
+  one_token = jnp.ones((1, 1), jnp.int32)
+  expected = traverse_util.flatten_dict(
+      jax.eval_shape(BertEncoder(config).init, jax.random.PRNGKey(0), one_token, one_token)["params"])
+  wrong = [f"{'/'.join(path)}: {flat[path].shape} != {e.shape}" for path, e in expected.items()
+           if flat[path].shape != e.shape]
+  if wrong:
     raise DataError(where, f"tensor shapes do not fit config.json: {wrong[:3]}")
-  return {"params": params}
+  return {"params": traverse_util.unflatten_dict(flat)}
 
 
 def params_to_hf(params: dict, config: BertConfig) -> dict[str, np.ndarray]:
   """The inverse of `hf_to_params`: Hugging Face names -> float32 arrays (to write a checkpoint)."""
-  tree = params["params"]
-  out = {}
-  for hf, path, _, to_hf in weight_map(config):
-    value = tree
-    for key in path:
-      value = value[key]
-    out[hf] = np.ascontiguousarray(to_hf(np.asarray(value, np.float32)))
+  flat = traverse_util.flatten_dict(params["params"])
+  out = {hf: np.ascontiguousarray(to_hf(np.asarray(flat[path], np.float32)))
+         for hf, path, _, to_hf in weight_map(config)}
   out["embeddings.position_ids"] = np.arange(config.max_positions, dtype=np.int64)[None]
   return out
 
@@ -282,7 +287,7 @@ class TextTokenizer:
     """`texts [n]` -> (ids `[n, T]` int32, mask `[n, T]` int32), right-padded."""
     encodings = self.tokenizer.encode_batch(list(texts))
     longest = max((len(e.ids) for e in encodings), default=1)
-    width = min(-(-longest // self.pad_multiple) * self.pad_multiple, max(self.max_length, longest))   # >= longest
+    width = min(-(-longest // self.pad_multiple) * self.pad_multiple, self.max_length)   # truncated: >= longest
     ids = np.full((len(encodings), width), self.pad_id, np.int32)
     mask = np.zeros((len(encodings), width), np.int32)
     for row, e in enumerate(encodings):
@@ -346,13 +351,29 @@ def _fingerprint(files: Sequence[Path]) -> str:
   return digest.hexdigest()
 
 
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+_SENTENCE_FILES = ("sentence_bert_config.json", "1_Pooling/config.json", "modules.json")
+
+
+def _checked_dir(name_or_path: str | Path) -> Path:
+  path = checkpoint_dir(name_or_path)
+  for required in _REQUIRED:
+    if not (path / required).is_file():
+      raise DataError(path, f"a text checkpoint needs {required}")
+  return path
+
+
+def checkpoint_fingerprint(name_or_path: str | Path) -> str:
+  """sha256 of a checkpoint's files (weights, config, tokenizer, sentence-transformers files): what
+  keys caches of its outputs, computed without loading the weights."""
+  path = _checked_dir(name_or_path)
+  return _fingerprint([path / name for name in _REQUIRED + _SENTENCE_FILES if (path / name).is_file()])
+
+
 def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
   """Reads a checkpoint directory (see the module docstring); pooling and normalisation follow its
   sentence-transformers files, and default to mean pooling + L2 normalisation when it has none."""
-  path = checkpoint_dir(name_or_path)
-  for required in ("config.json", "model.safetensors", "tokenizer.json"):
-    if not (path / required).is_file():
-      raise DataError(path, f"a text checkpoint needs {required}")
+  path = _checked_dir(name_or_path)
   config = BertConfig.from_hf(_read_json(path / "config.json"), str(path / "config.json"))
   safetensors_numpy = _optional("safetensors.numpy")
   try:
@@ -360,21 +381,18 @@ def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
   except Exception as e:   # safetensors raises its own error types for corrupt files
     raise DataError(path / "model.safetensors", f"cannot be read ({e})") from e
   params = hf_to_params(weights, config, str(path / "model.safetensors"))
-  st_config = path / "sentence_bert_config.json"
+  st_config, pooling_file, modules = (path / name for name in _SENTENCE_FILES)
   max_length = _read_json(st_config).get("max_seq_length") if st_config.is_file() else None
   max_length = min(max_length or config.max_positions, config.max_positions)
-  pooling_file = path / "1_Pooling" / "config.json"
   pooling = "mean"
   if pooling_file.is_file():
     options = _read_json(pooling_file)
     pooling = "cls" if options.get("pooling_mode_cls_token") else "mean"
     if not (options.get("pooling_mode_mean_tokens") or options.get("pooling_mode_cls_token")):
       raise DataError(pooling_file, "only mean or [CLS] pooling is supported")
-  modules = path / "modules.json"
   normalize = (not modules.is_file()) or any(m.get("type", "").endswith("Normalize") for m in _read_json(modules))
-  files = [path / "config.json", path / "model.safetensors", path / "tokenizer.json"]
   return TextEncoder(config, params, TextTokenizer.from_file(path / "tokenizer.json", max_length), pooling, normalize,
-                     str(path), _fingerprint(files + [p for p in (st_config, pooling_file, modules) if p.is_file()]))
+                     str(path), checkpoint_fingerprint(path))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
@@ -398,24 +416,20 @@ def encode(encoder: TextEncoder, texts: Sequence[str], batch_size: int = 256) ->
   lengths = mask.sum(1)
   params = jax.device_put(encoder.params)   # once, not once per batch
   order = np.argsort(lengths, kind="stable")
-  for start in range(0, len(texts), batch_size):
-    rows = order[start:start + batch_size]
+  batches = [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
+  pending = []
+  for rows in batches:
     width = min(-(-int(lengths[rows].max()) // 8) * 8, ids.shape[1])
     batch_ids = np.full((batch_size, width), encoder.tokenizer.pad_id, np.int32)
     batch_mask = np.zeros((batch_size, width), np.int32)
     batch_ids[:len(rows)], batch_mask[:len(rows)] = ids[rows, :width], mask[rows, :width]
-    vectors = _encode_batch(encoder.config, params, batch_ids, batch_mask, encoder.pooling, encoder.normalize)
-    out[rows] = np.asarray(vectors)[:len(rows)]
+    pending.append(_encode_batch(encoder.config, params, batch_ids, batch_mask, encoder.pooling, encoder.normalize))
+  for rows, vectors in zip(batches, jax.device_get(pending)):   # one sync, after every batch is dispatched
+    out[rows] = vectors[:len(rows)]
   return out
 
 
 # --- text-aware item towers -----------------------------------------------------------------------
-
-def _bert_layer(config: BertConfig, name: str) -> TransformerBlock:
-  return TransformerBlock(num_heads=config.num_heads, dim=config.dim, ffn_dim=config.ffn_dim, dropout=0.0,
-                          attn_dropout=0.0, activation=config.activation, layer_norm_eps=config.layer_norm_eps,
-                          init_std=config.init_std, name=name)
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ItemTextTable:
@@ -501,16 +515,15 @@ class TextItemTower(nn.Module):
       self.id_embedding = embedding_table(self.num_items, self.dim, init=self.embedding_init, std=self.std)
     self.mlp = [nn.Dense(width) for width in (*self.hidden, self.dim)]
     if self.text.layers:
-      self.encoder_layers = [_bert_layer(self.text.encoder, f"encoder_layer_{i}") for i in range(len(self.text.layers))]
+      self.encoder_layers = [bert_layer(self.text.encoder, f"encoder_layer_{i}", dropout=False)
+                             for i in range(len(self.text.layers))]
 
   def text_vectors(self) -> jnp.ndarray:
     """`[N, D]`: the cached vectors, or the fine-tuned layers' pooled output (0 for items without text)."""
     if not self.text.layers:
       return jnp.asarray(self.text.vectors)
-    x, mask = jnp.asarray(self.text.states), jnp.asarray(self.text.token_mask)
-    keys = (mask > 0)[:, None, None, :]
-    for layer in self.encoder_layers:
-      x = layer(x, keys)
+    mask = jnp.asarray(self.text.token_mask)
+    x = apply_layers(self.encoder_layers, jnp.asarray(self.text.states), mask)
     vectors = sentence_vectors(x, mask, self.text.pooling, self.text.normalize)
     return vectors * jnp.asarray(self.text.has_text, vectors.dtype)[:, None]
 
