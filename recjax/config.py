@@ -47,6 +47,15 @@ BASE = {
     # tower of models that read text (sasrec, bpr, text_mlp) mix in each item's encoded text.
     "text": {"model": None, "fields": None, "use_id": True, "finetune_layers": 0, "cache_dir": None,
              "batch_size": 256},
+    # Scenarios (recjax.data.domains): `rule` gives each row a domain ("column" reads `column`; or
+    # "item_genre_group", "user_age_band", "user_feature:NAME", "item_feature:NAME"); metrics are then
+    # reported per domain too; `only` restricts the run to one domain's rows (one model per domain).
+    "domain": {"rule": None, "column": "domain", "only": None},
+    "label_columns": None,        # labelled rows: 0/1 label columns of the data, one task each (default: rating rule)
+    # Adaptation (recjax.train.adapt): start from the best params of the run in `from_run` (same data and
+    # model) and train only `trainable` of them: "all", "domain" (domain-specific parts and adapters) or
+    # "adapters" (adapters and towers/heads of the domains).
+    "finetune": {"from_run": None, "trainable": "all"},
     "model": {},
 }
 
@@ -58,6 +67,10 @@ _SEQUENTIAL = {"protocol": "recbole-sequential", "training": "sequence", "loss":
 # regression: --protocol rating --set loss='mse' (rating_normalization: None | zscore | minmax | user_mean).
 _CONTEXT = {"protocol": "recbole-context", "training": "labeled", "loss": "bce", "batch_size": 2048, "epochs": 300,
             "label_threshold": 4.0, "rating_normalization": None}
+
+# Multi-scenario models (recjax.models.multidomain): labelled rows split within each domain; on
+# synthetic-multidomain two tasks (click, like), on rated data one (rating >= label_threshold).
+_MULTIDOMAIN = {**_CONTEXT, "protocol": "multidomain", "batch_size": 1024, "epochs": 50, "patience": 5}
 
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "pop": {"epochs": 0, "loss": None, "training": None},
@@ -87,6 +100,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # Content model (recjax.models.content): items by their text only; trained as BPR-MF.
     "text_mlp": {"loss": "bpr", "text": {**BASE["text"], "model": "minilm"}},
     "ngcf": {"loss": "bpr", "l2_weight": 1e-5, "devices": 1},
+    **{name: _MULTIDOMAIN for name in ("domain_mlp", "shared_bottom", "mmoe", "ple", "star")},
 }
 
 
@@ -94,6 +108,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 # dataset yaml files). The synthetic data is a quick demonstration: a fixed budget of 30 epochs.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"epochs": 30},
+    "synthetic-multidomain": {"label_columns": ["click", "like"], "domain": {**BASE["domain"], "rule": "column"}},
 }
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
-from recjax.data import labeled, preprocess, samplers, splits
+from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
 from recjax.data.interactions import Interactions
@@ -28,7 +28,8 @@ from recjax.errors import ConfigError, DataError
 from recjax.eval import classification, protocols, ranking
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer
-from recjax.train import Checkpointer, create_train_state, fit, make_train_step
+from recjax.models.multidomain import param_group
+from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
 from recjax.train.mesh import batch_sharding, check_divisible, create_sharded, make_mesh, pad_tables, put_global
 
 
@@ -47,6 +48,7 @@ class Experiment:
   eval_params: Callable = None     # params -> what score_fn reads: the params, or a graph model's propagated tables
   labeled_data: labeled.LabeledData | None = None   # labelled rows (pointwise training / labelled evaluation)
   logits_fn: Callable = None       # jitted (params, rows) -> [C] of kind "ctr" models, one per run
+  domains: tuple[str, ...] | None = None   # domain names (id k = domains[k]) when the config sets domain.rule
 
   def __post_init__(self):
     self.mesh = train_mesh(self.config)
@@ -89,11 +91,13 @@ def preprocess_interactions(inter: Interactions, options: dict[str, Any]) -> Int
 
 def make_split(loaded: LoadedDataset, protocol: protocols.Protocol, config: dict[str, Any]) -> splits.Split:
   """The protocol's split of the (preprocessed) data."""
+  rule, column = config["domain"]["rule"], config["domain"]["column"]
+  with_domains = (lambda inter: domains.assign_domains(inter, rule, column)) if rule else (lambda inter: inter)
   if protocol.split == "given":
     if loaded.given is None:
       raise ConfigError(f"protocol {protocol.name!r} needs a pre-split dataset; {config['dataset']!r} has none")
-    return splits.given(*loaded.given)
-  inter = preprocess_interactions(loaded.interactions, config["preprocess"])
+    return splits.given(*map(with_domains, loaded.given))
+  inter = with_domains(preprocess_interactions(loaded.interactions, config["preprocess"]))
   if not protocol.cold_items:
     return split_interactions(inter, protocol, config["seed"])
   warm, cold = splits.hold_out_items(inter, protocol.cold_items, seed=config["seed"])
@@ -113,6 +117,8 @@ def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: 
     return splits.global_temporal(inter, protocol.ratios)
   if protocol.split == "random_rows":
     return labeled.random_rows(inter, protocol.ratios, seed=seed)
+  if protocol.split == "domain_rows":
+    return domains.split_by_domain(inter, protocol.ratios, seed=seed)
   raise ConfigError(f"protocol {protocol.name!r}: unknown split {protocol.split!r}")
 
 
@@ -138,10 +144,16 @@ def build(config: dict[str, Any]) -> Experiment:
   protocol = protocols.get_protocol(config["protocol"])
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
+  names = domains.domain_names(split.train.concat(split.valid).concat(split.test)) if config["domain"]["rule"] else None
+  if config["domain"]["only"] is not None:
+    split = domains.only_domain(split, config["domain"]["only"]) if names else _need_domains("domain.only")
   splits.check_split(split)
   hparams = {k: v for k, v in config["model"].items() if k != "name"}
   name = config["model"]["name"]
   kind = models.model_kind(name)
+  if getattr(models.MODELS[name], "multidomain", False):   # heads per domain and task, from the data
+    hparams.update(num_domains=len(names) if names else _need_domains(f"model {name!r}"),
+                   num_tasks=len(config["label_columns"] or ()) or 1)
   if kind == "sequential":
     hparams.setdefault("max_len", protocol.max_len)
   if getattr(models.MODELS[name], "needs_features", False):   # feature fields of the training split
@@ -154,7 +166,7 @@ def build(config: dict[str, Any]) -> Experiment:
                         f"{sorted(n for n in models.MODELS if models.reads_text(n))})")
     hparams["item_text"] = build_item_text(config["text"], split)
   model = models.create_model(name, num_users=split.train.num_users, num_items=split.train.num_items, **hparams)
-  data = build_labeled(config, protocol, split, kind)
+  data = build_labeled(config, protocol, split, kind, names)
   if protocol.task == "ranking":
     phases = ("test",) if protocol.split == "given" and len(split.valid) == 0 else ("valid", "test")
     eval_sets = {phase: build_eval_set(split, phase, protocol) for phase in phases}
@@ -166,7 +178,12 @@ def build(config: dict[str, Any]) -> Experiment:
   else:
     eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
                  for phase, rows in (("valid", data.valid), ("test", data.test))}
-  return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data)
+  return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data, domains=names)
+
+
+def _need_domains(what: str):
+  raise ConfigError(f"{what} needs domains: set domain.rule (e.g. --set domain.rule='item_genre_group'; "
+                    f"rules: {list(domains.RULES)})")
 
 
 def build_item_text(options: dict[str, Any], split: splits.Split):
@@ -188,7 +205,7 @@ def build_item_text(options: dict[str, Any], split: splits.Split):
 
 
 def build_labeled(config: dict[str, Any], protocol: protocols.Protocol, split: splits.Split,
-                  kind: str) -> labeled.LabeledData | None:
+                  kind: str, domain_names: tuple[str, ...] | None = None) -> labeled.LabeledData | None:
   """Labelled rows when the protocol evaluates them or the model trains on them (`training`
   "labeled"), else None. The task is the protocol's ("labeled" | "rating"); a ranking protocol
   with labelled training uses CTR labels. Checks that model kind, protocol and loss agree."""
@@ -205,7 +222,8 @@ def build_labeled(config: dict[str, Any], protocol: protocols.Protocol, split: s
     fix = "--set loss='mse'" if task == "rating" else "--set loss='bce' (rating regression: --protocol rating)"
     raise ConfigError(f"loss {config['loss']!r} does not fit task {task!r} of protocol {protocol.name!r}: {fix}")
   return labeled.labeled_data(split, task, threshold=config["label_threshold"],
-                              normalization=config["rating_normalization"])
+                              normalization=config["rating_normalization"], label_columns=config["label_columns"],
+                              domains=domain_names)
 
 
 def make_sampler(exp: Experiment):
@@ -222,7 +240,7 @@ def make_sampler(exp: Experiment):
   if c["training"] == "labeled":
     rows = exp.labeled_data
     return samplers.LabeledSampler(rows.train.user, rows.train.item, rows.train_targets(), c["batch_size"],
-                                   seed=c["seed"])
+                                   seed=c["seed"], domain=rows.train.domain)
   raise ConfigError(f"training: unknown scheme {c['training']!r}; known: pairs, sequence, prefix, labeled")
 
 
@@ -247,8 +265,8 @@ def init_state(exp: Experiment, optimizer, rng: jax.Array):
   in place: embedding tables of at least `shard_tables_mb` row-sharded over `model` (Adam's moments
   alike), the rest replicated, so a table too big for one device is never whole on one."""
   key = jax.random.fold_in(rng, 1)
-  if any(pretrain_runs(exp.config).values()):   # restored from other runs' checkpoints on the host, then placed
-    params = pretrained_init(exp, init_params(exp, rng))
+  if any(pretrain_runs(exp.config).values()) or exp.config["finetune"]["from_run"]:   # restored on the host, placed
+    params = finetune_init(exp, pretrained_init(exp, init_params(exp, rng)))
     make = lambda: create_train_state(params, optimizer, key)  # noqa: E731
   else:
     make = lambda: create_train_state(init_params(exp, rng), optimizer, key)  # noqa: E731
@@ -293,14 +311,14 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
   metrics on the host; for rating regression, outputs mapped back to the rating scale first."""
   data, protocol = exp.labeled_data, exp.protocol
   rows = getattr(data, phase)
-  inputs = {"user": rows.user, "item": rows.item}
   chunk, sharding = labeled_chunk(exp), batch_sharding(exp.mesh) if exp.mesh else None
 
   def run(params) -> dict[str, float]:
-    logits = classification.score_rows(exp.logits_fn, params, inputs, chunk, sharding)   # [n]
-    if protocol.task == "labeled":
-      return classification.binary_metrics(protocol.metrics, logits, rows.target, rows.user)
-    return classification.regression_metrics(protocol.metrics, data.scale.denormalize(logits, rows.user), rows.target)
+    outputs = classification.score_rows(exp.logits_fn, params, rows.inputs(), chunk, sharding)   # [n] or [n, T]
+    if protocol.task == "rating":
+      outputs = data.scale.denormalize(outputs, rows.user)
+    return classification.labeled_report(protocol.metrics, outputs, rows.target, rows.user, task=protocol.task,
+                                         tasks=data.tasks, domain=rows.domain, domains=data.domains)
 
   return run
 
@@ -375,13 +393,43 @@ def make_optimizer(config: dict[str, Any]):
   return create_optimizer(config["optimizer"], config["learning_rate"], weight_decay=config["weight_decay"])
 
 
+def run_optimizer(exp: Experiment, rng: jax.Array):
+  """The config's optimizer, restricted to `finetune.trainable` of the model's parameters (`recjax.train.adapt`)."""
+  optimizer = make_optimizer(exp.config)
+  trainable = exp.config["finetune"]["trainable"]
+  if trainable == "all":
+    return optimizer
+  variables = jax.eval_shape(lambda: init_params(exp, rng))
+  return adapt.partial_optimizer(optimizer, variables, trainable, param_group)
+
+
+def finetune_init(exp: Experiment, params):
+  """`params` with every parameter of the run in `finetune.from_run` (its best checkpoint) copied in; the
+  run must be of the same model on the same data and split (parameters it lacks, e.g. adapters, stay new)."""
+  source = exp.config["finetune"]["from_run"]
+  if not source:
+    return params
+  config = saved_config(source)
+  if config is None:
+    raise ConfigError(f"finetune.from_run: no recjax run at {source} (no config.json)")
+  for key in ("model.name", *_SAME_DATA_KEYS, "domain.rule", "label_columns"):
+    ours, theirs = _dotted(exp.config, key), _dotted(config, key)
+    if _as_list(ours) != _as_list(theirs):
+      raise ConfigError(f"finetune.from_run: {source} has {key}={theirs!r}, this run {ours!r} (fine-tuning continues "
+                        "a run of the same model on the same data)")
+  config = {**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
+            "finetune": {"from_run": None, "trainable": "all"}}
+  pretrained = restore_best_params(build(config), source)
+  return adapt.merge_pretrained(params, pretrained, str(source))
+
+
 def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
   """Best parameters of a run folder (Pop has none: counted again from the split)."""
   rng = jax.random.PRNGKey(exp.config["seed"])
   params = init_params(exp, rng)
   if exp.kind == "popularity" or exp.config["epochs"] == 0:
     return params
-  template = create_train_state(params, make_optimizer(exp.config), rng)
+  template = create_train_state(params, run_optimizer(exp, rng), rng)
   with Checkpointer(Path(run_dir) / "checkpoints") as checkpoints:
     restored = checkpoints.restore_best(template)
   if restored is None:
@@ -402,6 +450,13 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 # Keys a pretraining run must share with the run it initialises (same data, same split).
 _SAME_DATA_KEYS = ("dataset", "protocol", "preprocess", "seed")
+
+
+def _dotted(config: dict[str, Any], key: str):
+  """`config["a"]["b"]` for key "a.b" (None where a level is missing)."""
+  for part in key.split("."):
+    config = config.get(part) if isinstance(config, dict) else None
+  return config
 
 
 def _as_list(value):
@@ -494,7 +549,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     eval_s.append(time.perf_counter() - start)
   else:
     sampler = make_sampler(exp)
-    optimizer = make_optimizer(config)
+    optimizer = run_optimizer(exp, rng)
     state, state_sharding = init_state(exp, optimizer, rng)
     step = make_step(exp, optimizer, state_sharding)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
@@ -514,6 +569,10 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
       "eval_s": statistics.median(eval_s) if eval_s else 0.0, "test_s": test_s,
       "protocol": exp.protocol.name, "valid_metric": exp.valid_metric,
   }
+  if exp.domains:   # rows of each domain in each part
+    metrics["domain_sizes"] = {name: {phase: size for phase in ("train", "valid", "test")
+                                      for size in [domains.domain_sizes(getattr(exp.split, phase), exp.domains)[name]]}
+                               for name in exp.domains}
   if out:
     write_json(out / "metrics.json", metrics)
   return metrics

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from recjax import losses
 from recjax.errors import ConfigError
+from recjax.train.step import MODEL_STATE
 
 LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 ScoreFn = Callable[[dict, dict], jax.Array]
@@ -342,26 +343,43 @@ def _logits_and_penalty(module: nn.Module, batch: dict, train: bool):
 def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
   """Pointwise loss for kind "ctr" models on labelled rows; dropout on (rng stream "dropout").
 
-  z = model.logits(batch) `[B]`, y = `batch["label"]` `[B]`, w = `batch["weight"]` `[B]`:
+  z = model.logits(batch) `[B]` (or `[B, T]` for a multi-task model, one logit per task), y =
+  `batch["label"]` of the same shape, w = `batch["weight"]` `[B]`:
   - "bce": binary cross-entropy with logits, weighted_mean_b( y softplus(-z) + (1 - y) softplus(z) )
     (PyTorch's BCEWithLogitsLoss; RecBole's context-aware models apply sigmoid then BCELoss);
   - "mse": squared error for rating regression, weighted_mean_b( (z - y)^2 );
-  plus `model.penalty()` when the model defines one (RecBole adds DCN-v2's to its loss too).
+  with T tasks, each row's loss is the mean over its tasks; plus `model.penalty()` when the model
+  defines one (RecBole adds DCN-v2's to its loss too).
 
-  Batch: `user [B]`, `item [B]` (+ whatever else the model reads), `label [B] float32`, `weight [B]`.
+  A model with running statistics (variables `batch_stats`, e.g. STAR's partitioned normalisation)
+  updates them from the batch: they are returned as `metrics["model_state"]`, which the train step
+  writes back after the optimizer update.
+
+  Batch: `user [B]`, `item [B]` (+ whatever else the model reads, e.g. `domain [B]`), `label [B]` or
+  `[B, T]` float32, `weight [B]`.
   """
   if loss not in POINTWISE_LOSSES:
     raise ConfigError(f"unknown pointwise loss {loss!r}; expected one of {POINTWISE_LOSSES}")
 
   def loss_fn(params, batch, rng):
-    z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
-    y = batch["label"].astype(z.dtype)  # [B], as the logits z
-    if loss == "bce":
-      per_row = y * jax.nn.softplus(-z) + (1 - y) * jax.nn.softplus(z)
+    extra = {}
+    if "batch_stats" in params:
+      (z, penalty), updated = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng},
+                                          mutable=["batch_stats"])
+      extra[MODEL_STATE] = jax.lax.stop_gradient(dict(updated))
     else:
-      per_row = jnp.square(z - y)
+      z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
+    y = batch["label"].astype(z.dtype)  # as the logits z
+    if y.shape != z.shape:
+      raise ConfigError(f"{type(model).__name__} gives logits of shape {z.shape} for labels of shape {y.shape} "
+                        "(one logit per task)")
+    if loss == "bce":
+      per_entry = y * jax.nn.softplus(-z) + (1 - y) * jax.nn.softplus(z)
+    else:
+      per_entry = jnp.square(z - y)
+    per_row = per_entry if per_entry.ndim == 1 else per_entry.mean(-1)   # [B]
     data_loss = losses.weighted_mean(per_row, batch["weight"])
-    return data_loss + penalty, {"data_loss": data_loss, "penalty": penalty}
+    return data_loss + penalty, {"data_loss": data_loss, "penalty": penalty, **extra}
 
   return loss_fn
 

@@ -87,6 +87,11 @@ def _load_synthetic(data_dir: Path | None) -> LoadedDataset:
   return LoadedDataset(_named(make_synthetic(seed=0), "synthetic"))
 
 
+def _load_synthetic_multidomain(data_dir: Path | None) -> LoadedDataset:
+  from recjax.data.domains import make_multidomain
+  return LoadedDataset(make_multidomain(seed=0)[0])
+
+
 def _movielens_loader(name: str) -> Callable[[Path | None], LoadedDataset]:
   raw_file = _ML_RAW.get(name, "ratings.csv")
 
@@ -125,6 +130,9 @@ def _load_beauty(data_dir: Path | None) -> LoadedDataset:
 
 DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec("synthetic", "generated users/items with planted structure (no files)", _load_synthetic),
+    "synthetic-multidomain": DatasetSpec(
+        "synthetic-multidomain", "generated multi-domain click/like rows: 2 big, 2 small domains (no files)",
+        _load_synthetic_multidomain),
     **{name: DatasetSpec(name, f"MovieLens {name[3:].upper()} ratings (GroupLens)", _movielens_loader(name),
                          url=MOVIELENS_URL.format(name=name), md5=md5) for name, md5 in MOVIELENS_MD5.items()},
     "gowalla": DatasetSpec("gowalla", "Gowalla check-ins, LightGCN's published train/test split", _load_gowalla),

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from recjax.data.domains import domain_ids
 from recjax.data.interactions import Interactions
 from recjax.data.splits import Split, ratio_counts
 from recjax.errors import ConfigError, DataError
@@ -113,13 +114,19 @@ def fit_rating_scale(train: Interactions, method: str | None = None) -> RatingSc
 @dataclasses.dataclass(frozen=True)
 class LabeledRows:
   """One part's labelled rows: `user [n] int32`, `item [n] int32`, `target [n] float32` (the 0/1
-  label, or the rating on its own scale)."""
+  label, or the rating on its own scale) or `[n, T]` (one 0/1 label per task), and `domain [n] int32`
+  (the row's domain id, with domains) or None."""
   user: np.ndarray
   item: np.ndarray
   target: np.ndarray
+  domain: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.user)
+
+  def inputs(self) -> dict[str, np.ndarray]:
+    """What a model reads of these rows: `user`, `item` and, with domains, `domain`."""
+    return {"user": self.user, "item": self.item, **({} if self.domain is None else {"domain": self.domain})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,46 +137,89 @@ class LabeledData:
     task: "labeled" (0/1 labels, binary metrics) or "rating" (ratings, regression metrics).
     train, valid, test: the rows of each part.
     scale: how ratings map to training targets (identity for "labeled").
+    tasks: names of the label columns when targets are `[n, T]` (multi-task), else None.
+    domains: the domain names (id k = `domains[k]`) when rows carry domains, else None.
   """
   task: str
   train: LabeledRows
   valid: LabeledRows
   test: LabeledRows
   scale: RatingScale
+  tasks: tuple[str, ...] | None = None
+  domains: tuple[str, ...] | None = None
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks) if self.tasks else 1
 
   def train_targets(self) -> np.ndarray:
-    """float32 `[n]`: what the model is trained to output on the training rows."""
+    """float32 `[n]` or `[n, T]`: what the model is trained to output on the training rows."""
+    if self.task == "labeled":
+      return self.train.target
     return self.scale.normalize(self.train.target, self.train.user)
 
 
-def labeled_data(split: Split, task: str, threshold: float = 4.0, normalization: str | None = None) -> LabeledData:
-  """The split's rows labelled for `task` ("labeled": rating >= threshold; "rating": the rating,
-  trained on as normalised by `normalization` with the training part's statistics).
+def _column_labels(inter: Interactions, columns: Sequence[str]) -> np.ndarray:
+  """float32 `[n, T]`: the 0/1 label columns `columns` of `inter`, or DataError naming a missing or non-binary one."""
+  out = []
+  for name in columns:
+    if name not in inter.columns:
+      raise DataError(inter.name or "interactions", f"label column {name!r} not found (columns: "
+                      f"{sorted(inter.columns) or 'none'})")
+    values = np.asarray(inter.columns[name], np.float32)
+    if not np.all((values == 0) | (values == 1)):
+      raise DataError(inter.name or "interactions", f"label column {name!r} must hold 0/1 labels")
+    out.append(values)
+  return np.stack(out, -1) if out else np.zeros((len(inter), 0), np.float32)
+
+
+def labeled_data(split: Split, task: str, threshold: float = 4.0, normalization: str | None = None,
+                 label_columns: Sequence[str] | None = None, domains: Sequence[str] | None = None) -> LabeledData:
+  """The split's rows labelled for `task` ("labeled": rating >= threshold, or with `label_columns` one 0/1
+  label per named interaction column, i.e. one task each; "rating": the rating, trained on as normalised by
+  `normalization` with the training part's statistics). With `domains` (names), each row also gets its
+  domain id (`recjax.data.domains.domain_ids`).
 
   Raises:
-    DataError: the data has no ratings; a part is empty (nothing to train on or evaluate); with "labeled", a part whose
-      rows are all one class (AUC is undefined, training learns a constant).
-    ConfigError: unknown task or normalisation; a threshold that is not a finite number.
+    DataError: the data has no ratings (or lacks a label column); a part is empty (nothing to train on or
+      evaluate); with "labeled", a part whose rows are all one class for a task (AUC is undefined,
+      training learns a constant).
+    ConfigError: unknown task or normalisation; a threshold that is not a finite number; label columns
+      with the rating task.
   """
   if task not in TASKS:
     raise ConfigError(f"labelled task must be one of {TASKS}, got {task!r}")
+  if label_columns and task != "labeled":
+    raise ConfigError(f"label_columns give 0/1 labels; task {task!r} regresses the rating")
   parts = {"train": split.train, "valid": split.valid, "test": split.test}
   for phase, inter in parts.items():
     if len(inter) == 0:
       raise DataError(split.train.name or split.name, f"split {split.name!r} has no {phase} rows")
   if task == "labeled":
-    threshold = check_threshold(threshold)
-    targets = {phase: ctr_labels(inter, threshold) for phase, inter in parts.items()}
+    if label_columns:
+      targets = {phase: _column_labels(inter, label_columns) for phase, inter in parts.items()}
+    else:
+      threshold = check_threshold(threshold)
+      targets = {phase: ctr_labels(inter, threshold) for phase, inter in parts.items()}
     for phase, label in targets.items():
-      if label.min() == label.max():
-        lo, hi = parts[phase].rating.min(), parts[phase].rating.max()
-        raise DataError(parts[phase].name or "interactions",
-                        f"label_threshold {threshold:g} makes every {phase} row "
-                        f"{'positive' if label[0] else 'negative'} (ratings there span {lo:g}..{hi:g})")
+      for t, column in enumerate(label.reshape(len(label), -1).T):
+        if column.min() == column.max():
+          what = (f"label column {label_columns[t]!r} is {'1' if column[0] else '0'} on every {phase} row"
+                  if label_columns else _one_class(parts[phase], threshold, phase, column[0]))
+          raise DataError(parts[phase].name or "interactions", what)
     scale = RatingScale("none", np.zeros(split.train.num_users), 1.0)
   else:
     targets = {phase: ratings(inter, "rating regression").astype(np.float32) for phase, inter in parts.items()}
     scale = fit_rating_scale(split.train, normalization)
-  rows = {phase: LabeledRows(inter.user.astype(np.int32), inter.item.astype(np.int32), targets[phase])
+  rows = {phase: LabeledRows(inter.user.astype(np.int32), inter.item.astype(np.int32), targets[phase],
+                             None if domains is None else domain_ids(inter, domains))
           for phase, inter in parts.items()}
-  return LabeledData(task, rows["train"], rows["valid"], rows["test"], scale)
+  return LabeledData(task, rows["train"], rows["valid"], rows["test"], scale,
+                     tasks=tuple(label_columns) if label_columns else None,
+                     domains=None if domains is None else tuple(domains))
+
+
+def _one_class(inter: Interactions, threshold: float, phase: str, positive: float) -> str:
+  lo, hi = inter.rating.min(), inter.rating.max()
+  return (f"label_threshold {threshold:g} makes every {phase} row {'positive' if positive else 'negative'} "
+          f"(ratings there span {lo:g}..{hi:g})")

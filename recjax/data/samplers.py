@@ -53,34 +53,37 @@ class PairSampler:
 class LabeledSampler:
   """Labelled rows (pointwise training: CTR labels or rating targets), reshuffled each epoch.
 
-  Batches: `user [B] int32`, `item [B] int32`, `label [B] float32` (the row's target), `weight [B]
-  float32` (0 on the padding rows of the last batch). No negatives are drawn: every row is an example.
+  Batches: `user [B] int32`, `item [B] int32`, `label [B] float32` (the row's target; `[B, T]` with one
+  label per task), `domain [B] int32` when domains are given, `weight [B] float32` (0 on the padding rows
+  of the last batch). No negatives are drawn: every row is an example.
   """
 
-  def __init__(self, user: np.ndarray, item: np.ndarray, label: np.ndarray, batch_size: int, seed: int = 0):
+  def __init__(self, user: np.ndarray, item: np.ndarray, label: np.ndarray, batch_size: int, seed: int = 0,
+               domain: np.ndarray | None = None):
     user, item, label = np.asarray(user), np.asarray(item), np.asarray(label)
-    if user.ndim != 1 or item.shape != user.shape or label.shape != user.shape:
-      raise ValueError(f"LabeledSampler: user, item and label must be 1-D of one length, got {user.shape}, "
-                       f"{item.shape}, {label.shape}")
+    if user.ndim != 1 or item.shape != user.shape or label.shape[:1] != user.shape or label.ndim > 2 or (
+        domain is not None and np.shape(domain) != user.shape):
+      raise ValueError(f"LabeledSampler: user, item, label (and domain) must have one length, got {user.shape}, "
+                       f"{item.shape}, {label.shape}" + ("" if domain is None else f", {np.shape(domain)}"))
     if len(user) == 0:
       raise DataError("train", "LabeledSampler got no training rows")
     if batch_size < 1:
       raise ValueError(f"LabeledSampler: batch_size must be positive, got {batch_size}")
-    self.user, self.item = user.astype(np.int32), item.astype(np.int32)
-    self.label = label.astype(np.float32)
+    self.columns = {"user": user.astype(np.int32), "item": item.astype(np.int32), "label": label.astype(np.float32)}
+    if domain is not None:
+      self.columns["domain"] = np.asarray(domain, np.int32)
     self.batch_size, self.seed = batch_size, seed
 
   @property
   def num_batches(self) -> int:
-    return -(-len(self.user) // self.batch_size)
+    return -(-len(self.columns["user"]) // self.batch_size)
 
   def epoch(self, epoch: int) -> Iterator[Batch]:
-    perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.user))
+    perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.columns["user"]))
     for start in range(0, len(perm), self.batch_size):
       rows = perm[start:start + self.batch_size]
-      batch = {"user": self.user[rows], "item": self.item[rows], "label": self.label[rows],
-               "weight": np.ones(len(rows), np.float32)}
-      yield pad_batch(batch, self.batch_size)
+      batch = {name: column[rows] for name, column in self.columns.items()}
+      yield pad_batch({**batch, "weight": np.ones(len(rows), np.float32)}, self.batch_size)
 
 
 class SequenceSampler:

@@ -234,6 +234,49 @@ def regression_metrics(names, pred, target) -> dict[str, float]:
   return {name: fns[name](pred, target) for name in names}
 
 
+def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.ndarray, *, task: str = "labeled",
+                   tasks: tuple[str, ...] | None = None, domain: np.ndarray | None = None,
+                   domains: tuple[str, ...] | None = None) -> dict[str, float]:
+  """Metrics of labelled rows overall, per task and per domain, in one flat dict.
+
+  Args:
+    names: metric names (BINARY_METRICS for task "labeled", REGRESSION_METRICS for "rating").
+    outputs: `[n]` logits (or rating predictions), or `[n, T]` with one logit per task.
+    targets: labels / ratings of the same shape.
+    users: `[n]` user ids (GAUC's groups).
+    tasks: the T task names when outputs are `[n, T]`.
+    domain, domains: each row's domain id `[n]` and the domain names, to report every domain too.
+
+  Returns:
+    `{name}` overall (with T tasks: the mean over tasks), `{name}:{task}` per task (T > 1), and
+    `{name}/{domain}` / `{name}:{task}/{domain}` per domain. A domain whose rows hold one class only
+    has no AUC / GAUC (they are undefined there); its other metrics are reported.
+  """
+  outputs, targets = np.asarray(outputs), np.asarray(targets)
+  columns = [(None, outputs, targets)] if outputs.ndim == 1 else [
+      (tasks[t] if tasks else f"task{t}", outputs[:, t], targets[:, t]) for t in range(outputs.shape[1])]
+
+  def metrics(rows, out, target) -> dict[str, float]:
+    if task != "labeled":
+      return regression_metrics(names, out[rows], target[rows])
+    one_class = target[rows].min() == target[rows].max()
+    usable = [m for m in names if not (one_class and m in ("auc", "gauc"))]
+    return binary_metrics(usable, out[rows], target[rows], users[rows])
+
+  report: dict[str, float] = {}
+  everything = np.arange(len(outputs))
+  for name, out, target in columns:
+    suffix = "" if name is None else f":{name}"
+    report.update({f"{m}{suffix}": v for m, v in metrics(everything, out, target).items()})
+    for d, domain_name in enumerate(domains or ()):
+      rows = np.flatnonzero(domain == d)
+      if len(rows):
+        report.update({f"{m}{suffix}/{domain_name}": v for m, v in metrics(rows, out, target).items()})
+  if len(columns) > 1:
+    report.update({m: float(np.mean([report[f"{m}:{name}"] for name, _, _ in columns])) for m in names})
+  return report
+
+
 def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: int, sharding=None) -> np.ndarray:
   """Logits of every row, computed on device in chunks of `chunk` rows (the last one padded with
   row 0s), copied to the host once at the end.
@@ -248,7 +291,7 @@ def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: 
       (`recjax.eval.ranking.evaluate_full`); None: the default device.
 
   Returns:
-    float64 `[n]`.
+    float64 `[n]`, or `[n, T]` for a model with one logit per task.
   """
   n = len(next(iter(rows.values())))
   step = logits_fn
@@ -259,5 +302,5 @@ def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: 
     batch = _chunk_inputs(rows, start, min(start + chunk, n), chunk)
     outputs.append(step(params, batch))                               # dispatched; no host sync yet
   host = fetch(outputs)
-  return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in host])[:n] if host else np.zeros(0)
+  return np.concatenate([np.asarray(o, np.float64) for o in host])[:n] if host else np.zeros(0)
 

@@ -21,7 +21,7 @@ from recjax.errors import ConfigError
 from recjax.eval.classification import BINARY_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS
 from recjax.eval.metrics import check_metrics, parse_metric_key
 
-SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given", "random_rows")
+SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given", "random_rows", "domain_rows")
 # What is evaluated: a ranking of items per user, or labelled rows (0/1 labels | ratings).
 TASKS = {"ranking": None, "labeled": BINARY_METRICS, "rating": REGRESSION_METRICS}
 DISTRIBUTIONS = ("uniform", "popularity")
@@ -98,6 +98,10 @@ PRESETS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("cold-start", split="leave_one_out", mask_history=False, max_len=50, ks=(10, 20), cold_items=0.2,
              valid_metric="ndcg@10"),
     Protocol("recbole-context", split="random_rows", ratios=(0.8, 0.1, 0.1), task="labeled",
+             metrics=("auc", "gauc", "logloss"), valid_metric="auc"),
+    # Multi-scenario: as recbole-context, but the rows of each domain are split 80/10/10 on their own, so
+    # every domain is in train, valid and test (recjax.data.domains.split_by_domain).
+    Protocol("multidomain", split="domain_rows", ratios=(0.8, 0.1, 0.1), task="labeled",
              metrics=("auc", "gauc", "logloss"), valid_metric="auc"),
     Protocol("rating", split="random_rows", ratios=(0.8, 0.1, 0.1), task="rating",
              metrics=("rmse", "mae", "mse"), valid_metric="rmse"),

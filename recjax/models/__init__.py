@@ -24,6 +24,7 @@ from recjax.models.ctr import DCNv2, DeepFM, FeatureMLP, WideDeep
 from recjax.models.gru4rec import GRU4Rec
 from recjax.models.lightgcn import LightGCN
 from recjax.models.mf import BPRMF
+from recjax.models.multidomain import PLE, STAR, DomainMLP, MMoE, SharedBottom
 from recjax.models.ncf import GMF, NCFMLP, NeuMF, neumf_from_pretrained
 from recjax.models.ngcf import NGCF
 from recjax.models.pop import Pop, pop_params
@@ -34,10 +35,14 @@ MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec
                                      "gru4rec": GRU4Rec, "caser": Caser,
                                      "gmf": GMF, "ncf_mlp": NCFMLP, "neumf": NeuMF,
                                      "deepfm": DeepFM, "dcnv2": DCNv2, "widedeep": WideDeep, "feature_mlp": FeatureMLP,
-                                     "lightgcn": LightGCN, "ngcf": NGCF, "text_mlp": TextMLP}
+                                     "lightgcn": LightGCN, "ngcf": NGCF, "text_mlp": TextMLP,
+                                     "domain_mlp": DomainMLP, "shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE,
+                                     "star": STAR}
 
 # Set by `create_model` itself, never a hyperparameter; `parent`/`name` are linen's own fields.
 _SIZE_FIELDS = ("num_users", "num_items")
+# Multi-scenario models' head counts, set by recjax.experiment.build from the data's domains and label columns.
+_COUNT_FIELDS = ("num_domains", "num_tasks")
 # Built from the data by recjax.experiment.build (the config's `text` section), never a config key.
 _DATA_FIELDS = ("item_text",)
 _LINEN_FIELDS = ("parent", "name")
@@ -48,16 +53,21 @@ __all__ = [
   "Caser",
   "DCNv2",
   "DeepFM",
+  "DomainMLP",
   "FeatureMLP",
   "GMF",
   "GRU4Rec",
   "LightGCN",
+  "MMoE",
   "MODELS",
   "NCFMLP",
   "NGCF",
   "NeuMF",
+  "PLE",
   "Pop",
   "SASRec",
+  "STAR",
+  "SharedBottom",
   "TextMLP",
   "WideDeep",
   "create_model",
@@ -85,7 +95,7 @@ def default_hparams(name: str) -> dict:
   return {
     k: f.default
     for k, f in _fields(_model_class(name)).items()
-    if k not in _SIZE_FIELDS + _DATA_FIELDS and f.default is not dataclasses.MISSING
+    if k not in _SIZE_FIELDS + _DATA_FIELDS + _COUNT_FIELDS and f.default is not dataclasses.MISSING
   }
 
 
@@ -124,10 +134,11 @@ def create_model(name: str, /, *, num_users: int, num_items: int, **kwargs) -> n
 
 
 def example_batch(model: nn.Module, batch_size: int = 2) -> dict:
-  """A padding-only evaluation batch (`user [B]`, `item [B]`, `seq [B, max_len]`) for `init` / shape checks."""
+  """A padding-only evaluation batch (`user [B]`, `item [B]`, `domain [B]`, `seq [B, max_len]`) for `init` /
+  shape checks."""
   max_len = getattr(model, "max_len", 1)
   return {"user": jnp.zeros((batch_size,), jnp.int32), "item": jnp.zeros((batch_size,), jnp.int32),
-          "seq": jnp.zeros((batch_size, max_len), jnp.int32)}
+          "domain": jnp.zeros((batch_size,), jnp.int32), "seq": jnp.zeros((batch_size, max_len), jnp.int32)}
 
 
 @functools.partial(jax.jit, static_argnums=0)

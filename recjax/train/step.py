@@ -24,6 +24,8 @@ from recjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 PMAP_AXIS = "devices"
+# Key of a loss's metrics holding updated non-trainable collections (see `_apply`); never logged.
+MODEL_STATE = "model_state"
 
 
 def cast_floating(tree, dtype):
@@ -48,8 +50,15 @@ def _batch_weight(batch: dict) -> jax.Array:
 
 
 def _apply(state: TrainState, optimizer, loss, metrics, grads) -> tuple[TrainState, dict]:
+  """One optimizer update; then the non-trainable collections a loss returned under `metrics["model_state"]`
+  (e.g. `{"batch_stats": ...}`, running normalisation statistics, which get no gradient) replace theirs."""
+  metrics = dict(metrics)
+  model_state = metrics.pop(MODEL_STATE, None)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if model_state is not None:
+    params = {**params, **jax.tree.map(lambda new, old: new.astype(old.dtype), model_state,
+                                       {k: params[k] for k in model_state})}
   metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
