@@ -26,9 +26,9 @@ from recjax.data.features import build_feature_tables
 from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError, DataError
 from recjax.eval import classification, protocols, ranking
+from recjax.models.multidomain import param_group
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer
-from recjax.models.multidomain import param_group
 from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
 from recjax.train.mesh import batch_sharding, check_divisible, create_sharded, make_mesh, pad_tables, put_global
 
@@ -135,6 +135,19 @@ def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol
   return {"inputs": inputs, "positives": positives, "exclude": exclude}
 
 
+def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: protocols.Protocol) -> dict[str, dict]:
+  """`{"valid/NAME": ..., "test/NAME": ...}`: evaluation targets of each domain's rows of the phase."""
+  sets = {}
+  for phase in ("valid", "test"):
+    part = getattr(split, phase)
+    for name in names:
+      rows = np.array([str(v) == name for v in part.columns[domains.DOMAIN]], bool)
+      if rows.any():
+        only_domain = dataclasses.replace(split, **{phase: part.subset(rows)})
+        sets[f"{phase}/{name}"] = build_eval_set(only_domain, phase, protocol)
+  return sets
+
+
 def build(config: dict[str, Any]) -> Experiment:
   """Data, split, model and evaluation targets for `config` (no training)."""
   if config["negative_distribution"] not in samplers.DISTRIBUTIONS:
@@ -145,6 +158,7 @@ def build(config: dict[str, Any]) -> Experiment:
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
   names = domains.domain_names(split.train.concat(split.valid).concat(split.test)) if config["domain"]["rule"] else None
+  all_train = split.train   # feature vocabularies: every domain's, so one-domain and all-domain models share shapes
   if config["domain"]["only"] is not None:
     split = domains.only_domain(split, config["domain"]["only"]) if names else _need_domains("domain.only")
   splits.check_split(split)
@@ -157,7 +171,7 @@ def build(config: dict[str, Any]) -> Experiment:
   if kind == "sequential":
     hparams.setdefault("max_len", protocol.max_len)
   if getattr(models.MODELS[name], "needs_features", False):   # feature fields of the training split
-    hparams["features"] = build_feature_tables(split.train)
+    hparams["features"] = build_feature_tables(all_train)
   if getattr(models.MODELS[name], "needs_graph", False):   # the normalised graph of the training split, built once
     hparams["graph"] = normalized_adjacency(split.train)
   if config["text"]["model"]:
@@ -175,6 +189,8 @@ def build(config: dict[str, Any]) -> Experiment:
     eval_sets.setdefault("valid", eval_sets["test"])
     if split.cold is not None:
       eval_sets["cold"] = build_eval_set(split, "cold", protocol)
+    if names:   # each domain's rows of the phase (the other parts, hence the masked history, unchanged)
+      eval_sets.update(domain_eval_sets(split, names, protocol))
   else:
     eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
                  for phase, rows in (("valid", data.valid), ("test", data.test))}
@@ -328,14 +344,16 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   labelled rows, see `make_labeled_evaluator`)."""
   if exp.protocol.task != "ranking":
     return make_labeled_evaluator(exp, phase)
-  data, protocol = exp.eval_sets[phase], exp.protocol
+  protocol = exp.protocol
   options = dict(ks=protocol.ks, metrics=protocol.metrics, budget_bytes=exp.config["eval_budget_mb"] << 20)
   num_items = exp.split.train.num_items
   sharding = batch_sharding(exp.mesh) if exp.mesh else None
   pair_bytes = None if tasks.is_factorized(exp.model) else exp.model.score_bytes_per_pair   # chunk sizes
 
-  def run(params) -> dict[str, float]:
-    params = exp.eval_params(params)
+  # With domains: the same metrics over each domain's interactions of the phase (keys "name@k/domain").
+  per_domain = {key.split("/", 1)[1]: sets for key, sets in exp.eval_sets.items() if key.startswith(f"{phase}/")}
+
+  def evaluate(params, data) -> dict[str, float]:
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
                                 num_items=num_items, sharding=sharding, bytes_per_pair=pair_bytes or 0, **options)
     if protocol.sampled:
@@ -344,6 +362,13 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
           num_negatives=protocol.sampled, distribution=protocol.sampled_distribution,
           item_counts=np.bincount(exp.split.train.item, minlength=num_items), seed=exp.config["seed"],
           bytes_per_pair=pair_bytes, **options))
+    return out
+
+  def run(params) -> dict[str, float]:
+    params = exp.eval_params(params)
+    out = evaluate(params, exp.eval_sets[phase])
+    for domain, data in per_domain.items():
+      out.update({f"{key}/{domain}": value for key, value in evaluate(params, data).items()})
     return out
 
   return run

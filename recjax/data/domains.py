@@ -188,7 +188,7 @@ TASKS = ("click", "like")
 
 def make_multidomain(domain_rows: Sequence[int] = (30000, 30000, 3000, 3000), num_users: int = 2000,
                      num_items: int = 1000, segments: int = 12, categories: int = 12, shared_weight: float = 1.5,
-                     specific_weight: float = 1.0, seed: int = 0) -> tuple[Interactions, MultiDomainPlan]:
+                     specific_weight: float = 1.5, seed: int = 0) -> tuple[Interactions, MultiDomainPlan]:
   """Multi-domain, multi-task labelled rows with planted structure (`MultiDomainPlan`).
 
   Users belong to one of `segments` segments and items to one of `categories` categories, visible as

@@ -249,8 +249,8 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
 
   Returns:
     `{name}` overall (with T tasks: the mean over tasks), `{name}:{task}` per task (T > 1), and
-    `{name}/{domain}` / `{name}:{task}/{domain}` per domain. A domain whose rows hold one class only
-    has no AUC / GAUC (they are undefined there); its other metrics are reported.
+    `{name}/{domain}` / `{name}:{task}/{domain}` per domain. Where AUC or GAUC is undefined (the rows,
+    or every user's rows, of a domain hold one class) the key is left out; the other metrics are reported.
   """
   outputs, targets = np.asarray(outputs), np.asarray(targets)
   columns = [(None, outputs, targets)] if outputs.ndim == 1 else [
@@ -259,9 +259,14 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
   def metrics(rows, out, target) -> dict[str, float]:
     if task != "labeled":
       return regression_metrics(names, out[rows], target[rows])
-    one_class = target[rows].min() == target[rows].max()
-    usable = [m for m in names if not (one_class and m in ("auc", "gauc"))]
-    return binary_metrics(usable, out[rows], target[rows], users[rows])
+    report = {}
+    for name in names:
+      try:
+        report.update(binary_metrics((name,), out[rows], target[rows], users[rows]))
+      except ValueError:   # AUC / GAUC of rows (or of every user's rows) holding one class: undefined
+        if name not in ("auc", "gauc"):
+          raise
+    return report
 
   report: dict[str, float] = {}
   everything = np.arange(len(outputs))
@@ -272,8 +277,11 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
       rows = np.flatnonzero(domain == d)
       if len(rows):
         report.update({f"{m}{suffix}/{domain_name}": v for m, v in metrics(rows, out, target).items()})
-  if len(columns) > 1:
-    report.update({m: float(np.mean([report[f"{m}:{name}"] for name, _, _ in columns])) for m in names})
+  if len(columns) > 1:   # the mean over the tasks where the metric is defined
+    for m in names:
+      values = [report[f"{m}:{name}"] for name, _, _ in columns if f"{m}:{name}" in report]
+      if values:
+        report[m] = float(np.mean(values))
   return report
 
 

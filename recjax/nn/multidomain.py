@@ -29,7 +29,7 @@ grouped_xavier_normal = initializers.variance_scaling(1.0, "fan_avg", "normal", 
 
 def select_domain(x: jnp.ndarray, domain: jnp.ndarray) -> jnp.ndarray:
   """The row's own domain slice: `x [B, K, ...]`, `domain [B]` -> `[B, ...]`."""
-  return x[jnp.arange(x.shape[0]), domain]
+  return x[jnp.arange(x.shape[0], dtype=jnp.int32), jnp.asarray(domain, jnp.int32)]
 
 
 def select_heads(x: jnp.ndarray, domain: jnp.ndarray, num_tasks: int) -> jnp.ndarray:
@@ -42,6 +42,7 @@ def select_heads(x: jnp.ndarray, domain: jnp.ndarray, num_tasks: int) -> jnp.nda
 def domain_dense(x: jnp.ndarray, domain: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
   """`x kernel[d] + bias[d]` with each row's domain d: `x [B, ..., D]`, `domain [B]`, `kernel [K, D, H]`,
   `bias [K, H]` -> `[B, ..., H]`. Costs K Dense layers (every domain computed, the row's kept)."""
+  domain = jnp.asarray(domain, jnp.int32)
   every = jnp.einsum("b...d,kdh->bk...h", x, kernel)                    # [B, K, ..., H]
   b = bias[domain].reshape(x.shape[0], *(1,) * (x.ndim - 2), bias.shape[-1])
   return select_domain(every, domain) + b
@@ -133,6 +134,7 @@ def partitioned_stats(z: jnp.ndarray, domain: jnp.ndarray, num_domains: int,
   Returns:
     (mean `[K, D]`, var `[K, D]`, rows counted `[K]`); a domain without rows gets 0 and 0.
   """
+  domain = jnp.asarray(domain, jnp.int32)
   member = jax.nn.one_hot(domain, num_domains, dtype=z.dtype)            # [B, K]
   if weight is not None:
     member = member * (weight != 0).astype(z.dtype)[:, None]
@@ -164,7 +166,7 @@ class PartitionedNorm(nn.Module):
   def __call__(self, z: jnp.ndarray, domain: jnp.ndarray, train: bool = False,
                weight: jnp.ndarray | None = None) -> jnp.ndarray:
     """`z [B, D]`, `domain [B]`, `weight [B]` (optional) -> `[B, D]`."""
-    k, d = self.num_domains, z.shape[-1]
+    k, d, domain = self.num_domains, z.shape[-1], jnp.asarray(domain, jnp.int32)
     gamma = self.param("gamma", initializers.ones, (d,))
     beta = self.param("beta", initializers.zeros, (d,))
     domain_gamma = self.param("domain_gamma", initializers.ones, (k, d))

@@ -1,0 +1,134 @@
+"""Multi-scenario runs end to end: per-domain metrics and sizes in metrics.json, one model per domain,
+fine-tuning with the shared part frozen, clear errors; and the acceptance check on the synthetic data:
+multi-scenario models beat one model for all and one model per domain on the small domains."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from recjax.config import build_config
+from recjax.data import datasets, domains
+from recjax.errors import ConfigError
+from recjax.experiment import restore_best_params, train
+from recjax.models.multidomain import param_group
+
+
+@pytest.fixture
+def small_multidomain(monkeypatch):
+  """The registry's synthetic-multidomain, smaller (2 big, 2 small domains) so runs take seconds."""
+  def load(data_dir):
+    return datasets.LoadedDataset(domains.make_multidomain((4000, 4000, 600, 600), num_users=400, num_items=200,
+                                                           seed=0)[0])
+  spec = datasets.DATASETS["synthetic-multidomain"]
+  monkeypatch.setitem(datasets.DATASETS, spec.name, datasets.DatasetSpec(spec.name, spec.description, load))
+
+
+def _config(model: str, **overrides):
+  config = build_config(model, dataset="synthetic-multidomain")
+  config.update(epochs=2, batch_size=256)
+  for key, value in overrides.items():
+    section, _, name = key.partition("__")
+    config[section] = {**config[section], name: value} if name else value
+  return config
+
+
+def test_run_reports_every_domain_and_task(small_multidomain, tmp_path):
+  metrics = train(_config("mmoe"), tmp_path / "mmoe", log=lambda line: None)
+  names = ("d0", "d1", "d2", "d3")
+  assert metrics["domain_sizes"] == {"d0": {"train": 3200, "valid": 400, "test": 400},
+                                     "d1": {"train": 3200, "valid": 400, "test": 400},
+                                     "d2": {"train": 480, "valid": 60, "test": 60},
+                                     "d3": {"train": 480, "valid": 60, "test": 60}}
+  for metric in ("auc", "gauc", "logloss"):
+    for task in ("click", "like"):
+      # GAUC needs users with both classes: the small domains' 60 test rows over 400 users have none
+      assert all(f"{metric}:{task}/{d}" in metrics["test"] for d in (names[:2] if metric == "gauc" else names))
+    assert metrics["test"][metric] == pytest.approx(
+        (metrics["test"][f"{metric}:click"] + metrics["test"][f"{metric}:like"]) / 2)
+  assert json.loads((tmp_path / "mmoe" / "metrics.json").read_text())["test"] == pytest.approx(metrics["test"])
+
+
+def test_one_model_per_domain_and_frozen_fine_tuning(small_multidomain, tmp_path):
+  source = tmp_path / "all"
+  train(_config("mmoe"), source, log=lambda line: None)
+  only = train(_config("domain_mlp", domain__only="d2"), tmp_path / "d2", log=lambda line: None)
+  assert only["domain_sizes"]["d2"] == {"train": 480, "valid": 60, "test": 60}
+  assert only["domain_sizes"]["d0"]["test"] == 0 and "auc/d0" not in only["test"]
+  tuned = _config("mmoe", domain__only="d3", finetune__from_run=str(source), finetune__trainable="domain")
+  train(tuned, tmp_path / "tuned", log=lambda line: None)
+  from recjax.experiment import build
+
+  before = traverse_util.flatten_dict(restore_best_params(build(_config("mmoe")), source)["params"])
+  after = traverse_util.flatten_dict(restore_best_params(build(tuned), tmp_path / "tuned")["params"])
+  moved = {param_group(path) for path in before if not np.array_equal(before[path], after[path])}
+  assert moved == {"domain"}                     # the shared experts and embeddings stayed as trained
+  bad = _config("mmoe", finetune__from_run=str(tmp_path / "d2"))
+  with pytest.raises(ConfigError, match="model.name='domain_mlp'"):
+    train(bad, tmp_path / "bad", log=lambda line: None)
+
+
+def test_errors_name_the_missing_piece(small_multidomain, tmp_path):
+  with pytest.raises(ConfigError, match="needs domains: set domain.rule"):
+    train(_config("mmoe", domain={"rule": None, "column": "domain", "only": None}), tmp_path / "a")
+  with pytest.raises(ConfigError, match="unknown domain 'd9'"):
+    train(_config("star", domain__only="d9"), tmp_path / "b")
+  with pytest.raises(ConfigError, match="leaves nothing to train"):
+    train(_config("domain_mlp", finetune__trainable="adapters"), tmp_path / "c")
+
+
+def test_a_plain_ctr_model_is_reported_per_domain_on_ml100k(data_dir, tmp_path):
+  config = build_config("deepfm", dataset="ml-100k")
+  config.update(data_dir=str(data_dir), epochs=1, protocol="multidomain")
+  config["domain"] = {**config["domain"], "rule": "item_genre_group"}
+  metrics = train(config, tmp_path / "deepfm", log=lambda line: None)
+  genres = ("action", "children", "comedy", "drama", "horror", "scifi")
+  assert sorted(metrics["domain_sizes"]) == list(genres)
+  assert sum(sum(s.values()) for s in metrics["domain_sizes"].values()) == 100000
+  assert all(0.5 < metrics["test"][f"auc/{g}"] < 1 for g in genres)
+
+
+def test_ranking_metrics_per_domain_add_up_under_leave_one_out(data_dir):
+  config = build_config("pop", dataset="ml-100k")
+  config.update(data_dir=str(data_dir), protocol="recbole-sequential")
+  config["domain"] = {**config["domain"], "rule": "item_genre_group"}
+  metrics = train(config, None, log=lambda line: None)
+  sizes = {name: size["test"] for name, size in metrics["domain_sizes"].items()}
+  assert sum(sizes.values()) == 943                  # one test item per user, so one domain per user
+  for key in ("ndcg@10", "hit@10", "mrr@10"):
+    weighted = sum(sizes[d] * metrics["test"][f"{key}/{d}"] for d in sizes) / 943
+    assert metrics["test"][key] == pytest.approx(weighted, rel=1e-5)
+  assert len({round(metrics["test"][f"ndcg@10/{d}"], 6) for d in sizes}) == len(sizes)
+
+
+SMALL_DOMAINS = ("d2", "d3")
+# What the generator makes possible (make_multidomain: shared and domain-specific weights 1.5; here 8,000
+# rows in each big domain and 2,000 in each small one, 10 epochs): on the small domains, every
+# multi-scenario model's test AUC (mean over the two small domains and the click and like tasks) beats
+# both one model for all and one model per domain by at least this much, for each of the seeds.
+MARGIN = 0.01
+
+
+def _small_domain_auc(metrics: dict, domain: str) -> float:
+  return (metrics["test"][f"auc:click/{domain}"] + metrics["test"][f"auc:like/{domain}"]) / 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multi_scenario_models_beat_both_baselines_on_the_small_domains(monkeypatch, seed):
+  def load(data_dir):
+    return datasets.LoadedDataset(domains.make_multidomain((8000, 8000, 2000, 2000), num_users=600, num_items=300,
+                                                           seed=seed)[0])
+  spec = datasets.DATASETS["synthetic-multidomain"]
+  monkeypatch.setitem(datasets.DATASETS, spec.name, datasets.DatasetSpec(spec.name, spec.description, load))
+
+  def auc(model: str, **overrides) -> dict[str, float]:
+    metrics = train(_config(model, seed=seed, epochs=10, batch_size=512, **overrides), None, log=lambda line: None)
+    return {d: _small_domain_auc(metrics, d) for d in SMALL_DOMAINS if f"auc:click/{d}" in metrics["test"]}
+
+  one_for_all = np.mean(list(auc("domain_mlp").values()))
+  per_domain = np.mean([auc("domain_mlp", domain__only=d)[d] for d in SMALL_DOMAINS])
+  for model in ("mmoe", "ple", "star"):
+    ours = np.mean(list(auc(model).values()))
+    assert ours >= max(one_for_all, per_domain) + MARGIN, (model, ours, one_for_all, per_domain)
