@@ -331,6 +331,8 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
 
   def run(params) -> dict[str, float]:
     outputs = classification.score_rows(exp.logits_fn, params, rows.inputs(), chunk, sharding)   # [n] or [n, T]
+    if outputs.ndim == 2 and data.tasks is None:   # a one-task head [n, 1]
+      outputs = outputs[:, 0]
     if protocol.task == "rating":
       outputs = data.scale.denormalize(outputs, rows.user)
     return classification.labeled_report(protocol.metrics, outputs, rows.target, rows.user, task=protocol.task,

@@ -370,6 +370,8 @@ def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
     else:
       z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
     y = batch["label"].astype(z.dtype)  # as the logits z
+    if z.ndim == y.ndim + 1 and z.shape[-1] == 1:   # a one-task head [B, 1] on single labels [B]
+      z = z[..., 0]
     if y.shape != z.shape:
       raise ConfigError(f"{type(model).__name__} gives logits of shape {z.shape} for labels of shape {y.shape} "
                         "(one logit per task)")

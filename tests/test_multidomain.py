@@ -132,3 +132,8 @@ def test_multi_scenario_models_beat_both_baselines_on_the_small_domains(monkeypa
   for model in ("mmoe", "ple", "star"):
     ours = np.mean(list(auc(model).values()))
     assert ours >= max(one_for_all, per_domain) + MARGIN, (model, ours, one_for_all, per_domain)
+
+
+def test_one_task_from_the_rating_rule(small_multidomain):
+  metrics = train(_config("star", label_columns=None, epochs=1), None, log=lambda line: None)
+  assert {f"auc/d{k}" for k in range(4)} <= set(metrics["test"]) and "auc:click" not in metrics["test"]
