@@ -385,7 +385,11 @@ def test_protocol_presets():
   assert (ctx.split, ctx.ratios, ctx.task, ctx.valid_metric) == ("random_rows", (0.8, 0.1, 0.1), "labeled", "auc")
   assert set(ctx.metrics) == {"auc", "gauc", "logloss"}
   assert (rating.task, rating.valid_metric, set(rating.metrics)) == ("rating", "rmse", {"rmse", "mae", "mse"})
-  assert all(p.task == "ranking" for n, p in protocols.PRESETS.items() if n not in ("recbole-context", "rating"))
+  multi = protocols.get_protocol("multidomain")
+  assert (multi.split, multi.task, multi.valid_metric, set(multi.metrics)) == (
+      "domain_rows", "labeled", "auc", {"auc", "gauc", "logloss"})
+  assert all(p.task == "ranking" for n, p in protocols.PRESETS.items()
+             if n not in ("recbole-context", "rating", "multidomain"))
   assert protocols.higher_is_better("auc") and protocols.higher_is_better("ndcg@10")
   assert not any(protocols.higher_is_better(m) for m in ("rmse", "mae", "mse", "logloss"))
   with pytest.raises(ConfigError, match="computes"):
