@@ -14,104 +14,85 @@ each seed), the domain sizes, and by how much the best multi-scenario model beat
 each domain.
 
     python experiments/multidomain.py                                     # synthetic-multidomain, 3 seeds
+    python experiments/multidomain.py --resume                            # continue an interrupted one
     python experiments/multidomain.py --dataset ml-100k --data-dir ../shared/data --rule item_genre_group
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import use_all_cpu_cores  # noqa: E402
+import common  # noqa: E402
 
 MULTI = ("shared_bottom", "mmoe", "ple", "star")
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser():
+  """The shared flags (`common.parser`: --data-dir, --epochs, --out, --set) and this script's."""
+  p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--dataset", default="synthetic-multidomain")
-  p.add_argument("--data-dir", default=None)
   p.add_argument("--rule", default=None, help="domain.rule (default: the dataset's)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--epochs", type=int, default=None, help="epoch budget of every run (default: the model's)")
   p.add_argument("--metric", default="auc", help="the test metric of the table (first task's with several tasks)")
   p.add_argument("--rows", nargs="+", default=["all", "per-domain", *MULTI, "all+adapters", "mmoe+finetune"])
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
-  p.add_argument("--out", default="runs/experiments/multidomain")
   p.add_argument("--json", default=None, help="write the per-seed results here")
   return p
 
 
-def _config(model: str, args, seed: int, **extra):
+def _config(model: str, args, seed: int, overrides: dict | None = None) -> dict:
+  """The model's config on the dataset, then the command line's overrides, the seed and `overrides`
+  (dotted keys, e.g. {"domain.only": "d2"})."""
   from recjax.config import apply_overrides, build_config
 
-  config = build_config(model, dataset=args.dataset)
-  config = apply_overrides(config, list(args.set))
-  config["seed"] = seed
-  if args.data_dir:
-    config["data_dir"] = args.data_dir
-  if args.rule:
-    config["domain"] = {**config["domain"], "rule": args.rule}
-  if args.epochs is not None:
-    config["epochs"] = args.epochs
-  for key, value in extra.items():
-    section, _, name = key.partition("__")
-    if name:
-      config[section] = {**config[section], name: value}
-    else:
-      config[section] = value
-  return config
-
-
-def _run(config, out: Path) -> dict:
-  from recjax.experiment import train
-
-  return train(config, out, log=lambda line: None)
+  config = apply_overrides(build_config(model, dataset=args.dataset), list(args.set))
+  flags = {"seed": seed, "data_dir": args.data_dir, "domain.rule": args.rule, "epochs": args.epochs}
+  return apply_overrides(config, {**{k: v for k, v in flags.items() if v is not None}, **(overrides or {})},
+                         source="experiments/multidomain.py")
 
 
 def _domain_value(metrics: dict, metric: str, domain: str) -> float:
+  """The test `metric` of `domain` (with several tasks: the first task's)."""
   test = metrics["test"]
-  key = f"{metric}/{domain}"
-  if key in test:
-    return test[key]
+  if f"{metric}/{domain}" in test:
+    return test[f"{metric}/{domain}"]
   return test[next(k for k in sorted(test) if k.startswith(f"{metric}:") and k.endswith(f"/{domain}"))]
 
 
 def run_seed(args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
   """{row: {domain: test metric}} for one seed, and the domain sizes."""
-  out = Path(args.out) / f"seed{seed}"
-  table: dict[str, dict[str, float]] = {}
-  results = {}
-  for row in args.rows:
-    if row in ("all", *MULTI):
-      model = "domain_mlp" if row == "all" else row
-      results[row] = _run(_config(model, args, seed), out / row)
-  names = sorted(next(iter(results.values()))["domain_sizes"]) if results else None
-  if names is None:
-    results["all"] = _run(_config("domain_mlp", args, seed), out / "all")
-    names = sorted(results["all"]["domain_sizes"])
-  sizes = results[next(iter(results))]["domain_sizes"]
-  for row, metrics in results.items():
-    table[row] = {d: _domain_value(metrics, args.metric, d) for d in names}
-  per_domain_rows = {
-      "per-domain": lambda d: _config("domain_mlp", args, seed, domain__only=d),
-      "all+adapters": lambda d: _config("domain_mlp", args, seed, domain__only=d, finetune__from_run=str(out / "all"),
-                                        finetune__trainable="adapters", model__adapter_dim=8),
-      "mmoe+finetune": lambda d: _config("mmoe", args, seed, domain__only=d, finetune__from_run=str(out / "mmoe"),
-                                         finetune__trainable="domain"),
+  from recjax.experiment import train
+
+  out = Path(args.out or "runs/experiments/multidomain") / f"seed{seed}"
+
+  def run(model: str, name: str, overrides: dict | None = None) -> dict:
+    return train(_config(model, args, seed, overrides), out / name, resume=args.resume, log=lambda line: None)
+
+  # The all-domain runs: those asked for, "all" always (it gives the domain sizes; all+adapters starts
+  # from it), "mmoe" when mmoe+finetune starts from it.
+  wanted = {*args.rows, "all", *(["mmoe"] if "mmoe+finetune" in args.rows else [])}
+  results = {row: run("domain_mlp" if row == "all" else row, row) for row in ("all", *MULTI) if row in wanted}
+  sizes = results["all"]["domain_sizes"]
+  names = sorted(sizes)
+  table = {row: {d: _domain_value(m, args.metric, d) for d in names} for row, m in results.items() if row in args.rows}
+  per_domain_rows = {   # row -> (model, overrides) of its run on one domain
+      "per-domain": ("domain_mlp", {}),
+      "all+adapters": ("domain_mlp", {"finetune.from_run": str(out / "all"), "finetune.trainable": "adapters",
+                                      "model.adapter_dim": 8}),
+      "mmoe+finetune": ("mmoe", {"finetune.from_run": str(out / "mmoe"), "finetune.trainable": "domain"}),
   }
-  for row, make in per_domain_rows.items():
+  for row, (model, overrides) in per_domain_rows.items():
     if row in args.rows:
-      table[row] = {d: _domain_value(_run(make(d), out / f"{row}-{d}"), args.metric, d) for d in names}
+      table[row] = {d: _domain_value(run(model, f"{row}-{d}", {**overrides, "domain.only": d}), args.metric, d)
+                    for d in names}
   return table, sizes
 
 
 def main() -> None:
   args = _parser().parse_args()
-  use_all_cpu_cores()
+  common.use_all_cpu_cores()
   per_seed, sizes = {}, None
   for seed in args.seeds:
     per_seed[seed], sizes = run_seed(args, seed)

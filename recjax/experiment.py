@@ -141,7 +141,7 @@ def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: prot
   for phase in ("valid", "test"):
     part = getattr(split, phase)
     for name in names:
-      rows = np.array([str(v) == name for v in part.columns[domains.DOMAIN]], bool)
+      rows = domains.in_domain(part, name)
       if rows.any():
         only_domain = dataclasses.replace(split, **{phase: part.subset(rows)})
         sets[f"{phase}/{name}"] = build_eval_set(only_domain, phase, protocol)
@@ -157,7 +157,8 @@ def build(config: dict[str, Any]) -> Experiment:
   protocol = protocols.get_protocol(config["protocol"])
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
-  names = domains.domain_names(split.train.concat(split.valid).concat(split.test)) if config["domain"]["rule"] else None
+  parts = [getattr(split, part) for part in splits.PARTS]
+  names = tuple(sorted(set().union(*map(domains.domain_names, parts)))) if config["domain"]["rule"] else None
   all_train = split.train   # feature vocabularies: every domain's, so one-domain and all-domain models share shapes
   if config["domain"]["only"] is not None:
     split = domains.only_domain(split, config["domain"]["only"]) if names else _need_domains("domain.only")
@@ -331,8 +332,6 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
 
   def run(params) -> dict[str, float]:
     outputs = classification.score_rows(exp.logits_fn, params, rows.inputs(), chunk, sharding)   # [n] or [n, T]
-    if outputs.ndim == 2 and data.tasks is None:   # a one-task head [n, 1]
-      outputs = outputs[:, 0]
     if protocol.task == "rating":
       outputs = data.scale.denormalize(outputs, rows.user)
     return classification.labeled_report(protocol.metrics, outputs, rows.target, rows.user, task=protocol.task,
@@ -597,9 +596,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
       "protocol": exp.protocol.name, "valid_metric": exp.valid_metric,
   }
   if exp.domains:   # rows of each domain in each part
-    metrics["domain_sizes"] = {name: {phase: size for phase in ("train", "valid", "test")
-                                      for size in [domains.domain_sizes(getattr(exp.split, phase), exp.domains)[name]]}
-                               for name in exp.domains}
+    sizes = {phase: domains.domain_sizes(getattr(exp.split, phase), exp.domains) for phase in splits.PARTS}
+    metrics["domain_sizes"] = {name: {phase: sizes[phase][name] for phase in sizes} for name in exp.domains}
   if out:
     write_json(out / "metrics.json", metrics)
   return metrics

@@ -331,19 +331,21 @@ def sequential_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarray
 
 
 def _logits(module: nn.Module, batch: dict, train: bool):
-  return module.logits(batch, train=train)
+  """`module.logits`: `[B]` for one task (a model with task heads gives `[B, 1]`), `[B, T]` for T > 1."""
+  z = module.logits(batch, train=train)
+  return z[:, 0] if z.ndim == 2 and z.shape[1] == 1 else z
 
 
 def _logits_and_penalty(module: nn.Module, batch: dict, train: bool):
-  """Logits `[B]` and the model's own regulariser (DCN-v2's cross-weight norms; 0 without one)."""
+  """`_logits` and the model's own regulariser (DCN-v2's cross-weight norms; 0 without one)."""
   penalty = module.penalty() if hasattr(module, "penalty") else jnp.zeros(())
-  return module.logits(batch, train=train), penalty
+  return _logits(module, batch, train), penalty
 
 
 def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
   """Pointwise loss for kind "ctr" models on labelled rows; dropout on (rng stream "dropout").
 
-  z = model.logits(batch) `[B]` (or `[B, T]` for a multi-task model, one logit per task), y =
+  z = model.logits(batch) `[B]` (or `[B, T]` with T > 1 tasks, one logit per task), y =
   `batch["label"]` of the same shape, w = `batch["weight"]` `[B]`:
   - "bce": binary cross-entropy with logits, weighted_mean_b( y softplus(-z) + (1 - y) softplus(z) )
     (PyTorch's BCEWithLogitsLoss; RecBole's context-aware models apply sigmoid then BCELoss);
@@ -370,8 +372,6 @@ def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
     else:
       z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
     y = batch["label"].astype(z.dtype)  # as the logits z
-    if z.ndim == y.ndim + 1 and z.shape[-1] == 1:   # a one-task head [B, 1] on single labels [B]
-      z = z[..., 0]
     if y.shape != z.shape:
       raise ConfigError(f"{type(model).__name__} gives logits of shape {z.shape} for labels of shape {y.shape} "
                         "(one logit per task)")

@@ -124,7 +124,8 @@ def test_labeled_rows_carry_domains_and_one_label_per_task():
   names = domains.domain_names(inter)
   rows = labeled_data(split, "labeled", label_columns=["click"], domains=names)
   assert rows.tasks == ("click",) and rows.domains == names and rows.num_tasks == 1
-  assert rows.test.target.shape == (len(split.test), 1)
+  assert rows.test.target.shape == (len(split.test),)                 # one task: [n], as rating-rule labels
+  np.testing.assert_array_equal(rows.test.target, split.test.columns["click"])
   assert np.array_equal(rows.test.domain, domains.domain_ids(split.test, names))
   assert set(rows.test.inputs()) == {"user", "item", "domain"}
   with pytest.raises(DataError, match="label column 'like' not found"):
@@ -132,7 +133,7 @@ def test_labeled_rows_carry_domains_and_one_label_per_task():
   with pytest.raises(DataError, match="must hold 0/1 labels"):
     bad = dataclasses.replace(split.train, columns={**split.train.columns, "click": split.train.rating})
     labeled_data(dataclasses.replace(split, train=bad), "labeled", label_columns=["click"])
-  sampler = LabeledSampler(rows.train.user, rows.train.item, np.tile(rows.train.target, (1, 2)), 64, seed=0,
+  sampler = LabeledSampler(rows.train.user, rows.train.item, np.stack([rows.train.target] * 2, -1), 64, seed=0,
                            domain=rows.train.domain)
   batches = list(sampler.epoch(0))
   assert batches[0]["label"].shape == (64, 2) and batches[0]["domain"].shape == (64,)

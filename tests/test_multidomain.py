@@ -9,30 +9,31 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from recjax.config import build_config
+from recjax.config import apply_overrides, build_config
 from recjax.data import datasets, domains
 from recjax.errors import ConfigError
 from recjax.experiment import restore_best_params, train
 from recjax.models.multidomain import param_group
 
 
+def _use_multidomain(monkeypatch, domain_rows: tuple[int, ...], num_users: int, num_items: int, seed: int) -> None:
+  """The registry's synthetic-multidomain replaced by a draw of these sizes."""
+  spec = datasets.DATASETS["synthetic-multidomain"]
+  data = domains.make_multidomain(domain_rows, num_users=num_users, num_items=num_items, seed=seed)[0]
+  monkeypatch.setitem(datasets.DATASETS, spec.name,
+                      datasets.DatasetSpec(spec.name, spec.description, lambda data_dir: datasets.LoadedDataset(data)))
+
+
 @pytest.fixture
 def small_multidomain(monkeypatch):
-  """The registry's synthetic-multidomain, smaller (2 big, 2 small domains) so runs take seconds."""
-  def load(data_dir):
-    return datasets.LoadedDataset(domains.make_multidomain((4000, 4000, 600, 600), num_users=400, num_items=200,
-                                                           seed=0)[0])
-  spec = datasets.DATASETS["synthetic-multidomain"]
-  monkeypatch.setitem(datasets.DATASETS, spec.name, datasets.DatasetSpec(spec.name, spec.description, load))
+  """synthetic-multidomain, smaller (2 big, 2 small domains) so runs take seconds."""
+  _use_multidomain(monkeypatch, (4000, 4000, 600, 600), num_users=400, num_items=200, seed=0)
 
 
-def _config(model: str, **overrides):
-  config = build_config(model, dataset="synthetic-multidomain")
-  config.update(epochs=2, batch_size=256)
-  for key, value in overrides.items():
-    section, _, name = key.partition("__")
-    config[section] = {**config[section], name: value} if name else value
-  return config
+def _config(model: str, overrides: dict | None = None):
+  """The model's config on synthetic-multidomain, 2 epochs, then `overrides` (dotted keys)."""
+  config = apply_overrides(build_config(model, dataset="synthetic-multidomain"), {"epochs": 2, "batch_size": 256})
+  return apply_overrides(config, overrides or {})
 
 
 def test_run_reports_every_domain_and_task(small_multidomain, tmp_path):
@@ -54,10 +55,10 @@ def test_run_reports_every_domain_and_task(small_multidomain, tmp_path):
 def test_one_model_per_domain_and_frozen_fine_tuning(small_multidomain, tmp_path):
   source = tmp_path / "all"
   train(_config("mmoe"), source, log=lambda line: None)
-  only = train(_config("domain_mlp", domain__only="d2"), tmp_path / "d2", log=lambda line: None)
+  only = train(_config("domain_mlp", {"domain.only": "d2"}), tmp_path / "d2", log=lambda line: None)
   assert only["domain_sizes"]["d2"] == {"train": 480, "valid": 60, "test": 60}
   assert only["domain_sizes"]["d0"]["test"] == 0 and "auc/d0" not in only["test"]
-  tuned = _config("mmoe", domain__only="d3", finetune__from_run=str(source), finetune__trainable="domain")
+  tuned = _config("mmoe", {"domain.only": "d3", "finetune.from_run": str(source), "finetune.trainable": "domain"})
   train(tuned, tmp_path / "tuned", log=lambda line: None)
   from recjax.experiment import build
 
@@ -65,18 +66,18 @@ def test_one_model_per_domain_and_frozen_fine_tuning(small_multidomain, tmp_path
   after = traverse_util.flatten_dict(restore_best_params(build(tuned), tmp_path / "tuned")["params"])
   moved = {param_group(path) for path in before if not np.array_equal(before[path], after[path])}
   assert moved == {"domain"}                     # the shared experts and embeddings stayed as trained
-  bad = _config("mmoe", finetune__from_run=str(tmp_path / "d2"))
+  bad = _config("mmoe", {"finetune.from_run": str(tmp_path / "d2")})
   with pytest.raises(ConfigError, match="model.name='domain_mlp'"):
     train(bad, tmp_path / "bad", log=lambda line: None)
 
 
 def test_errors_name_the_missing_piece(small_multidomain, tmp_path):
   with pytest.raises(ConfigError, match="needs domains: set domain.rule"):
-    train(_config("mmoe", domain={"rule": None, "column": "domain", "only": None}), tmp_path / "a")
+    train(_config("mmoe", {"domain.rule": None}), tmp_path / "a")
   with pytest.raises(ConfigError, match="unknown domain 'd9'"):
-    train(_config("star", domain__only="d9"), tmp_path / "b")
+    train(_config("star", {"domain.only": "d9"}), tmp_path / "b")
   with pytest.raises(ConfigError, match="leaves nothing to train"):
-    train(_config("domain_mlp", finetune__trainable="adapters"), tmp_path / "c")
+    train(_config("domain_mlp", {"finetune.trainable": "adapters"}), tmp_path / "c")
 
 
 def test_a_plain_ctr_model_is_reported_per_domain_on_ml100k(data_dir, tmp_path):
@@ -117,23 +118,20 @@ def _small_domain_auc(metrics: dict, domain: str) -> float:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_multi_scenario_models_beat_both_baselines_on_the_small_domains(monkeypatch, seed):
-  def load(data_dir):
-    return datasets.LoadedDataset(domains.make_multidomain((8000, 8000, 2000, 2000), num_users=600, num_items=300,
-                                                           seed=seed)[0])
-  spec = datasets.DATASETS["synthetic-multidomain"]
-  monkeypatch.setitem(datasets.DATASETS, spec.name, datasets.DatasetSpec(spec.name, spec.description, load))
+  _use_multidomain(monkeypatch, (8000, 8000, 2000, 2000), num_users=600, num_items=300, seed=seed)
 
-  def auc(model: str, **overrides) -> dict[str, float]:
-    metrics = train(_config(model, seed=seed, epochs=10, batch_size=512, **overrides), None, log=lambda line: None)
+  def auc(model: str, overrides: dict | None = None) -> dict[str, float]:
+    config = _config(model, {"seed": seed, "epochs": 10, "batch_size": 512, **(overrides or {})})
+    metrics = train(config, None, log=lambda line: None)
     return {d: _small_domain_auc(metrics, d) for d in SMALL_DOMAINS if f"auc:click/{d}" in metrics["test"]}
 
   one_for_all = np.mean(list(auc("domain_mlp").values()))
-  per_domain = np.mean([auc("domain_mlp", domain__only=d)[d] for d in SMALL_DOMAINS])
+  per_domain = np.mean([auc("domain_mlp", {"domain.only": d})[d] for d in SMALL_DOMAINS])
   for model in ("mmoe", "ple", "star"):
     ours = np.mean(list(auc(model).values()))
     assert ours >= max(one_for_all, per_domain) + MARGIN, (model, ours, one_for_all, per_domain)
 
 
 def test_one_task_from_the_rating_rule(small_multidomain):
-  metrics = train(_config("star", label_columns=None, epochs=1), None, log=lambda line: None)
+  metrics = train(_config("star", {"label_columns": None, "epochs": 1}), None, log=lambda line: None)
   assert {f"auc/d{k}" for k in range(4)} <= set(metrics["test"]) and "auc:click" not in metrics["test"]

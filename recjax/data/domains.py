@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from recjax.data.interactions import Interactions, from_columns
-from recjax.data.splits import Split, ratio_counts
+from recjax.data.splits import PARTS, Split, ratio_counts
 from recjax.errors import ConfigError, DataError
 
 DOMAIN = "domain"
@@ -112,16 +112,21 @@ def domain_names(inter: Interactions) -> tuple[str, ...]:
 def domain_ids(inter: Interactions, names: Sequence[str]) -> np.ndarray:
   """int32 `[n]`: each row's domain as its index in `names`; DataError for a domain not in `names`."""
   index = {name: k for k, name in enumerate(names)}
-  column = inter.columns[DOMAIN]
-  unknown = sorted({str(v) for v in column} - set(index))
+  present, rows = np.unique(inter.columns[DOMAIN].astype(str), return_inverse=True)   # one lookup per domain
+  unknown = sorted(str(name) for name in set(present) - set(index))
   if unknown:
     raise DataError(inter.name or "dataset", f"domain(s) {unknown} not among the known domains {list(names)}")
-  return np.array([index[str(v)] for v in column], np.int32)
+  return np.array([index[name] for name in present], np.int32)[rows].reshape(-1)
+
+
+def in_domain(inter: Interactions, name: str) -> np.ndarray:
+  """bool `[n]`: the rows of domain `name`."""
+  return inter.columns[DOMAIN].astype(str) == name
 
 
 def domain_sizes(inter: Interactions, names: Sequence[str]) -> dict[str, int]:
   """Rows per domain, every name listed (0 where absent)."""
-  counts = np.bincount(domain_ids(inter, names), minlength=len(names)) if len(inter) else np.zeros(len(names), int)
+  counts = np.bincount(domain_ids(inter, names), minlength=len(names))
   return {name: int(c) for name, c in zip(names, counts)}
 
 
@@ -154,9 +159,8 @@ def only_domain(split: Split, name: str) -> Split:
   names = domain_names(split.train)
   if name not in names:
     raise ConfigError(f"domain.only: unknown domain {name!r}; the domains are {list(names)}")
-  keep = lambda inter: inter.subset(np.array([str(v) == name for v in inter.columns[DOMAIN]], bool))  # noqa: E731
-  return dataclasses.replace(split, train=keep(split.train), valid=keep(split.valid), test=keep(split.test),
-                             name=f"{split.name}[{name}]")
+  parts = {part: getattr(split, part).subset(in_domain(getattr(split, part), name)) for part in PARTS}
+  return dataclasses.replace(split, **parts, name=f"{split.name}[{name}]")
 
 
 @dataclasses.dataclass(frozen=True)

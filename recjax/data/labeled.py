@@ -114,7 +114,7 @@ def fit_rating_scale(train: Interactions, method: str | None = None) -> RatingSc
 @dataclasses.dataclass(frozen=True)
 class LabeledRows:
   """One part's labelled rows: `user [n] int32`, `item [n] int32`, `target [n] float32` (the 0/1
-  label, or the rating on its own scale) or `[n, T]` (one 0/1 label per task), and `domain [n] int32`
+  label, or the rating on its own scale) or `[n, T]` (one 0/1 label per task, T > 1), and `domain [n] int32`
   (the row's domain id, with domains) or None."""
   user: np.ndarray
   item: np.ndarray
@@ -137,7 +137,7 @@ class LabeledData:
     task: "labeled" (0/1 labels, binary metrics) or "rating" (ratings, regression metrics).
     train, valid, test: the rows of each part.
     scale: how ratings map to training targets (identity for "labeled").
-    tasks: names of the label columns when targets are `[n, T]` (multi-task), else None.
+    tasks: names of the label columns (targets `[n, T]` for T > 1), else None.
     domains: the domain names (id k = `domains[k]`) when rows carry domains, else None.
   """
   task: str
@@ -160,7 +160,8 @@ class LabeledData:
 
 
 def _column_labels(inter: Interactions, columns: Sequence[str]) -> np.ndarray:
-  """float32 `[n, T]`: the 0/1 label columns `columns` of `inter`, or DataError naming a missing or non-binary one."""
+  """float32 `[n, T]` (`[n]` for one column: one task is `[n]` throughout): the 0/1 label columns `columns`
+  of `inter`, or DataError naming a missing or non-binary one."""
   out = []
   for name in columns:
     if name not in inter.columns:
@@ -170,7 +171,7 @@ def _column_labels(inter: Interactions, columns: Sequence[str]) -> np.ndarray:
     if not np.all((values == 0) | (values == 1)):
       raise DataError(inter.name or "interactions", f"label column {name!r} must hold 0/1 labels")
     out.append(values)
-  return np.stack(out, -1) if out else np.zeros((len(inter), 0), np.float32)
+  return out[0] if len(out) == 1 else np.stack(out, -1)
 
 
 def labeled_data(split: Split, task: str, threshold: float = 4.0, normalization: str | None = None,

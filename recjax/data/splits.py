@@ -15,6 +15,8 @@ import numpy as np
 from recjax.data.interactions import Interactions, user_sequences
 from recjax.errors import DataError
 
+PARTS = ("train", "valid", "test")   # the parts of a Split, in order
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:

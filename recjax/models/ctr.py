@@ -35,20 +35,17 @@ from recjax.nn.features import MLP, CrossNetwork, FieldEncoder, fm_from_sums, xa
 DCN_STRUCTURES = ("stacked", "parallel")
 
 
-class _FieldModel(nn.Module):
-  """Shared plumbing: field selection, the encoder, per-side passes and `score_items`.
-
-  Subclasses declare the fields `features`, `fields`, `dim`, `embedding_init` and implement
-  `_side(side, ids, train) -> dict` (arrays `[..., *]` per id) and `_combine(user, item, train)`
-  (user leaves `[B, 1, *]`, item leaves `[B, C, *]`) -> logits `[B, C]`.
-  """
+class FieldSelection:
+  """What every model over feature fields shares (mixed into a linen Module that declares `features:
+  FeatureTables` and `fields: tuple[str, ...]`): the checks of `check_features` and the selected tables'
+  sizes. Kind "ctr": labelled rows, no factorisation."""
 
   kind: ClassVar[str] = "ctr"
   factorized: ClassVar[bool] = False
   needs_features: ClassVar[bool] = True
 
-  def __post_init__(self):
-    super().__post_init__()
+  def check_features(self) -> None:
+    """ConfigError unless `features` is a FeatureTables and `fields` selects at least one field."""
     if not isinstance(self.features, FeatureTables):
       raise ConfigError(f"{type(self).__name__}: features must be a recjax.data.features.FeatureTables, "
                         f"got {type(self.features).__name__}")
@@ -73,6 +70,19 @@ class _FieldModel(nn.Module):
   def num_items(self) -> int:
     """Item table size (padding row included): `score_items` takes ids in [0, num_items)."""
     return self.features.num_items
+
+
+class _FieldModel(FieldSelection, nn.Module):
+  """Shared plumbing: field selection, the encoder, per-side passes and `score_items`.
+
+  Subclasses declare the fields `features`, `fields`, `dim`, `embedding_init` and implement
+  `_side(side, ids, train) -> dict` (arrays `[..., *]` per id) and `_combine(user, item, train)`
+  (user leaves `[B, 1, *]`, item leaves `[B, C, *]`) -> logits `[B, C]`.
+  """
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.check_features()
 
   def _setup_encoder(self, first_order: bool = True):
     tables = self.tables

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from recjax.data.features import FeatureTables
 from recjax.errors import ConfigError
+from recjax.models.ctr import FieldSelection
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_init as _embedding_init
 from recjax.nn.features import MLP, FieldEncoder, xavier_normal
@@ -70,12 +71,9 @@ def param_group(path: tuple[str, ...]) -> str:
   return "shared"
 
 
-class _MultiDomainModel(nn.Module):
+class _MultiDomainModel(FieldSelection, nn.Module):
   """Shared plumbing: field selection, the encoder, the row's domain, adapters' bookkeeping."""
 
-  kind: ClassVar[str] = "ctr"
-  factorized: ClassVar[bool] = False
-  needs_features: ClassVar[bool] = True
   multidomain: ClassVar[bool] = True
 
   features: FeatureTables
@@ -89,33 +87,12 @@ class _MultiDomainModel(nn.Module):
 
   def __post_init__(self):
     super().__post_init__()
+    self.check_features()
     name = type(self).__name__
-    if not isinstance(self.features, FeatureTables):
-      raise ConfigError(f"{name}: features must be a recjax.data.features.FeatureTables, "
-                        f"got {type(self.features).__name__}")
-    if not self.tables.fields:
-      raise ConfigError(f"{name}: no feature field selected")
     if self.num_domains < 1 or self.num_tasks < 1:
       raise ConfigError(f"{name}: num_domains and num_tasks must be >= 1, got {self.num_domains}, {self.num_tasks}")
     if self.adapter_dim < 0:
       raise ConfigError(f"{name}: adapter_dim must be >= 0, got {self.adapter_dim}")
-
-  @property
-  def tables(self) -> FeatureTables:
-    """The selected fields."""
-    return self.features.select(self.fields)
-
-  @property
-  def num_fields(self) -> int:
-    return len(self.tables.fields)
-
-  @property
-  def num_users(self) -> int:
-    return self.features.num_users
-
-  @property
-  def num_items(self) -> int:
-    return self.features.num_items
 
   @property
   def num_heads(self) -> int:

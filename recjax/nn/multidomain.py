@@ -66,6 +66,12 @@ def mix(weights: jnp.ndarray, experts: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum("bge,beh->bgh", weights, experts)
 
 
+def grouped_params(module: nn.Module, groups: int, in_dim: int, out_dim: int, suffix: str = ""):
+  """`module`'s params `kernel{suffix} [G, D, H]` (xavier-normal per group) and `bias{suffix} [G, H]` (zeros)."""
+  kernel = module.param(f"kernel{suffix}", grouped_xavier_normal, (groups, in_dim, out_dim))
+  return kernel, module.param(f"bias{suffix}", initializers.zeros, (groups, out_dim))
+
+
 class GroupedDense(nn.Module):
   """G independent Dense layers (`grouped_dense`): `x [B, D]` or `[B, G, D]` -> `[B, G, H]`.
   Params `kernel [G, D, H]` (xavier-normal per group), `bias [G, H]` (zeros)."""
@@ -74,9 +80,7 @@ class GroupedDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param("kernel", grouped_xavier_normal, (self.groups, x.shape[-1], self.features))
-    bias = self.param("bias", initializers.zeros, (self.groups, self.features))
-    return grouped_dense(x, kernel, bias)
+    return grouped_dense(x, *grouped_params(self, self.groups, x.shape[-1], self.features))
 
 
 class Experts(nn.Module):
@@ -102,9 +106,8 @@ class Experts(nn.Module):
     if train and self.dropout > 0 and x.ndim == 2:   # independent masks per expert
       x = jnp.broadcast_to(x[:, None], (x.shape[0], self.num_experts, x.shape[-1]))
     for i, width in enumerate(self.dims):
-      kernel = self.param(f"kernel_{i}", grouped_xavier_normal, (self.num_experts, x.shape[-1], width))
-      bias = self.param(f"bias_{i}", initializers.zeros, (self.num_experts, width))
-      x = nn.relu(grouped_dense(Dropout(self.dropout)(x, deterministic=not train), kernel, bias))
+      params = grouped_params(self, self.num_experts, x.shape[-1], width, suffix=f"_{i}")
+      x = nn.relu(grouped_dense(Dropout(self.dropout)(x, deterministic=not train), *params))
     return x
 
 
@@ -117,9 +120,7 @@ class Gate(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param("kernel", grouped_xavier_normal, (self.num_gates, x.shape[-1], self.num_experts))
-    bias = self.param("bias", initializers.zeros, (self.num_gates, self.num_experts))
-    return gate_weights(grouped_dense(x, kernel, bias))
+    return gate_weights(grouped_dense(x, *grouped_params(self, self.num_gates, x.shape[-1], self.num_experts)))
 
 
 def partitioned_stats(z: jnp.ndarray, domain: jnp.ndarray, num_domains: int,
