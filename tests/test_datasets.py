@@ -40,10 +40,10 @@ def test_resolve_data_dir(monkeypatch, tmp_path, no_env):
 
 
 def test_registry_names_and_unknown():
-  assert set(datasets.DATASETS) == {"synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m",
-                                    "gowalla", "beauty"}
+  assert set(datasets.DATASETS) == {"synthetic", "synthetic-multidomain", "ml-100k", "ml-1m", "ml-10m", "ml-20m",
+                                    "ml-25m", "ml-32m", "gowalla", "beauty"}
   assert all(callable(spec.loader) for spec in datasets.DATASETS.values())
-  with pytest.raises(ConfigError, match="unknown dataset 'ml-5k'; known datasets: synthetic, ml-100k"):
+  with pytest.raises(ConfigError, match="unknown dataset 'ml-5k'; known datasets: synthetic, synthetic-multidomain, ml-100k"):
     datasets.load_dataset("ml-5k")
 
 
