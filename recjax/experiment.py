@@ -515,7 +515,7 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
                               **hparams)
   try:
     return restore_best_params(dataclasses.replace(exp, config=config, model=model, kind=model.kind), run_dir)
-  except ValueError as e:   # orbax: stored shapes differ from this data's table sizes
+  except ValueError as e:   # stored shapes differ from this data's table sizes
     raise ConfigError(f"{what}: the checkpoint in {run_dir} does not fit this run's data ({e})") from e
 
 

@@ -43,7 +43,8 @@ def test_registry_names_and_unknown():
   assert set(datasets.DATASETS) == {"synthetic", "synthetic-multidomain", "ml-100k", "ml-1m", "ml-10m", "ml-20m",
                                     "ml-25m", "ml-32m", "gowalla", "beauty"}
   assert all(callable(spec.loader) for spec in datasets.DATASETS.values())
-  with pytest.raises(ConfigError, match="unknown dataset 'ml-5k'; known datasets: synthetic, synthetic-multidomain, ml-100k"):
+  known = "synthetic, synthetic-multidomain, ml-100k"
+  with pytest.raises(ConfigError, match=f"unknown dataset 'ml-5k'; known datasets: {known}"):
     datasets.load_dataset("ml-5k")
 
 

@@ -169,6 +169,15 @@ def test_nan_loss_raises_and_keeps_checkpoint(tmp_path):
   assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
+def test_restore_into_other_shapes_names_the_array(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save_latest(0, fresh_state(), {"epoch": 0})
+  wide = create_train_state({"w": jnp.zeros(D + 1), "b": jnp.zeros(())}, optax.adam(0.05), 0)
+  with Checkpointer(tmp_path) as ckpt:   # a fresh manager, as on --resume
+    with pytest.raises(ValueError, match=r"params.w is stored with shape \(4,\), this run expects \(5,\)"):
+      ckpt.restore_latest(wide)
+
+
 def test_empty_epoch_raises():
   with pytest.raises(TrainingError, match="no batches"):
     run(lambda e: [], epochs=1)

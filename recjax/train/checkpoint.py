@@ -23,7 +23,8 @@ def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
   multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True, multiprocessing_options=multiprocessing)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def _abstract(tree):
@@ -40,11 +41,31 @@ def _save(manager: ocp.CheckpointManager, epoch: int, state, meta: dict) -> None
   manager.save(epoch, args=args, force=True)
 
 
+def _leaf_name(path) -> str:
+  """Orbax's name of a leaf: its keys joined by dots (`opt_state.0.mu.emb`)."""
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _check_shapes(manager: ocp.CheckpointManager, epoch: int, template) -> None:
+  """ValueError naming the first stored array whose shape differs from `template`'s.
+
+  Checked from the metadata, before any array is read: a mismatch found mid-restore leaves
+  orbax's pending reads to fail noisily.
+  """
+  stored = manager.item_metadata(epoch)["state"]
+  stored = {_leaf_name(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(stored.tree)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+    name = _leaf_name(path)
+    if name in stored and hasattr(leaf, "shape") and tuple(stored[name]) != tuple(leaf.shape):
+      raise ValueError(f"{name} is stored with shape {tuple(stored[name])}, this run expects {tuple(leaf.shape)}")
+
+
 def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] | None:
   manager.wait_until_finished()
   epoch = manager.latest_step()
   if epoch is None:
     return None
+  _check_shapes(manager, epoch, template)
   args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore())
   out = manager.restore(epoch, args=args)
   return epoch, out["state"], dict(out["meta"])
