@@ -95,7 +95,7 @@ def cache_key(fingerprint: str, texts: Sequence[str]) -> str:
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npy")
+  tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")   # one per process: concurrent writers never share it
   np.save(tmp, array)
   os.replace(tmp, path)
 
