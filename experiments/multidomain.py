@@ -9,12 +9,13 @@ Rows (each a recjax run, `recjax.experiment.train`):
 - `mmoe+finetune`: the `mmoe` run fine-tuned on each domain with its shared experts frozen
   (`finetune.trainable=domain`).
 Every run of a seed shares its split (split within each domain, `protocol multidomain`), so each row's
-test rows of a domain are the same. Printed: the test metric of each domain (mean over seeds, and
-each seed), the domain sizes, and by how much the best multi-scenario model beats both baselines on
-each domain.
+test rows of a domain are the same. Printed for each of `--metrics`: the test figure of each domain and
+overall (mean over seeds; overall only for the rows that are one model over all domains), the domain
+sizes, and by how much each model beats the better baseline on each domain in its worst seed.
 
     python experiments/multidomain.py                                     # synthetic-multidomain, 3 seeds
     python experiments/multidomain.py --resume                            # continue an interrupted one
+    python experiments/multidomain.py --report --metrics auc gauc logloss  # tables of finished runs
     python experiments/multidomain.py --dataset ml-100k --data-dir ../shared/data --rule item_genre_group
 """
 from __future__ import annotations
@@ -36,7 +37,9 @@ def _parser():
   p.add_argument("--dataset", default="synthetic-multidomain")
   p.add_argument("--rule", default=None, help="domain.rule (default: the dataset's)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--metric", default="auc", help="the test metric of the table (first task's with several tasks)")
+  p.add_argument("--metrics", nargs="+", default=["auc"],
+                 help="the test metrics of the tables (the first task's with several tasks)")
+  p.add_argument("--report", action="store_true", help="read the finished runs' metrics.json, train nothing")
   p.add_argument("--rows", nargs="+", default=["all", "per-domain", *MULTI, "all+adapters", "mmoe+finetune"])
   p.add_argument("--json", default=None, help="write the per-seed results here")
   return p
@@ -53,21 +56,29 @@ def _config(model: str, args, seed: int, overrides: dict | None = None) -> dict:
                          source="experiments/multidomain.py")
 
 
-def _domain_value(metrics: dict, metric: str, domain: str) -> float:
-  """The test `metric` of `domain` (with several tasks: the first task's)."""
-  test = metrics["test"]
-  if f"{metric}/{domain}" in test:
-    return test[f"{metric}/{domain}"]
-  return test[next(k for k in sorted(test) if k.startswith(f"{metric}:") and k.endswith(f"/{domain}"))]
+LOWER_IS_BETTER = ("logloss", "mse", "rmse", "mae")
+OVERALL = "overall"
 
 
-def run_seed(args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
-  """{row: {domain: test metric}} for one seed, and the domain sizes."""
+def _domain_value(test: dict, metric: str, domain: str) -> float:
+  """The test `metric` of `domain` (`OVERALL`: over all domains); with several tasks, the first task's
+  (`auc:click/d0`), never their mean."""
+  suffix = "" if domain == OVERALL else f"/{domain}"
+  by_task = sorted(k for k in test
+                   if k.startswith(f"{metric}:") and k.endswith(suffix) and k.count("/") == bool(suffix))
+  return test[by_task[0]] if by_task else test[f"{metric}{suffix}"]
+
+
+def run_seed(args, seed: int) -> tuple[dict[str, dict[str, dict[str, float]]], dict]:
+  """{row: {metric: {domain or OVERALL: test figure}}} for one seed, and the domain sizes. OVERALL is
+  there only for the rows that are one model over all domains."""
   from recjax.experiment import train
 
   out = Path(args.out or "runs/experiments/multidomain") / f"seed{seed}"
 
   def run(model: str, name: str, overrides: dict | None = None) -> dict:
+    if args.report:
+      return json.loads((out / name / "metrics.json").read_text())
     return train(_config(model, args, seed, overrides), out / name, resume=args.resume, log=lambda line: None)
 
   # The all-domain runs: those asked for, "all" always (it gives the domain sizes; all+adapters starts
@@ -76,7 +87,8 @@ def run_seed(args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
   results = {row: run("domain_mlp" if row == "all" else row, row) for row in ("all", *MULTI) if row in wanted}
   sizes = results["all"]["domain_sizes"]
   names = sorted(sizes)
-  table = {row: {d: _domain_value(m, args.metric, d) for d in names} for row, m in results.items() if row in args.rows}
+  table = {row: {k: {d: _domain_value(m["test"], k, d) for d in (*names, OVERALL)} for k in args.metrics}
+           for row, m in results.items() if row in args.rows}
   per_domain_rows = {   # row -> (model, overrides) of its run on one domain
       "per-domain": ("domain_mlp", {}),
       "all+adapters": ("domain_mlp", {"finetune.from_run": str(out / "all"), "finetune.trainable": "adapters",
@@ -85,9 +97,31 @@ def run_seed(args, seed: int) -> tuple[dict[str, dict[str, float]], dict]:
   }
   for row, (model, overrides) in per_domain_rows.items():
     if row in args.rows:
-      table[row] = {d: _domain_value(run(model, f"{row}-{d}", {**overrides, "domain.only": d}), args.metric, d)
-                    for d in names}
+      tests = {d: run(model, f"{row}-{d}", {**overrides, "domain.only": d})["test"] for d in names}
+      table[row] = {k: {d: _domain_value(tests[d], k, d) for d in names} for k in args.metrics}
   return table, sizes
+
+
+def print_table(per_seed: dict, sizes: dict, metric: str, title: str) -> None:
+  """Mean over seeds of each row's `metric` per domain and overall, then each model's margin over the
+  better baseline per domain in its worst seed (positive: better, whatever the metric's direction)."""
+  seeds, names = list(per_seed), sorted(sizes)
+  rows = list(per_seed[seeds[0]])
+  print(f"\n{title}, test {metric} per domain, mean over seeds {seeds}")
+  print(f"{'row':<16}" + "".join(f"{d:>12}" for d in (*names, OVERALL)))
+  print(f"{'rows (test)':<16}" + "".join(f"{sizes[d]['test']:>12}" for d in names)
+        + f"{sum(sizes[d]['test'] for d in names):>12}")
+  for r in rows:
+    cells = [statistics.mean(per_seed[s][r][metric][d] for s in seeds) if d in per_seed[seeds[0]][r][metric]
+             else None for d in (*names, OVERALL)]
+    print(f"{r:<16}" + "".join(f"{'-':>12}" if c is None else f"{c:>12.4f}" for c in cells))
+  sign = -1 if metric in LOWER_IS_BETTER else 1
+  baselines = [r for r in ("all", "per-domain") if r in rows]
+  for model in [r for r in rows if r not in baselines]:
+    margins = {d: min(sign * per_seed[s][model][metric][d] - max(sign * per_seed[s][b][metric][d] for b in baselines)
+                      for s in seeds) for d in names}
+    print(f"{model} better than the better baseline by, worst seed: "
+          + ", ".join(f"{d} {m:+.4f}" for d, m in margins.items()))
 
 
 def main() -> None:
@@ -97,18 +131,8 @@ def main() -> None:
   for seed in args.seeds:
     per_seed[seed], sizes = run_seed(args, seed)
     print(f"seed {seed}: " + json.dumps(per_seed[seed]), flush=True)
-  rows, names = list(per_seed[args.seeds[0]]), sorted(sizes)
-  print(f"\n{args.dataset}, test {args.metric} per domain, mean over seeds {args.seeds}")
-  print(f"{'row':<16}" + "".join(f"{d:>12}" for d in names))
-  print(f"{'rows (test)':<16}" + "".join(f"{sizes[d]['test']:>12}" for d in names))
-  mean = {r: {d: statistics.mean(per_seed[s][r][d] for s in args.seeds) for d in names} for r in rows}
-  for r in rows:
-    print(f"{r:<16}" + "".join(f"{mean[r][d]:>12.4f}" for d in names))
-  baselines = [r for r in ("all", "per-domain") if r in rows]
-  for model in [r for r in rows if r not in baselines]:
-    margins = {d: min(per_seed[s][model][d] - max(per_seed[s][b][d] for b in baselines) for s in args.seeds)
-               for d in names}
-    print(f"{model} minus the better baseline, worst seed: " + ", ".join(f"{d} {m:+.4f}" for d, m in margins.items()))
+  for metric in args.metrics:
+    print_table(per_seed, sizes, metric, args.dataset)
   if args.json:
     Path(args.json).write_text(json.dumps({"per_seed": per_seed, "sizes": sizes}, indent=2))
 
