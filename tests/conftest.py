@@ -3,9 +3,32 @@ RECJAX_REQUIRE_DATA=1, which turns a missing directory or file into a failure.""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+_OWN_CACHE = None   # the compilation cache directory this run made, removed at its end
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run: its workers and the tests' subprocesses
+  inherit it through the environment. Many tests compile the same step for the same shapes (each seed
+  of a model, each CLI run); with the cache only the first does. JAX's default threshold keeps the
+  many sub-second compiles out of it. A JAX_COMPILATION_CACHE_DIR already set is used and kept."""
+  global _OWN_CACHE
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # the controller (pytest-xdist workers inherit it)
+    _OWN_CACHE = tempfile.mkdtemp(prefix="recjax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def _missing(reason: str):
