@@ -445,7 +445,11 @@ def finetune_init(exp: Experiment, params):
                         "a run of the same model on the same data)")
   config = {**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
             "finetune": {"from_run": None, "trainable": "all"}}
-  pretrained = restore_best_params(build(config), source)
+  # Same data and split, so this run's model with the source's hyperparameters (e.g. without adapters) has
+  # the source's parameter shapes: no second load of the data.
+  hparams = models.hashable_hparams({k: v for k, v in config["model"].items() if k != "name"})
+  source_exp = dataclasses.replace(exp, config=config, model=exp.model.clone(**hparams))
+  pretrained = restore_best_params(source_exp, source)
   return adapt.merge_pretrained(params, pretrained, str(source))
 
 

@@ -129,8 +129,12 @@ def create_model(name: str, /, *, num_users: int, num_items: int, **kwargs) -> n
   if missing:   # data-derived constants (a graph, feature tables): recjax.experiment.build supplies them
     raise ConfigError(f"model {name!r} needs {missing}, built from the training data (see recjax.experiment.build)")
   sizes = {"num_users": num_users, "num_items": num_items}
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # hashable (JSON gives lists)
-  return cls(**{k: v for k, v in sizes.items() if k in fields}, **kwargs)
+  return cls(**{k: v for k, v in sizes.items() if k in fields}, **hashable_hparams(kwargs))
+
+
+def hashable_hparams(hparams: dict) -> dict:
+  """Hyperparameters with JSON's lists made tuples, as module fields must be hashable."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
 
 
 def example_batch(model: nn.Module, batch_size: int = 2) -> dict:
