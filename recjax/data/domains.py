@@ -82,7 +82,7 @@ def row_domains(inter: Interactions, rule: str, column: str = DOMAIN) -> np.ndar
     if column not in inter.columns:
       raise DataError(inter.name or "dataset", f"domain rule 'column' reads the interaction column {column!r}; "
                       f"the columns are {sorted(inter.columns) or 'none'}")
-    return np.array([str(v) for v in inter.columns[column]], dtype=object)
+    return np.asarray(inter.columns[column]).astype(str).astype(object)
   if rule == "item_genre_group":
     genres = _feature(inter, "item", ("class", "genres", "genre"), rule)
     per_item = np.array([_genre_group(g) for g in genres], dtype=object)
@@ -106,7 +106,7 @@ def domain_names(inter: Interactions) -> tuple[str, ...]:
   """The sorted domain names of `inter`'s rows: name k is domain id k."""
   if DOMAIN not in inter.columns:
     raise DataError(inter.name or "dataset", "no domain column: set domain.rule (see recjax.data.domains)")
-  return tuple(sorted({str(v) for v in inter.columns[DOMAIN]}))
+  return tuple(np.unique(inter.columns[DOMAIN].astype(str)).tolist())
 
 
 def domain_ids(inter: Interactions, names: Sequence[str]) -> np.ndarray:
