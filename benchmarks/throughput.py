@@ -10,9 +10,10 @@ On a GPU/TPU host it uses whatever `jax.devices()` shows (install the matching j
 core). For each model and device count (`--devices`, default 1, 2, 4, ... up to all): the step's compile
 seconds, median ms/step over `--steps` steps after `--warmup` (each blocked until ready), examples/s (real
 rows of the global batch), the eval pass (all valid users, full ranking) median seconds and users/s, and
-the peak device memory where the backend reports it. For LightGCN also the memory bandwidth the
-propagation achieves (a lower bound: each layer's messages, `edges x d` floats, written and read once in
-the forward pass and once in the backward pass) against the device's measured copy bandwidth.
+the peak device memory where the backend reports it. For the graph models (LightGCN, NGCF) also the rate
+at which the step reads edge rows: each layer's sparse product reads one `d`-float source row per edge,
+in the forward and in the backward pass, shown beside the device's measured copy bandwidth (a small
+graph whose rows stay in cache can read them faster than that).
 Prints a table and writes JSON (`--json`).
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ import numpy as np  # noqa: E402
 from recjax import experiment  # noqa: E402
 from recjax.config import apply_overrides, default_config  # noqa: E402
 
-LIGHTGCN_PASSES = 2     # forward and backward propagation per training step
+PROPAGATION_PASSES = 2     # forward and backward propagation per layer and training step
 
 
 def _timed(fn, *args):
@@ -144,8 +145,9 @@ def bench(name: str, args, devices: int) -> dict:
          "eval_compile_s": eval_compile_s, "eval_s": eval_s, "eval_users_per_s": users / eval_s,
          "peak_memory_bytes": peak_memory_bytes()}
   if getattr(exp.model, "graph", None) is not None:
-    graph, dim = exp.model.graph, exp.model.dim
-    moved = exp.model.num_layers * LIGHTGCN_PASSES * 2 * graph.num_edges * dim * 4
+    model, graph = exp.model, exp.model.graph
+    widths = [model.dim] * model.num_layers if hasattr(model, "num_layers") else [model.dim, *model.hidden_sizes[:-1]]
+    moved = PROPAGATION_PASSES * graph.num_edges * sum(widths) * 4
     row.update(edges=graph.num_edges, propagation_bytes_per_step=moved, achieved_gb_per_s=moved / step_s / 1e9)
   return row
 

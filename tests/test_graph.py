@@ -15,6 +15,7 @@ from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError, DataError
 from recjax.eval import ranking
 from recjax.models.ngcf import NGCF
+from recjax.nn import graph as graph_module
 from recjax.nn.graph import normalized_adjacency, propagate
 from recjax.optim import create_optimizer
 from recjax.train import create_train_state, make_train_step
@@ -45,7 +46,9 @@ def test_adjacency_matches_dense_numpy():
   reference = dense_adjacency(train)
   np.testing.assert_allclose(graph.dense(), reference, rtol=1e-6, atol=0)
   assert graph.num_edges == 2 * 8                                   # the duplicate pair is one edge
-  assert np.all(np.diff(graph.dst) >= 0)                            # sorted by destination
+  assert np.all(np.diff(graph.dst.astype(np.int64) * graph.num_nodes + graph.src) > 0)   # sorted by (dst, src)
+  assert np.array_equal(graph.indptr, np.searchsorted(graph.dst, np.arange(graph.num_nodes + 1)))
+  assert np.array_equal(graph.dst[graph.reverse], graph.src) and np.array_equal(graph.src[graph.reverse], graph.dst)
   for isolated in (0, 4, train.num_users + 0, train.num_users + 5):  # padding rows, user 4, item 5
     assert not graph.dense()[isolated].any() and not graph.dense()[:, isolated].any()
   assert graph != normalized_adjacency(train) and hash(graph) == hash(graph)   # identity semantics
@@ -68,8 +71,14 @@ def test_propagate_matches_dense_product_and_has_checked_gradients():
   np.add.at(dense, (graph.dst, graph.src), weight)
   np.testing.assert_allclose(propagate(graph, jnp.asarray(emb), jnp.asarray(weight)), dense @ emb, rtol=1e-5,
                              atol=1e-6)
+  # the kernel GPUs and TPUs use (CPUs use the CSR one above)
+  np.testing.assert_allclose(graph_module._gather_scatter_product(graph, jnp.asarray(weight), jnp.asarray(emb)),
+                             dense @ emb, rtol=1e-5, atol=1e-6)
   with jax.enable_x64(True):
     check_grads(lambda e: jnp.sin(propagate(graph, e)), (emb.astype(np.float64),), order=1, modes=["rev"], eps=1e-5)
+    # replaced weights are not symmetric: the custom VJP must use each edge's reverse, and give d/dweight
+    check_grads(lambda w, e: jnp.sin(propagate(graph, e, w)), (weight.astype(np.float64), emb.astype(np.float64)),
+                order=1, modes=["rev"], eps=1e-5)
   with pytest.raises(ValueError, match="users \\+ items"):
     propagate(graph, jnp.zeros((3, 2)))
 
