@@ -145,9 +145,8 @@ def bench(name: str, args, devices: int) -> dict:
          "eval_compile_s": eval_compile_s, "eval_s": eval_s, "eval_users_per_s": users / eval_s,
          "peak_memory_bytes": peak_memory_bytes()}
   if getattr(exp.model, "graph", None) is not None:
-    model, graph = exp.model, exp.model.graph
-    widths = [model.dim] * model.num_layers if hasattr(model, "num_layers") else [model.dim, *model.hidden_sizes[:-1]]
-    moved = PROPAGATION_PASSES * graph.num_edges * sum(widths) * 4
+    graph = exp.model.graph
+    moved = PROPAGATION_PASSES * graph.num_edges * sum(exp.model.propagation_widths) * 4
     row.update(edges=graph.num_edges, propagation_bytes_per_step=moved, achieved_gb_per_s=moved / step_s / 1e9)
   return row
 

@@ -44,6 +44,11 @@ class LightGCN(GraphTowers):
     self.user_embedding = embedding_table(self.num_users, self.dim, init=self.embedding_init, std=self.embedding_std)
     self.item_embedding = embedding_table(self.num_items, self.dim, init=self.embedding_init, std=self.embedding_std)
 
+  @property
+  def propagation_widths(self) -> tuple[int, ...]:
+    """The row width each propagation step reads, one per layer."""
+    return (self.dim,) * self.num_layers
+
   def ego_tables(self) -> tuple[jnp.ndarray, jnp.ndarray]:
     """E^(0): the user table `[U, d]` and the item table `[N, d]`."""
     return self.user_embedding.embedding, self.item_embedding.embedding

@@ -78,6 +78,11 @@ class NGCF(GraphTowers):
     self.layers = [BiInteraction(self.graph, size) for size in self.hidden_sizes]
     self.dropouts = [Dropout(self.message_dropout) for _ in self.hidden_sizes]
 
+  @property
+  def propagation_widths(self) -> tuple[int, ...]:
+    """The row width each propagation step reads, one per layer (layer l propagates E^(l-1))."""
+    return (self.dim, *self.hidden_sizes[:-1])
+
   def ranking_tables(self, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Every user's `[U, D]` and item's `[N, D]` concatenated layer outputs (dropout when `train`)."""
     weight = None

@@ -9,7 +9,7 @@ and node `num_users + i` is item `i`. The adjacency A has a 1 for every distinct
 (LightGCN eq. 7, NGCF's Laplacian L; RecBole 1.2.1's `get_norm_adj_mat` up to its 1e-7 in the
 degree). Nodes with no edge (the padding rows, users or items unseen in training) get zero rows.
 
-`Graph` holds the edges as host numpy arrays, sorted by destination node, and hashes by identity,
+`Graph` holds the edges as host numpy arrays, sorted by (destination, source), and hashes by identity,
 so a model carrying it stays a valid jit static argument; the arrays enter compiled code as
 constants (see `propagate`).
 """
@@ -39,16 +39,12 @@ class Graph:
     weight: float32 [E] the entry Â[dst, src].
     num_users: user table size (padding row included).
     num_items: item table size (padding row included).
-    indptr: int32 [U+I+1] CSR row pointers: node v's edges are `indptr[v]:indptr[v+1]`.
-    reverse: int32 [E] the edge (src, dst) of each edge (dst, src).
   """
   dst: np.ndarray
   src: np.ndarray
   weight: np.ndarray
   num_users: int
   num_items: int
-  indptr: np.ndarray
-  reverse: np.ndarray
 
   @property
   def num_nodes(self) -> int:
@@ -57,6 +53,17 @@ class Graph:
   @property
   def num_edges(self) -> int:
     return len(self.dst)
+
+  @functools.cached_property
+  def indptr(self) -> np.ndarray:
+    """int32 `[U+I+1]` CSR row pointers: node v's edges are `indptr[v]:indptr[v+1]`."""
+    return np.searchsorted(self.dst, np.arange(self.num_nodes + 1)).astype(np.int32)
+
+  @functools.cached_property
+  def reverse(self) -> np.ndarray:
+    """int32 `[E]`: the index of edge (src, dst) for each edge (dst, src)."""
+    edge_key = self.dst.astype(np.int64) * self.num_nodes + self.src                 # ascending
+    return np.searchsorted(edge_key, self.src.astype(np.int64) * self.num_nodes + self.dst).astype(np.int32)
 
   def dense(self) -> np.ndarray:
     """Â as a dense float64 `[U+I, U+I]` matrix (for tests on small graphs)."""
@@ -86,15 +93,11 @@ def normalized_adjacency(train: Interactions) -> Graph:
   weight = (1.0 / np.sqrt(user_degree[user] * item_degree[item])).astype(np.float32)
   by_item = np.lexsort((user, item))                                        # item rows, sorted
   item_node = item + np.int32(num_users)
-  dst = np.concatenate([user, item_node[by_item]])
-  src = np.concatenate([item_node, user[by_item]])
-  num_nodes = num_users + num_items
-  edge_key = dst.astype(np.int64) * num_nodes + src                         # ascending: sorted by (dst, src)
   return Graph(
-      dst=dst, src=src, weight=np.concatenate([weight, weight[by_item]]), num_users=num_users,
-      num_items=num_items,
-      indptr=np.searchsorted(dst, np.arange(num_nodes + 1)).astype(np.int32),
-      reverse=np.searchsorted(edge_key, src.astype(np.int64) * num_nodes + dst).astype(np.int32))
+      dst=np.concatenate([user, item_node[by_item]]),
+      src=np.concatenate([item_node, user[by_item]]),
+      weight=np.concatenate([weight, weight[by_item]]),
+      num_users=num_users, num_items=num_items)
 
 
 def propagate(graph: Graph, emb: jnp.ndarray, weight: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -172,8 +175,9 @@ def split_nodes(graph: Graph, emb: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
 
 class GraphTowers(nn.Module):
   """Base of the graph models: every tower comes from `ranking_tables(train) -> (users [U, D],
-  items [N, D])`, which the subclass defines (one propagation of the whole graph). Subclasses have
-  the fields `num_users`, `num_items` and `graph`, whose sizes must agree."""
+  items [N, D])`, which the subclass defines (one propagation of the whole graph), with
+  `propagation_widths` (the row width each propagation step reads). Subclasses have the fields
+  `num_users`, `num_items` and `graph`, whose sizes must agree."""
 
   def __post_init__(self):
     super().__post_init__()

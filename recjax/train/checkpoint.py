@@ -42,8 +42,8 @@ def _save(manager: ocp.CheckpointManager, epoch: int, state, meta: dict) -> None
 
 
 def _leaf_name(path) -> str:
-  """Orbax's name of a leaf: its keys joined by dots (`opt_state.0.mu.emb`)."""
-  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  """A leaf's keys joined by dots (`opt_state.0.mu.emb`), in the stored metadata and in a template alike."""
+  return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def _check_shapes(manager: ocp.CheckpointManager, epoch: int, template) -> None:
