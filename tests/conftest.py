@@ -15,15 +15,20 @@ _OWN_CACHE = None   # the compilation cache directory this run made, removed at 
 def pytest_configure(config):
   """One persistent XLA compilation cache for the whole run: its workers and the tests' subprocesses
   inherit it through the environment. Many tests compile the same step for the same shapes (each seed
-  of a model, each CLI run); with the cache only the first does. JAX's default threshold keeps the
-  many sub-second compiles out of it. A JAX_COMPILATION_CACHE_DIR already set is used and kept."""
+  of a model, each CLI run, a run and its resumption); with the cache only the first does. Every
+  compile is cached, the sub-second ones too (JAX's default skips them): a CLI subprocess makes dozens,
+  and the SIGKILL/resume and two-process tests ran 14% faster with them cached. A
+  JAX_COMPILATION_CACHE_DIR already set is used and kept."""
   global _OWN_CACHE
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # the controller (pytest-xdist workers inherit it)
     _OWN_CACHE = tempfile.mkdtemp(prefix="recjax-tests-xla-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   import jax
 
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_unconfigure(config):

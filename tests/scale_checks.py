@@ -44,7 +44,7 @@ SMALL = {"bpr": ["batch_size=256", "model.dim=16", "learning_rate=0.01"],
 
 
 @functools.cache
-def _setup(name: str, extra=()):
+def _setup(name: str, extra: tuple[str, ...]):
   config = apply_overrides(default_config(name), [*SMALL[name], *extra])
   config.update(dataset="synthetic", devices=1)
   exp = experiment.build(config)
@@ -81,8 +81,9 @@ def _max_diff(a, b) -> float:
 
 
 @functools.cache
-def _reference(name: str, extra=()):
-  """The single-device run every other path is compared with: (experiment, batches, optimizer, state, loss)."""
+def _reference(name: str, extra: tuple[str, ...]):
+  """The single-device run every other path is compared with: (experiment, batches, optimizer, state, loss).
+  Cached by its arguments, which every caller passes positionally (so equal runs share one entry)."""
   exp, batches = _setup(name, extra)
   optimizer = create_optimizer("adam", exp.config["learning_rate"])
   state, _ = _state(exp, optimizer)
@@ -122,7 +123,7 @@ def check_accumulation(name: str, accum_steps: int = 4, extra=()) -> dict:
 
 
 def check_bfloat16(name: str) -> dict:
-  exp, batches, optimizer, reference, ref_loss = _reference(name)
+  exp, batches, optimizer, reference, ref_loss = _reference(name, ())
   state, _ = _state(exp, optimizer)
   step = make_train_step(experiment.make_loss_fn(exp), optimizer, compute_dtype=jnp.bfloat16)
   state, loss = _run(step, state, batches)
@@ -137,7 +138,7 @@ def check_eval() -> dict:
   items split over 2 and 4 (row-sharded tables, merged top-k)."""
   out = {}
   for name in ("bpr", "sasrec"):
-    exp, _, _, reference, _ = _reference(name)
+    exp, _, _, reference, _ = _reference(name, ())
     params = reference.params
     data = exp.eval_sets["test"]
 

@@ -220,6 +220,16 @@ def test_bprmf_loss_grads():
   check_param_grads(lambda p: loss_fn(p, batch, _key(0))[0], init_params(model, _key(0)))
 
 
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_init_params_equals_a_default_compiled_init_bit_for_bit(name):
+  # init_params compiles at a lower LLVM optimisation level on CPU; the values must not change
+  model = create_model(name, num_users=NUM_USERS, num_items=NUM_ITEMS, **SMALL_KWARGS[name])
+  key = jax.random.PRNGKey(3)   # the default (threefry) key that runs use
+  default = jax.jit(lambda k: model.init({"params": k}, example_batch(model)))(key)
+  chex.assert_trees_all_equal(init_params(model, key), default)
+  chex.assert_trees_all_equal(jax.jit(lambda k: init_params(model, k))(key), default)   # traced inside a jit
+
+
 def test_bprmf_init_is_xavier_normal():
   model = BPRMF(num_users=2000, num_items=3000, dim=64)
   params = init_params(model, _key(0))["params"]

@@ -41,8 +41,14 @@ def tiny_tokenizer_json(path) -> str:
 def tiny_checkpoint(tmp_path_factory):
   """A randomly initialised tiny BERT written as a Hugging Face checkpoint directory, and its params."""
   root = tmp_path_factory.mktemp("tiny_bert")
-  params = text.BertEncoder(TINY).init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(9), p.shape), params)  # biases too
+
+  @jax.jit   # one compilation instead of op-by-op dispatch of every initialiser
+  def random_params():
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = text.BertEncoder(TINY).init(jax.random.PRNGKey(3), ids, jnp.ones_like(ids))
+    return jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(9), p.shape), params)  # biases too
+
+  params = random_params()
   directory = text.save_checkpoint(root / "ckpt", TINY, params, tiny_tokenizer_json(root / "tokenizer.json"))
   return directory, params
 
@@ -285,7 +291,7 @@ def test_finetuned_tower_starts_from_the_checkpoint_and_has_correct_gradients(ti
   tower = model.bind(params).item_tower
   np.testing.assert_allclose(tower.text_vectors(), frozen.vectors, atol=1e-5)   # the frozen vectors at step 0
   weights = jax.random.normal(jax.random.PRNGKey(1), (5, 8))
-  check_grads(lambda p: jnp.sum(model.apply(p, method=lambda m: m.item_repr()) * weights), (params,), order=1,
+  check_grads(jax.jit(lambda p: jnp.sum(model.apply(p, method=lambda m: m.item_repr()) * weights)), (params,), order=1,
               modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
