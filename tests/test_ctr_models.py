@@ -214,8 +214,8 @@ def test_dcnv2_penalty_and_structures():
   # the pointwise training loss adds the model's penalty to the BCE
   batch = {"user": jnp.array([1, 2, 0]), "item": jnp.array([1, 3, 0]), "label": jnp.array([1.0, 0.0, 0.0]),
            "weight": jnp.array([1.0, 1.0, 0.0])}
-  loss, parts = pointwise_loss_fn(model)(params, batch, _key(1))
-  logits = model.apply(params, batch, True, method="logits", rngs={"dropout": _key(1)})[:2]
+  loss, parts = jax.jit(pointwise_loss_fn(model))(params, batch, _key(1))
+  logits = jax.jit(lambda p: model.apply(p, batch, True, method="logits", rngs={"dropout": _key(1)}))(params)[:2]
   bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"][:2]).mean()
   np.testing.assert_allclose(parts["data_loss"], bce, rtol=1e-5)
   np.testing.assert_allclose(loss, bce + model.apply(params, method="penalty"), rtol=1e-5)
