@@ -56,8 +56,8 @@ def test_full_softmax_leaves_masked_items_out():
   table = np.asarray(grads["params"]["item_embedding"]["embedding"])
   assert not np.any(table[4:]) and np.any(table[1:4])
   # equal to a softmax over the unmasked items only (items 1..3; padding is never a candidate)
-  h, items = jax.jit(lambda p: model.apply(p, batch["seq"], method=lambda m, s: (m.sequence_repr(s), m.item_repr())))(
-      params)
+  represent = jax.jit(lambda p: model.apply(p, batch["seq"], method=lambda m, s: (m.sequence_repr(s), m.item_repr())))
+  h, items = represent(params)
   logits = np.asarray(h @ items.T)[0, 1:, 1:4]
   expected = np.mean([np.log(np.exp(row).sum()) - row[t - 1] for row, t in zip(logits, (2, 3))])
   np.testing.assert_allclose(loss, expected, rtol=1e-5)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.test_util import check_grads
 from test_features import tiny_interactions
-from testutil import check_param_grads
+from testutil import check_param_grads, random_variables
 from testutil import rbg_key as _key
 
 from recjax import models
@@ -34,11 +34,9 @@ def _tables():
 
 
 def _random_params(model, seed: int = 0, std: float = 0.3, batch=None):
-  """Parameters of the model's shapes drawn N(0, std^2) by numpy: no initialiser to compile."""
-  rng = np.random.default_rng(seed)
+  """Parameters of the model's shapes drawn N(0, std^2) by numpy (`testutil.random_variables`)."""
   batch = batch or ({"user": jnp.zeros(2, jnp.int32), "item": jnp.zeros(2, jnp.int32)},)
-  shapes = jax.eval_shape(model.init, _key(0), *batch)
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype), shapes)
+  return random_variables(model.init, *batch, std=std, seed=seed)
 
 
 def _model(name: str, tables=None, **kwargs):

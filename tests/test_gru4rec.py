@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from testutil import check_param_grads
+from testutil import check_param_grads, random_variables
 from testutil import rbg_key as _key
 
 from recjax.models import init_params
@@ -30,15 +30,10 @@ def _seq() -> jnp.ndarray:
 
 
 def _random_params(module, *args, scale: float = 0.3, seed: int = 0) -> dict:
-  """Variables of `module.init(key, *args)`'s structure filled with N(0, scale^2) from numpy.
-
-  Traced with `eval_shape`, never compiled: a jitted init costs seconds of XLA compilation per
-  model on CPU, and these tests need weights of some size, not RecBole's distribution (the init
-  itself is checked once, in `test_init_follows_recbole`).
-  """
-  shapes = jax.eval_shape(lambda: module.init(_key(0), *args))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), shapes)
+  """Variables of `module.init(key, *args)`'s structure filled with N(0, scale^2) from numpy
+  (`testutil.random_variables`): these tests need weights of some size, not RecBole's distribution (the
+  init itself is checked once, in `test_init_follows_recbole`)."""
+  return random_variables(module.init, *args, std=scale, seed=seed)
 
 
 @functools.lru_cache

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testutil import check_param_grads
+from testutil import check_param_grads, random_variables
 
 from recjax.data import text as item_text
 from recjax.errors import ConfigError, DataError
@@ -43,14 +43,9 @@ def tiny_checkpoint(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny_bert")
 
   ids = jnp.zeros((1, 4), jnp.int32)
-  shapes = jax.eval_shape(lambda: text.BertEncoder(TINY).init(jax.random.PRNGKey(3), ids, jnp.ones_like(ids)))
-  rng = np.random.default_rng(9)   # drawn by numpy: no initialiser to compile; biases and norms random too
-
-  def draw(path, leaf):
-    base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-    return jnp.asarray(base + rng.normal(0.0, 0.2, leaf.shape), leaf.dtype)
-
-  params = jax.tree_util.tree_map_with_path(draw, shapes)
+  layer_norm_scale = lambda path: float(jax.tree_util.keystr(path).endswith("['scale']"))  # noqa: E731
+  params = random_variables(text.BertEncoder(TINY).init, ids, jnp.ones_like(ids), std=0.2, seed=9,
+                            mean=layer_norm_scale)   # biases and norms random too
   directory = text.save_checkpoint(root / "ckpt", TINY, params, tiny_tokenizer_json(root / "tokenizer.json"))
   return directory, params
 

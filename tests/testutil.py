@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
@@ -18,3 +19,13 @@ def check_param_grads(f, tree) -> None:
   with jax.enable_x64(True):
     flat, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), tree))
     check_grads(jax.jit(lambda v: f(unravel(v))), (flat,), order=1, modes=["rev"], eps=1e-5)
+
+
+def random_variables(init, *args, std: float = 0.3, seed: int = 0, mean=lambda path: 0.0) -> dict:
+  """Variables of `init(key, *args)`'s structure drawn N(mean(path), std^2) by numpy, leaf by leaf in tree
+  order. The structure is traced with `jax.eval_shape`, never compiled: a jitted initialiser costs seconds
+  of XLA compilation per model on CPU, and tests that need weights of some size need no more."""
+  shapes = jax.eval_shape(init, rbg_key(0), *args)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(mean(path) + rng.normal(0.0, std, s.shape), s.dtype), shapes)
