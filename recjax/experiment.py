@@ -30,7 +30,15 @@ from recjax.models.multidomain import param_group
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
-from recjax.train.mesh import batch_sharding, check_divisible, create_sharded, make_mesh, pad_tables, put_global
+from recjax.train.mesh import (
+  batch_sharding,
+  check_divisible,
+  create_sharded,
+  make_mesh,
+  pad_tables,
+  put_global,
+  replicated,
+)
 
 
 @dataclasses.dataclass
@@ -49,9 +57,12 @@ class Experiment:
   labeled_data: labeled.LabeledData | None = None   # labelled rows (pointwise training / labelled evaluation)
   logits_fn: Callable = None       # jitted (params, rows) -> [C] of kind "ctr" models, one per run
   domains: tuple[str, ...] | None = None   # domain names (id k = domains[k]) when the config sets domain.rule
+  constants: dict = None           # the model's constants (models.model_constants), on the run's devices
 
   def __post_init__(self):
     self.mesh = train_mesh(self.config)
+    constants = models.model_constants(self.model)
+    self.constants = put_global(constants, replicated(self.mesh)) if self.mesh else jax.device_put(constants)
     self.score_fn = tasks.score_fn(self.model)
     self.eval_params = _identity
     if tasks.has_ranking_tables(self.model):   # propagate once per evaluation pass; user chunks only gather
@@ -60,6 +71,11 @@ class Experiment:
                           else tasks.item_score_fn(self.model))   # score_items models: the candidates only
     if self.kind == "ctr":
       self.logits_fn = jax.jit(tasks.logits_fn(self.model))
+
+  def with_constants(self, params) -> dict:
+    """`params` with the model's constants beside them, as the model's `apply` (and every jitted
+    function of the run, which then takes the constants as arguments) reads them."""
+    return {**params, **self.constants} if self.constants else params
 
   @property
   def valid_metric(self) -> str:
@@ -331,7 +347,8 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
   chunk, sharding = labeled_chunk(exp), batch_sharding(exp.mesh) if exp.mesh else None
 
   def run(params) -> dict[str, float]:
-    outputs = classification.score_rows(exp.logits_fn, params, rows.inputs(), chunk, sharding)   # [n] or [n, T]
+    outputs = classification.score_rows(exp.logits_fn, exp.with_constants(params), rows.inputs(), chunk,
+                                        sharding)   # [n] or [n, T]
     if protocol.task == "rating":
       outputs = data.scale.denormalize(outputs, rows.user)
     return classification.labeled_report(protocol.metrics, outputs, rows.target, rows.user, task=protocol.task,
@@ -369,7 +386,7 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
     return out
 
   def run(params) -> dict[str, float]:
-    params = exp.eval_params(params)
+    params = exp.eval_params(exp.with_constants(params))
     out = evaluate(params, exp.eval_sets[phase])
     for domain, data in per_domain.items():
       out.update({f"{key}/{domain}": value for key, value in evaluate(params, data).items()})
@@ -407,7 +424,8 @@ def make_step(exp: Experiment, optimizer, state_sharding=None):
   """The run's jitted train step: its loss, mesh, state sharding (from `init_state`), compute dtype
   and gradient accumulation."""
   return make_train_step(make_loss_fn(exp), optimizer, mesh=exp.mesh, state_sharding=state_sharding,
-                         compute_dtype=compute_dtype(exp.config), accum_steps=exp.config["grad_accum"])
+                         compute_dtype=compute_dtype(exp.config), accum_steps=exp.config["grad_accum"],
+                         constants=exp.constants)
 
 
 def compute_dtype(config: dict[str, Any]):

@@ -2,6 +2,7 @@
 gradients, and the kind "ctr" models: logits = score_items, registry, defaults, a planted rule."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -152,6 +153,34 @@ def test_field_encoder_against_numpy_and_its_gradients():
   bare_params = _random_params(bare, batch=(user, item))
   assert "token_weight" not in bare_params["params"]
   assert not np.any(jax.jit(bare.apply)(bare_params, user, item)[1])
+
+
+def _reversed_rows(tables):
+  """The same fields and shapes with each table's non-padding rows in reverse order (other data)."""
+  flip = lambda v: np.concatenate([v[:1], v[:0:-1]])  # noqa: E731
+  return dataclasses.replace(tables, fields=tuple(dataclasses.replace(f, values=flip(f.values)) for f in tables.fields))
+
+
+def test_feature_tables_as_arguments_equal_the_embedded_tables_and_share_one_program():
+  tables = _tables()
+  model = _model("deepfm", tables=tables)
+  params = _random_params(model)
+  constants = models.model_constants(model)
+  assert set(constants["constants"]["encoder"]) == {"user", "item"}
+  rows = {"user": jnp.array([0, 1, 2, 3, 4, 1], jnp.int32), "item": jnp.array([0, 1, 2, 3, 4, 4], jnp.int32)}
+  loss = lambda variables: jnp.sum(jnp.sin(model.apply(variables, rows)))  # noqa: E731
+  embedded = jax.jit(jax.value_and_grad(loss))
+  passed = jax.jit(lambda p, c: jax.value_and_grad(lambda p: loss({**p, **c}))(p))
+  for got, want in zip(jax.tree.leaves(passed(params, constants)), jax.tree.leaves(embedded(params))):
+    np.testing.assert_array_equal(got, want)
+  # the models over other tables of the same shapes: one program with the tables as arguments, two without
+  other = _model("deepfm", tables=_reversed_rows(tables))
+  lowered = lambda m, f: f.lower(params, models.model_constants(m)).as_text()  # noqa: E731
+  apply = lambda m: jax.jit(lambda p, c: m.apply({**p, **c}, rows))  # noqa: E731
+  assert lowered(model, apply(model)) == lowered(other, apply(other))
+  inline = lambda m: jax.jit(lambda p, c: m.apply(p, rows)).lower(params, {}).as_text()  # noqa: E731
+  assert inline(model) != inline(other)
+  assert not np.array_equal(*(jax.jit(m.apply)(params, rows) for m in (model, other)))
 
 
 # ----------------------------------------------------------------------------- models

@@ -204,7 +204,7 @@ def test_train_step_is_finite_learns_and_compiles_once(name, hparams):
   for _ in range(5):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  assert step._cache_size() == 1 and np.isfinite(losses).all() and losses[-1] < losses[0]
+  assert step.jitted._cache_size() == 1 and np.isfinite(losses).all() and losses[-1] < losses[0]
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
 
 

@@ -16,8 +16,12 @@ from recjax.train import (
   ProgressBar,
   TrainState,
   create_train_state,
+  make_pmap_train_step,
   make_train_step,
   plot_curves,
+  replicate,
+  split_for_pmap,
+  unreplicate,
 )
 
 
@@ -58,7 +62,7 @@ def test_step_decreases_loss_and_compiles_once():
   for _ in range(30):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  assert step._cache_size() == 1
+  assert step.jitted._cache_size() == 1
   assert losses[-1] < 0.1 * losses[0]
   assert set(metrics) == {"loss", "mse", "grad_norm"}
   assert float(metrics["grad_norm"]) >= 0 and int(state.step) == 30
@@ -82,11 +86,48 @@ def test_step_donates_state():
   if jax.default_backend() == "cpu" or state.params["w"].is_deleted():
     assert state.params["w"].is_deleted()  # the caller must use the returned state
   new_state, _ = step(new_state, toy_batch(1))
-  assert int(new_state.step) == 2 and step._cache_size() == 1
+  assert int(new_state.step) == 2 and step.jitted._cache_size() == 1
   kept = make_train_step(loss_fn, optax.adam(0.1), donate=False)
   state = fresh_state()
   kept(state, toy_batch())
   assert not state.params["w"].is_deleted()
+
+
+def test_constants_are_step_arguments_without_gradients():
+  """A loss reading data-derived arrays beside the params (`constants`): the same states as a loss that
+  closes over them; int tables are fine (no gradient is taken), float ones stay float32 under bfloat16."""
+  rows, scale = np.array([2, 0, 1], np.int32), np.array([1.0, 3.0, 0.5], np.float32)
+
+  def reading(variables, batch, rng):
+    w = variables["w"][variables["constants"]["rows"]] * variables["constants"]["scale"]
+    return loss_fn({"w": w, "b": variables["b"]}, batch, rng)
+
+  closing = lambda params, batch, rng: reading({**params, "constants": {"rows": rows, "scale": scale}}, batch, rng)  # noqa: E731
+  constants = {"constants": {"rows": rows, "scale": scale}}
+  with_args = make_train_step(reading, optax.adam(0.1), constants=constants)
+  closed = make_train_step(closing, optax.adam(0.1))
+  a, b = fresh_state(), fresh_state()
+  for i in range(3):
+    a, metrics = with_args(a, toy_batch(i))
+    b, _ = closed(b, toy_batch(i))
+  assert jax.tree.structure(a) == jax.tree.structure(fresh_state())   # the constants are not state
+  np.testing.assert_array_equal(a.params["w"], b.params["w"])
+  assert with_args.jitted._cache_size() == 1
+  pmapped = [make_pmap_train_step(reading, optax.adam(0.1), constants=constants),
+             make_pmap_train_step(closing, optax.adam(0.1))]
+  states = [replicate(fresh_state()) for _ in pmapped]
+  for i in range(3):
+    batch = split_for_pmap({**toy_batch(i), "weight": np.ones(32, np.float32)})
+    states = [step(state, batch)[0] for step, state in zip(pmapped, states)]
+  np.testing.assert_array_equal(*(unreplicate(state).params["w"] for state in states))
+
+  def dtypes(variables, batch, rng):
+    assert variables["w"].dtype == jnp.bfloat16 and variables["constants"]["scale"].dtype == jnp.float32
+    return reading(variables, batch, rng)
+
+  state, _ = make_train_step(dtypes, optax.adam(0.1), constants=constants, compute_dtype=jnp.bfloat16)(
+      fresh_state(), toy_batch())
+  assert state.params["w"].dtype == jnp.float32
 
 
 KEEP_STEP = make_train_step(loss_fn, optax.adam(0.1), donate=False)

@@ -144,8 +144,20 @@ def example_batch(model: nn.Module, batch_size: int = 2) -> dict:
           "domain": jnp.zeros((batch_size,), jnp.int32), "seq": jnp.zeros((batch_size, max_len), jnp.int32)}
 
 
-def _init(model: nn.Module, rng: jax.Array) -> dict:
-  return model.init({"params": rng}, example_batch(model))
+def model_constants(model: nn.Module) -> dict:
+  """The model's data-derived arrays as variable collections (`{"constants": ...}` of host arrays, from its
+  `host_constants()`; `{}` for models without). Passed to `apply` beside the params (`{**params,
+  **constants}`) they enter compiled code as arguments: a run on other data of the same shapes (another
+  seed) reuses the compilation. Without them the model builds the same arrays as constants."""
+  return model.host_constants() if hasattr(model, "host_constants") else {}
+
+
+def _init(model: nn.Module, rng: jax.Array, constants: dict) -> dict:
+  if not constants:
+    return model.init({"params": rng}, example_batch(model))
+  _, variables = model.apply(constants, example_batch(model), rngs={"params": rng},
+                             mutable=flax.core.DenyList(tuple(constants)))
+  return variables
 
 
 # Initialisation runs once per model, and on CPU its compile costs as much as a train step's (~5 XLA
@@ -166,9 +178,10 @@ def init_params(model: nn.Module, rng: jax.Array) -> dict:
   """Initial parameters `{"params": ...}` of every submodule (runs `__call__` once), with fine-tuned
   text-encoder layers set to their checkpoint's values.
 
-  Jitted with the model static, so equal models share one compilation.
+  Jitted with the model static, so equal models share one compilation; the model's constants
+  (`model_constants`) are arguments, so models over other data of the same shapes share it too.
   """
-  params = _pick_init()(model, rng)
+  params = _pick_init()(model, rng, model_constants(model))
   text = getattr(model, "item_text", None)
   if text is not None and text.layers:
     params = flax.core.unfreeze(params)

@@ -30,7 +30,7 @@ from jax.nn import initializers
 
 from recjax.data.features import FeatureTables
 from recjax.errors import ConfigError
-from recjax.nn.features import MLP, CrossNetwork, FieldEncoder, fm_from_sums, xavier_normal
+from recjax.nn.features import CONSTANTS, MLP, CrossNetwork, FieldEncoder, field_constants, fm_from_sums, xavier_normal
 
 DCN_STRUCTURES = ("stacked", "parallel")
 
@@ -56,6 +56,10 @@ class FieldSelection:
   def tables(self) -> FeatureTables:
     """The selected fields."""
     return self.features.select(self.fields)
+
+  def host_constants(self) -> dict:
+    """The "constants" collection of the model's `encoder`: its feature id tables (host arrays)."""
+    return {CONSTANTS: {"encoder": field_constants(self.tables)}}
 
   @property
   def num_fields(self) -> int:

@@ -40,6 +40,41 @@ def fm_from_sums(total: jnp.ndarray, square_sum: jnp.ndarray) -> jnp.ndarray:
   return 0.5 * (jnp.square(total).sum(-1) - square_sum)
 
 
+# Variable collection of data-derived arrays a model reads but never trains (feature id tables): passed
+# to `apply` beside "params" they are arguments of the compiled function, not constants baked into it,
+# so runs on other data of the same shapes (another seed) reuse its compilation.
+CONSTANTS = "constants"
+
+
+def field_constants(features: FeatureTables) -> dict:
+  """The id tables `FieldEncoder` indexes, per side ("user", "item"), as host arrays over the side's
+  dense ids (`[rows, ...]`):
+
+    "token_ids"  int32 `[rows, Ft]`: single-valued tokens offset into the shared token table;
+    "token_mask" float32 `[rows, Ft]`: 0 where the token is padding;
+    "seq"        {field: int32 `[rows, M]`} multi-valued tokens (0 = padding);
+    "numeric"    float32 `[rows, Fn]`.
+
+  Keys without fields of their kind are left out ("seq" is always there, maybe empty).
+  """
+  tokens = [f for f in features.fields if f.kind == "token"]
+  offset = dict(zip([f.name for f in tokens], np.cumsum([0] + [f.vocab_size for f in tokens]).tolist()))
+  out = {}
+  for side in ("user", "item"):
+    fields = features.side(side)
+    side_tokens = [f for f in fields if f.kind == "token"]
+    numeric = [f.values for f in fields if f.kind == "float"]
+    tables = {"seq": {f.name: f.values for f in fields if f.kind == "token_seq"}}
+    if side_tokens:
+      raw = np.stack([f.values for f in side_tokens], -1)
+      tables["token_ids"] = (raw + np.array([offset[f.name] for f in side_tokens])).astype(np.int32)
+      tables["token_mask"] = (raw != PAD).astype(np.float32)
+    if numeric:
+      tables["numeric"] = np.stack(numeric, -1).astype(np.float32)
+    out[side] = tables
+  return out
+
+
 class FieldEncoder(nn.Module):
   """Per-field embeddings and first-order weights of users and items.
 
@@ -51,6 +86,10 @@ class FieldEncoder(nn.Module):
   Per field: a token id -> its row (id 0 -> zero vector, weight 0); a token sequence -> the mean of
   its non-padding rows (empty -> zero vector), weight = the sum of their weights (a multi-hot
   linear model); a number x -> x * vector, weight x * w.
+
+  The id tables it indexes (`field_constants`) are read from the "constants" collection when `apply`
+  is given it (`{"params": ..., "constants": {"encoder": field_constants(features)}}`), else built on
+  the host and embedded in the compiled code.
 
   Attributes:
     features: the fields to encode (already selected).
@@ -68,9 +107,7 @@ class FieldEncoder(nn.Module):
 
   def setup(self):
     tokens = [f for f in self.features.fields if f.kind == "token"]
-    offsets = np.cumsum([0] + [f.vocab_size for f in tokens])
-    offset = {f.name: int(o) for f, o in zip(tokens, offsets)}
-    numeric = [f.name for f in self.features.fields if f.kind == "float"]
+    self.numeric_names = [f.name for f in self.features.fields if f.kind == "float"]
     init = embedding_init(self.embedding_init, std=self.std)
     seqs = [f for f in self.features.fields if f.kind == "token_seq"]
 
@@ -78,28 +115,21 @@ class FieldEncoder(nn.Module):
       return self.param(name, init, (rows, 1)) if self.first_order else jnp.zeros((rows, 1))
 
     if tokens:
-      self.token_embedding = self.param("token_embedding", init, (int(offsets[-1]), self.dim))
-      self.token_weight = weights("token_weight", int(offsets[-1]))
+      rows = sum(f.vocab_size for f in tokens)
+      self.token_embedding = self.param("token_embedding", init, (rows, self.dim))
+      self.token_weight = weights("token_weight", rows)
     self.seq_embedding = {f.name: self.param(f"seq_{f.name}_embedding", init, (f.vocab_size, self.dim)) for f in seqs}
     self.seq_weight = {f.name: weights(f"seq_{f.name}_weight", f.vocab_size) for f in seqs}
-    if numeric:
-      self.numeric_embedding = self.param("numeric_embedding", init, (len(numeric), self.dim))
-      self.numeric_weight = weights("numeric_weight", len(numeric))
-    # Host constants per side: token ids already offset into the shared table (padding kept apart).
-    sides = {}
-    for side in ("user", "item"):
-      fields = self.features.side(side)
-      side_tokens = [f for f in fields if f.kind == "token"]
-      raw = np.stack([f.values for f in side_tokens], -1) if side_tokens else None
-      sides[side] = {
-          "token_ids": None if raw is None else raw + np.array([offset[f.name] for f in side_tokens], np.int32),
-          "token_mask": None if raw is None else (raw != PAD).astype(np.float32),
-          "seq": [(f.name, f.values) for f in fields if f.kind == "token_seq"],
-          "numeric_cols": np.array([numeric.index(f.name) for f in fields if f.kind == "float"], np.int32),
-          "numeric": np.stack([f.values for f in fields if f.kind == "float"], -1)
-                     if any(f.kind == "float" for f in fields) else None,
-      }
-    self.sides = sides
+    if self.numeric_names:
+      self.numeric_embedding = self.param("numeric_embedding", init, (len(self.numeric_names), self.dim))
+      self.numeric_weight = weights("numeric_weight", len(self.numeric_names))
+
+  def _side_tables(self, side: str) -> dict:
+    """The side's id tables (`field_constants`): the "constants" collection's when the caller passes
+    it (device arrays, arguments of the compiled function), else host constants built here."""
+    if self.has_variable(CONSTANTS, side):
+      return self.get_variable(CONSTANTS, side)
+    return field_constants(self.features)[side]
 
   def encode(self, side: str, ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Fields of one side.
@@ -110,23 +140,23 @@ class FieldEncoder(nn.Module):
     Returns:
       (embeddings `[..., F_side, d]`, first-order weights `[..., F_side]`).
     """
-    tables = self.sides[side]
+    tables = self._side_tables(side)
     embeddings, weights = [], []
-    if tables["token_ids"] is not None:
+    if "token_ids" in tables:
       index = jnp.asarray(tables["token_ids"])[ids]                         # [..., Ft]
       mask = jnp.asarray(tables["token_mask"])[ids]                         # [..., Ft]
       embeddings.append(self.token_embedding[index] * mask[..., None])
       weights.append(self.token_weight[index, 0] * mask)
-    for name, values in tables["seq"]:
+    for name, values in tables["seq"].items():
       tokens = jnp.asarray(values)[ids]                                     # [..., M]
       mask = (tokens != PAD).astype(jnp.float32)
       total = jnp.einsum("...m,...md->...d", mask, self.seq_embedding[name][tokens])
       count = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
       embeddings.append((total / count)[..., None, :])                      # [..., 1, d]
       weights.append((self.seq_weight[name][tokens, 0] * mask).sum(-1, keepdims=True))
-    if tables["numeric"] is not None:
+    if "numeric" in tables:
       x = jnp.asarray(tables["numeric"])[ids]                               # [..., Fn]
-      cols = tables["numeric_cols"]
+      cols = np.array([self.numeric_names.index(f.name) for f in self.features.side(side) if f.kind == "float"])
       embeddings.append(x[..., None] * self.numeric_embedding[cols])
       weights.append(x * self.numeric_weight[cols, 0])
     if not embeddings:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from recjax.train.mesh import batch_sharding, replicated
+from recjax.train.mesh import batch_sharding, put_global, replicated
 from recjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -36,10 +36,12 @@ def cast_floating(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _grad_fn(loss_fn: LossFn, compute_dtype):
-  """`(params, batch, rng) -> ((loss f32, metrics), grads)` with the forward pass in `compute_dtype`."""
-  def loss_in_dtype(params, batch, rng):
-    loss, metrics = loss_fn(cast_floating(params, compute_dtype), batch, rng)
+def _grad_fn(loss_fn: LossFn, compute_dtype, constants: dict):
+  """`(params, constants, batch, rng) -> ((loss f32, metrics), grads)` with the forward pass in
+  `compute_dtype`; the loss sees `{**params, **constants}` (constants: variable collections that get
+  no gradient, kept in their own dtype)."""
+  def loss_in_dtype(params, constants, batch, rng):
+    loss, metrics = loss_fn({**cast_floating(params, compute_dtype), **constants}, batch, rng)
     return loss.astype(jnp.float32), jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
   return jax.value_and_grad(loss_in_dtype, has_aux=True)
 
@@ -63,7 +65,7 @@ def _apply(state: TrainState, optimizer, loss, metrics, grads) -> tuple[TrainSta
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _accumulated(grad_fn, params, batch: dict, rng, accum_steps: int):
+def _accumulated(grad_fn, params, constants, batch: dict, rng, accum_steps: int):
   """Loss, metrics and gradients of `batch` from `accum_steps` equal micro-batches (scanned, so one
   micro-batch's activations are live at a time), each weighted by its share of the total weight."""
   size = jax.tree.leaves(batch)[0].shape[0]
@@ -74,18 +76,19 @@ def _accumulated(grad_fn, params, batch: dict, rng, accum_steps: int):
 
   def body(acc, part):
     index, micro_batch = part
-    (loss, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+    (loss, metrics), grads = grad_fn(params, constants, micro_batch, jax.random.fold_in(rng, index))
     share = _batch_weight(micro_batch) / total
     return jax.tree.map(lambda a, x: a + share * x, acc, (loss, metrics, grads)), None
 
-  (loss, metrics), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+  (loss, metrics), grads = jax.eval_shape(grad_fn, params, constants, jax.tree.map(lambda x: x[0], micro), rng)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
   (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
   return loss, metrics, grads
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None,
-                    state_sharding=None, compute_dtype=None, accum_steps: int = 1, donate: bool = True):
+                    state_sharding=None, compute_dtype=None, accum_steps: int = 1, donate: bool = True,
+                    constants: dict | None = None):
   """Builds `step(state, batch) -> (state, metrics)`, jitted once.
 
   The step key is `fold_in(state.rng, state.step)`, so a run is a pure function of the initial
@@ -106,33 +109,46 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       before one update (the same update as the whole batch, with a micro-batch's memory).
     donate: donate the input state's buffers (the caller must use the returned state; the one
       passed in is invalidated).
+    constants: variable collections the loss reads beside the params but never trains (the model's
+      `recjax.models.model_constants`); placed on the devices once and passed to every call as an
+      argument of the compiled step, not baked into it.
 
   Returns:
     The jitted step; its metrics are `loss_fn`'s plus "loss" and "grad_norm" (the global L2 norm
     of the gradients), all device scalars.
   """
-  grad_fn = _grad_fn(loss_fn, compute_dtype)
+  grad_fn = _grad_fn(loss_fn, compute_dtype, constants or {})
 
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch: dict, constants: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     if accum_steps == 1:
-      (loss, metrics), grads = grad_fn(state.params, batch, rng)
+      (loss, metrics), grads = grad_fn(state.params, constants, batch, rng)
     else:
-      loss, metrics, grads = _accumulated(grad_fn, state.params, batch, rng, accum_steps)
+      loss, metrics, grads = _accumulated(grad_fn, state.params, constants, batch, rng, accum_steps)
     return _apply(state, optimizer, loss, metrics, grads)
 
   donate_argnums = (0,) if donate else ()
   if mesh is None:
-    return jax.jit(step, donate_argnums=donate_argnums)
+    return _bind_constants(jax.jit(step, donate_argnums=donate_argnums), jax.device_put(constants or {}))
   state_sharding = replicated(mesh) if state_sharding is None else state_sharding
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh)),
-                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=donate_argnums)
+  jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=donate_argnums)
+  return _bind_constants(jitted, put_global(constants or {}, replicated(mesh)))
+
+
+def _bind_constants(jitted, constants):
+  """`step(state, batch)` calling `jitted(state, batch, constants)`; `step.jitted` is the compiled
+  function itself (for `.lower` and the like)."""
+  def step(state, batch):
+    return jitted(state, batch, constants)
+  step.jitted, step.constants = jitted, constants
+  return step
 
 
 # ----------------------------------------------------------------------------- pmap
 
 def make_pmap_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, compute_dtype=None,
-                         donate: bool = True):
+                         donate: bool = True, constants: dict | None = None):
   """The step as `pmap` over the local devices: `step(state, batch) -> (state, metrics)` with the state
   replicated (`replicate`) and the batch split (`split_for_pmap`, `[D, B/D, ...]`).
 
@@ -140,19 +156,21 @@ def make_pmap_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
   of the batch weight gives every device the whole batch's gradient (exact for weighted-mean losses,
   where a plain `pmean` is exact only when every shard carries the same weight), so the replicas stay
   equal to each other and to `make_train_step`'s state. Dropout keys are folded with the device index:
-  the masks differ from the jitted step's, which draws them for the global batch.
+  the masks differ from the jitted step's, which draws them for the global batch. `constants` as in
+  `make_train_step` (broadcast to every device).
   """
-  grad_fn = _grad_fn(loss_fn, compute_dtype)
+  grad_fn = _grad_fn(loss_fn, compute_dtype, constants or {})
 
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch: dict, constants: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(PMAP_AXIS))
-    (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    (loss, metrics), grads = grad_fn(state.params, constants, batch, rng)
     weight = _batch_weight(batch)
     share = weight / jnp.maximum(jax.lax.psum(weight, PMAP_AXIS), 1e-12)
     loss, metrics, grads = jax.lax.psum(jax.tree.map(lambda x: share * x, (loss, metrics, grads)), PMAP_AXIS)
     return _apply(state, optimizer, loss, metrics, grads)
 
-  return jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
+  pmapped = jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,) if donate else ())
+  return _bind_constants(pmapped, constants or {})
 
 
 def replicate(tree, devices=None):
