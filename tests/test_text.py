@@ -288,6 +288,10 @@ def test_finetuned_tower_starts_from_the_checkpoint_and_has_correct_gradients(ti
   tower = model.bind(params).item_tower
   np.testing.assert_allclose(tower.text_vectors(), frozen.vectors, atol=1e-5)   # the frozen vectors at step 0
   weights = jax.random.normal(jax.random.PRNGKey(1), (5, 8))
+  constants = models.model_constants(model)   # the text arrays as arguments give the same table
+  assert set(constants["constants"]["item_tower"]["text"]) == {"id_mask", "states", "token_mask", "has_text"}
+  item_repr = jax.jit(lambda variables: model.apply(variables, method=lambda m: m.item_repr()))
+  np.testing.assert_array_equal(item_repr({**params, **constants}), item_repr(params))
   check_param_grads(lambda p: jnp.sum(model.apply(p, method=lambda m: m.item_repr()) * weights), params)
 
 
@@ -300,7 +304,8 @@ def test_finetuning_updates_encoder_layers_inside_the_jitted_step(tiny_checkpoin
   model = models.create_model("sasrec", num_users=3, num_items=5, max_len=4, dim=8, num_heads=2, ffn_dim=16,
                               item_text=_table(tiny_checkpoint, finetune_layers=1))
   state = create_train_state(models.init_params(model, jax.random.PRNGKey(0)), optax.adam(1e-2), jax.random.PRNGKey(1))
-  step = make_train_step(tasks.create_loss_fn("sequential", "ce", model=model), optax.adam(1e-2))
+  step = make_train_step(tasks.create_loss_fn("sequential", "ce", model=model), optax.adam(1e-2),
+                         constants=models.model_constants(model))   # the cached states as arguments, as in a run
   before = jax.tree.map(np.array, state.params["params"]["item_tower"]["encoder_layer_0"])
   batch = {"seq": np.array([[0, 1, 2, 4]], np.int32), "pos": np.array([[0, 2, 4, 1]], np.int32),
            "neg": np.zeros((1, 4, 1), np.int32), "user": np.array([1], np.int32),

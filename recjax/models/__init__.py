@@ -28,6 +28,7 @@ from recjax.models.ncf import GMF, NCFMLP, NeuMF, neumf_from_pretrained
 from recjax.models.ngcf import NGCF
 from recjax.models.pop import Pop, pop_params
 from recjax.models.sasrec import SASRec
+from recjax.nn.constants import CONSTANTS
 from recjax.nn.text import tower_pretrained
 
 MODELS: dict[str, type[nn.Module]] = {"pop": Pop, "bpr": BPRMF, "sasrec": SASRec, "bert4rec": BERT4Rec,
@@ -145,11 +146,14 @@ def example_batch(model: nn.Module, batch_size: int = 2) -> dict:
 
 
 def model_constants(model: nn.Module) -> dict:
-  """The model's data-derived arrays as variable collections (`{"constants": ...}` of host arrays, from its
-  `host_constants()`; `{}` for models without). Passed to `apply` beside the params (`{**params,
-  **constants}`) they enter compiled code as arguments: a run on other data of the same shapes (another
-  seed) reuses the compilation. Without them the model builds the same arrays as constants."""
-  return model.host_constants() if hasattr(model, "host_constants") else {}
+  """The model's data-derived arrays as a variable collection (`{"constants": ...}` of host arrays; `{}`
+  for models without): feature id tables (`host_constants()` of kind "ctr" models) or the item text
+  arrays of a text-aware model's `item_tower`. Passed to `apply` beside the params (`{**params,
+  **constants}`) they enter compiled code as arguments (see `recjax.nn.constants`)."""
+  if hasattr(model, "host_constants"):
+    return model.host_constants()
+  text = getattr(model, "item_text", None)
+  return {} if text is None else {CONSTANTS: {"item_tower": {"text": text.arrays()}}}
 
 
 def _init(model: nn.Module, rng: jax.Array, constants: dict) -> dict:

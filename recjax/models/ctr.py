@@ -30,7 +30,8 @@ from jax.nn import initializers
 
 from recjax.data.features import FeatureTables
 from recjax.errors import ConfigError
-from recjax.nn.features import CONSTANTS, MLP, CrossNetwork, FieldEncoder, field_constants, fm_from_sums, xavier_normal
+from recjax.nn.constants import CONSTANTS
+from recjax.nn.features import MLP, CrossNetwork, FieldEncoder, field_constants, fm_from_sums, xavier_normal
 
 DCN_STRUCTURES = ("stacked", "parallel")
 

@@ -14,6 +14,7 @@ import numpy as np
 from jax.nn import initializers
 
 from recjax.data.features import PAD, FeatureTables
+from recjax.nn.constants import read_constants
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_init
 
@@ -38,12 +39,6 @@ def fm_from_sums(total: jnp.ndarray, square_sum: jnp.ndarray) -> jnp.ndarray:
   """The FM term from `total = sum_f v_f [..., d]` and `square_sum = sum_f |v_f|^2 [...]`; both
   add over disjoint field groups, so user and item sides are summed once each and combined here."""
   return 0.5 * (jnp.square(total).sum(-1) - square_sum)
-
-
-# Variable collection of data-derived arrays a model reads but never trains (feature id tables): passed
-# to `apply` beside "params" they are arguments of the compiled function, not constants baked into it,
-# so runs on other data of the same shapes (another seed) reuse its compilation.
-CONSTANTS = "constants"
 
 
 def field_constants(features: FeatureTables) -> dict:
@@ -124,13 +119,6 @@ class FieldEncoder(nn.Module):
       self.numeric_embedding = self.param("numeric_embedding", init, (len(self.numeric_names), self.dim))
       self.numeric_weight = weights("numeric_weight", len(self.numeric_names))
 
-  def _side_tables(self, side: str) -> dict:
-    """The side's id tables (`field_constants`): the "constants" collection's when the caller passes
-    it (device arrays, arguments of the compiled function), else host constants built here."""
-    if self.has_variable(CONSTANTS, side):
-      return self.get_variable(CONSTANTS, side)
-    return field_constants(self.features)[side]
-
   def encode(self, side: str, ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Fields of one side.
 
@@ -140,7 +128,7 @@ class FieldEncoder(nn.Module):
     Returns:
       (embeddings `[..., F_side, d]`, first-order weights `[..., F_side]`).
     """
-    tables = self._side_tables(side)
+    tables = read_constants(self, side, lambda: field_constants(self.features)[side])
     embeddings, weights = [], []
     if "token_ids" in tables:
       index = jnp.asarray(tables["token_ids"])[ids]                         # [..., Ft]

@@ -31,6 +31,7 @@ from jax.nn import initializers
 
 from recjax.errors import ConfigError, DataError
 from recjax.nn.attention import TransformerBlock
+from recjax.nn.constants import read_constants
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
 
@@ -462,6 +463,14 @@ class ItemTextTable:
     """`[N]` bool: the item has a text (a non-zero vector)."""
     return np.any(self.vectors != 0, axis=1)
 
+  def arrays(self) -> dict[str, np.ndarray]:
+    """What `TextItemTower` reads (its "constants", `recjax.nn.constants`): `id_mask [N]`, and `vectors
+    [N, D]`, or with fine-tuned layers `states [N, T, D]`, `token_mask [N, T]` and `has_text [N]` float32."""
+    if not self.layers:
+      return {"id_mask": self.id_mask, "vectors": self.vectors}
+    return {"id_mask": self.id_mask, "states": self.states, "token_mask": self.token_mask,
+            "has_text": self.has_text.astype(np.float32)}
+
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _states_before(config: BertConfig, params: dict, ids: jax.Array, mask: jax.Array, stop: int) -> jax.Array:
@@ -499,7 +508,8 @@ class TextItemTower(nn.Module):
   with t_i the item's text vector (frozen, or recomputed by the fine-tuned last encoder layers from
   the cached states entering them), MLP = Dense layers of `hidden` widths with ReLU then a Dense to
   `dim` (a linear projection when `hidden` is empty), E the ID embedding table and m_i
-  `text.id_mask` (0 for items without training interactions).
+  `text.id_mask` (0 for items without training interactions). The text arrays are read from the
+  "constants" collection's entry "text" when `apply` is given it (`ItemTextTable.arrays`).
   """
 
   num_items: int
@@ -518,14 +528,18 @@ class TextItemTower(nn.Module):
       self.encoder_layers = [bert_layer(self.text.encoder, f"encoder_layer_{i}", dropout=False)
                              for i in range(len(self.text.layers))]
 
+  def _arrays(self) -> dict:
+    return read_constants(self, "text", self.text.arrays)
+
   def text_vectors(self) -> jnp.ndarray:
     """`[N, D]`: the cached vectors, or the fine-tuned layers' pooled output (0 for items without text)."""
+    arrays = self._arrays()
     if not self.text.layers:
-      return jnp.asarray(self.text.vectors)
-    mask = jnp.asarray(self.text.token_mask)
-    x = apply_layers(self.encoder_layers, jnp.asarray(self.text.states), mask)
+      return jnp.asarray(arrays["vectors"])
+    mask = jnp.asarray(arrays["token_mask"])
+    x = apply_layers(self.encoder_layers, jnp.asarray(arrays["states"]), mask)
     vectors = sentence_vectors(x, mask, self.text.pooling, self.text.normalize)
-    return vectors * jnp.asarray(self.text.has_text, vectors.dtype)[:, None]
+    return vectors * jnp.asarray(arrays["has_text"], vectors.dtype)[:, None]
 
   def __call__(self) -> jnp.ndarray:
     """The item table `[N, dim]` (row 0, the padding item, is 0)."""
@@ -535,7 +549,7 @@ class TextItemTower(nn.Module):
       if i < len(self.mlp) - 1:
         h = jax.nn.relu(h)
     if self.use_id:
-      h = h + self.id_embedding.embedding * jnp.asarray(self.text.id_mask)[:, None]
+      h = h + self.id_embedding.embedding * jnp.asarray(self._arrays()["id_mask"])[:, None]
     return h * (jnp.arange(self.num_items) > 0)[:, None]
 
 
