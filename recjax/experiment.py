@@ -35,9 +35,9 @@ from recjax.train.mesh import (
   check_divisible,
   create_sharded,
   make_mesh,
+  on_mesh,
   pad_tables,
   put_global,
-  replicated,
 )
 
 
@@ -62,7 +62,7 @@ class Experiment:
   def __post_init__(self):
     self.mesh = train_mesh(self.config)
     constants = models.model_constants(self.model)
-    self.constants = put_global(constants, replicated(self.mesh)) if self.mesh else jax.device_put(constants)
+    self.constants = on_mesh(constants, self.mesh) if self.mesh else jax.device_put(constants)
     self.score_fn = tasks.score_fn(self.model)
     self.eval_params = _identity
     if tasks.has_ranking_tables(self.model):   # propagate once per evaluation pass; user chunks only gather

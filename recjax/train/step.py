@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from recjax.train.mesh import batch_sharding, put_global, replicated
+from recjax.train.mesh import batch_sharding, on_mesh, replicated
 from recjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -36,7 +36,7 @@ def cast_floating(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _grad_fn(loss_fn: LossFn, compute_dtype, constants: dict):
+def _grad_fn(loss_fn: LossFn, compute_dtype):
   """`(params, constants, batch, rng) -> ((loss f32, metrics), grads)` with the forward pass in
   `compute_dtype`; the loss sees `{**params, **constants}` (constants: variable collections that get
   no gradient, kept in their own dtype)."""
@@ -117,7 +117,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     The jitted step; its metrics are `loss_fn`'s plus "loss" and "grad_norm" (the global L2 norm
     of the gradients), all device scalars.
   """
-  grad_fn = _grad_fn(loss_fn, compute_dtype, constants or {})
+  grad_fn = _grad_fn(loss_fn, compute_dtype)
 
   def step(state: TrainState, batch: dict, constants: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -133,7 +133,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   state_sharding = replicated(mesh) if state_sharding is None else state_sharding
   jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=donate_argnums)
-  return _bind_constants(jitted, put_global(constants or {}, replicated(mesh)))
+  return _bind_constants(jitted, on_mesh(constants or {}, mesh))
 
 
 def _bind_constants(jitted, constants):
@@ -159,7 +159,7 @@ def make_pmap_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
   the masks differ from the jitted step's, which draws them for the global batch. `constants` as in
   `make_train_step` (broadcast to every device).
   """
-  grad_fn = _grad_fn(loss_fn, compute_dtype, constants or {})
+  grad_fn = _grad_fn(loss_fn, compute_dtype)
 
   def step(state: TrainState, batch: dict, constants: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(PMAP_AXIS))
