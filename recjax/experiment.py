@@ -285,7 +285,7 @@ def init_params(exp: Experiment, rng: jax.Array):
                                exp.model.unseen_order, seed=exp.model.unseen_seed)
     except ValueError as e:
       raise ConfigError(f"model.unseen_order: {e}") from e
-  params = models.init_params(exp.model, rng)
+  params = models.init_params(exp.model, rng, exp.constants)
   return pad_tables(params, exp.mesh, shard_min_bytes(exp.config)) if exp.mesh else params
 
 

@@ -29,17 +29,12 @@ def _seq() -> jnp.ndarray:
   return jnp.array([[0, 0, 0, 3, 4, 5], [0] * MAX_LEN, [1, 2, 3, 4, 5, 12]], jnp.int32)
 
 
-def _random_params(module, *args, scale: float = 0.3, seed: int = 0) -> dict:
-  """Variables of `module.init(key, *args)`'s structure filled with N(0, scale^2) from numpy
-  (`testutil.random_variables`): these tests need weights of some size, not RecBole's distribution (the
-  init itself is checked once, in `test_init_follows_recbole`)."""
-  return random_variables(module.init, *args, std=scale, seed=seed)
-
-
+# Random weights of some size by numpy (`testutil.random_variables`, nothing compiled), not RecBole's
+# distribution: the init itself is checked once, in `test_init_follows_recbole`.
 @functools.lru_cache
 def _gru4rec(cell: str = "gru", num_layers: int = 1) -> tuple[GRU4Rec, dict]:
   model = GRU4Rec(num_items=NUM_ITEMS, max_len=MAX_LEN, dim=DIM, hidden_size=HIDDEN, num_layers=num_layers, cell=cell)
-  return model, _random_params(model, {"seq": _seq()})
+  return model, random_variables(model.init, {"seq": _seq()})
 
 
 @functools.lru_cache
@@ -86,7 +81,7 @@ def test_encoder_shapes_and_padded_inputs_are_ignored(cell):
   encoder = RecurrentEncoder(cell=cell, hidden_size=5, num_layers=2)
   x = jax.random.normal(_key(0), (3, 4, 3))
   valid = jnp.array([[False, False, True, True], [False] * 4, [True] * 4])
-  params = _random_params(encoder, x, valid)
+  params = random_variables(encoder.init, x, valid)
   apply = jax.jit(encoder.apply)
   out = apply(params, x, valid)
   chex.assert_shape(out, (3, 4, 5))
@@ -154,7 +149,7 @@ def test_encoder_grads(cell):
   encoder = RecurrentEncoder(cell=cell, hidden_size=4, num_layers=1)  # one layer: the backward scan compiles slowly
   x = jax.random.normal(_key(0), (2, 4, 3))
   valid = jnp.array([[False, True, True, True], [True] * 4])
-  params = _random_params(encoder, x, valid, scale=0.7)  # large weights: a non-trivial (less linear) check
+  params = random_variables(encoder.init, x, valid, std=0.7)  # large weights: a non-trivial (less linear) check
   check_param_grads(lambda px: encoder.apply(px[0], px[1], valid), (params, x))
 
 

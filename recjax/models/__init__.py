@@ -157,10 +157,9 @@ def model_constants(model: nn.Module) -> dict:
 
 
 def _init(model: nn.Module, rng: jax.Array, constants: dict) -> dict:
-  if not constants:
-    return model.init({"params": rng}, example_batch(model))
+  """`model.init` with the constants given (every other collection created; none returned twice)."""
   _, variables = model.apply(constants, example_batch(model), rngs={"params": rng},
-                             mutable=flax.core.DenyList(tuple(constants)))
+                             mutable=flax.core.DenyList((*constants, "intermediates")))
   return variables
 
 
@@ -178,14 +177,16 @@ def _pick_init():
   return _jit_init_fast_compile if jax.default_backend() == "cpu" and not under_trace else _jit_init
 
 
-def init_params(model: nn.Module, rng: jax.Array) -> dict:
+def init_params(model: nn.Module, rng: jax.Array, constants: dict | None = None) -> dict:
   """Initial parameters `{"params": ...}` of every submodule (runs `__call__` once), with fine-tuned
   text-encoder layers set to their checkpoint's values.
 
-  Jitted with the model static, so equal models share one compilation; the model's constants
-  (`model_constants`) are arguments, so models over other data of the same shapes share it too.
+  Jitted with the model static, so equal models share one compilation; the model's constants are
+  arguments (`constants`, by default `model_constants(model)`; a run passes the ones it already placed),
+  so models over other data of the same shapes share it too.
   """
-  params = _pick_init()(model, rng, model_constants(model))
+  constants = model_constants(model) if constants is None else constants
+  params = _pick_init()(model, rng, constants)
   text = getattr(model, "item_text", None)
   if text is not None and text.layers:
     params = flax.core.unfreeze(params)

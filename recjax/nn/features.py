@@ -82,9 +82,10 @@ class FieldEncoder(nn.Module):
   its non-padding rows (empty -> zero vector), weight = the sum of their weights (a multi-hot
   linear model); a number x -> x * vector, weight x * w.
 
-  The id tables it indexes (`field_constants`) are read from the "constants" collection when `apply`
-  is given it (`{"params": ..., "constants": {"encoder": field_constants(features)}}`), else built on
-  the host and embedded in the compiled code.
+  The id tables it indexes (`field_constants(features)`, entries "user" and "item") are read from the
+  encoder's scope of the "constants" collection when `apply` is given it (a model's: `{"params": ...,
+  "constants": {"encoder": field_constants(...)}}`), else built on the host and embedded in the
+  compiled code.
 
   Attributes:
     features: the fields to encode (already selected).
