@@ -102,13 +102,13 @@ def test_constants_are_step_arguments_without_gradients():
     w = variables["w"][variables["constants"]["rows"]] * variables["constants"]["scale"]
     return loss_fn({"w": w, "b": variables["b"]}, batch, rng)
 
-  closing = lambda params, batch, rng: reading({**params, "constants": {"rows": rows, "scale": scale}}, batch, rng)  # noqa: E731
   constants = {"constants": {"rows": rows, "scale": scale}}
+  closing = lambda params, batch, rng: reading({**params, **constants}, batch, rng)  # noqa: E731
   with_args = make_train_step(reading, optax.adam(0.1), constants=constants)
   closed = make_train_step(closing, optax.adam(0.1))
   a, b = fresh_state(), fresh_state()
   for i in range(3):
-    a, metrics = with_args(a, toy_batch(i))
+    a, _ = with_args(a, toy_batch(i))
     b, _ = closed(b, toy_batch(i))
   assert jax.tree.structure(a) == jax.tree.structure(fresh_state())   # the constants are not state
   np.testing.assert_array_equal(a.params["w"], b.params["w"])
