@@ -16,8 +16,8 @@ from recjax.errors import ConfigError, RecjaxError
 
 
 def use_all_cpu_cores() -> None:
-  """One XLA host device per core unless the user chose: XLA runs most of a CPU step on one core
-  per device, so data parallelism over host devices is what uses the others (GPU/TPU unaffected)."""
+  """One XLA host device per core unless the user chose, so a run can split its batch over them
+  (`cpu_devices`, `devices`: attention models gain from it on CPU; GPU/TPU unaffected)."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags and "jax" not in sys.modules:
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

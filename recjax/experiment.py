@@ -395,13 +395,26 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   return run
 
 
+def default_device_count(config: dict[str, Any]) -> int:
+  """Training devices when `devices` is None: all of them, but `cpu_devices` on a one-process CPU host
+  without `model_parallel` (recjax.cli makes one host device per core), and one when fine-tuning text
+  layers (each step re-encodes every item: data parallelism would repeat that on each device)."""
+  if config["text"]["finetune_layers"]:
+    return 1
+  wanted = config["cpu_devices"]
+  if wanted is not None and (not isinstance(wanted, int) or wanted < 1):
+    raise ConfigError(f"cpu_devices: expected a positive integer or None, got {wanted!r}")
+  if jax.default_backend() == "cpu" and jax.process_count() == 1 and config["model_parallel"] == 1:
+    return min(wanted or jax.device_count(), jax.device_count())
+  return jax.device_count()
+
+
 def train_mesh(config: dict[str, Any]):
-  """The `[data, model]` mesh of a run (`devices`, all by default, `model_parallel` of them on `model`),
-  or None for one device."""
+  """The `[data, model]` mesh of a run (`devices`, by default `default_device_count`, `model_parallel` of
+  them on `model`), or None for one device."""
   if config["grad_accum"] < 1 or config["batch_size"] % config["grad_accum"]:
     raise ConfigError(f"grad_accum={config['grad_accum']} must divide batch_size={config['batch_size']}")
-  # Fine-tuning text layers re-encodes every item each step: data parallelism would repeat that on each device.
-  count = config["devices"] or (1 if config["text"]["finetune_layers"] else jax.device_count())
+  count = config["devices"] or default_device_count(config)
   if count == 1 and config["model_parallel"] == 1:
     return None
   try:

@@ -200,6 +200,15 @@ def check_big_table(rows: int = 4_000_000, dim: int = 64, steps: int = 3) -> dic
           "user_shards": shard_shapes(user), "losses": losses, "table_bytes": table.size * 4}
 
 
+def check_default_devices() -> dict:
+  """Training devices of `devices: None` configs on this one-process CPU host with 4 host devices."""
+  def count(name, *overrides):
+    return experiment.default_device_count(apply_overrides(default_config(name), list(overrides)))
+  return {"bpr": count("bpr"), "neumf": count("neumf"), "sasrec": count("sasrec"), "bert4rec": count("bert4rec"),
+          "bpr cpu_devices=None": count("bpr", "cpu_devices=None"), "bpr cpu_devices=8": count("bpr", "cpu_devices=8"),
+          "bpr model_parallel=2": count("bpr", "model_parallel=2")}
+
+
 CHECKS = {
     "dp_bpr": lambda: check_mesh("bpr", 4, 1),
     "dp_sasrec": lambda: check_mesh("sasrec", 4, 1),
@@ -213,6 +222,7 @@ CHECKS = {
     "eval": check_eval,
     "merged_topk": check_merged_topk,
     "big_table": check_big_table,
+    "default_devices": check_default_devices,
 }
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_evaluate_on_two_host_devices(tmp_path):
   """In a fresh process the CLI splits batches and evaluation users over 2 host devices."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = tmp_path / "two"
-  train = _cli(["train", "bpr", "--dataset", "synthetic", "--epochs", "2", "--out", out], env=env)
+  train = _cli(["train", "bpr", "--dataset", "synthetic", "--epochs", "2", "--set", "devices=2", "--out", out], env=env)
   assert train.wait() == 0, train.stderr.read()
   evaluate = _cli(["evaluate", "--run", out], env=env)
   stdout, stderr = evaluate.communicate()

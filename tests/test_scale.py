@@ -87,6 +87,11 @@ def test_a_table_too_big_to_replicate_trains_in_quarters(checks):
   assert all(math.isfinite(x) for x in got["losses"]) and len(got["losses"]) == 3
 
 
+def test_cpu_runs_split_batches_only_for_attention_models(checks):
+  assert checks["default_devices"] == {"bpr": 1, "neumf": 1, "sasrec": 4, "bert4rec": 4, "bpr cpu_devices=None": 4,
+                                       "bpr cpu_devices=8": 4, "bpr model_parallel=2": 4}
+
+
 # ----------------------------------------------------------------------------- in process, one device
 
 def test_table_spec_and_padding_rules():
@@ -108,6 +113,17 @@ def test_padded_table_shows_the_model_its_real_rows():
   scores = tasks.score_fn(model)
   inputs = {"user": jnp.arange(5)}
   assert np.array_equal(scores(padded, inputs), scores(params, inputs))
+
+
+def test_cpu_devices_must_be_positive():
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+
+  for bad in ("0", "-2"):
+    with pytest.raises(ConfigError, match="cpu_devices: expected a positive integer or None, got"):
+      experiment.default_device_count(apply_overrides(default_config("bpr"), [f"cpu_devices={bad}"]))
+  with pytest.raises(ConfigError, match="cpu_devices expects int"):
+    apply_overrides(default_config("bpr"), ["cpu_devices='two'"])
 
 
 def test_mesh_errors_are_clear():
