@@ -144,9 +144,10 @@ def assert_tree_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_checkpoint_roundtrip_and_keep(tmp_path):
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_checkpoint_roundtrip_and_keep(tmp_path, asynchronous):
   template = fresh_state()
-  with Checkpointer(tmp_path / "ck", keep=2) as ckpt:
+  with Checkpointer(tmp_path / "ck", keep=2, asynchronous=asynchronous) as ckpt:
     assert ckpt.restore_latest(template) is None and ckpt.restore_best(template) is None
     states = [trained(s) for s in range(1, 5)]
     for epoch, state in enumerate(states):
@@ -167,10 +168,11 @@ def test_checkpoint_roundtrip_and_keep(tmp_path):
     assert_tree_equal(best.params, states[3].params)
 
 
-def test_checkpoint_restores_into_donated_template(tmp_path):
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_checkpoint_restores_into_donated_template(tmp_path, asynchronous):
   step = make_train_step(loss_fn, optax.adam(0.1))
   state = fresh_state()
-  with Checkpointer(tmp_path) as ckpt:
+  with Checkpointer(tmp_path, asynchronous=asynchronous) as ckpt:
     ckpt.save_latest(0, state, {})
     step(state, toy_batch())  # donates `state`
     _, restored, _ = ckpt.restore_latest(state)

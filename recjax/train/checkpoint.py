@@ -4,9 +4,12 @@ Layout: `directory/latest/<epoch>/` (the `keep` newest epochs) and `directory/be
 (one), each holding the state and a `meta` JSON item. Orbax writes a step into a temporary
 directory and renames it when complete, so a process killed mid-save leaves every earlier
 checkpoint intact; the leftover temporary directory is removed when a `Checkpointer` opens.
-Saves are asynchronous: orbax copies the arrays to host memory before `save` returns (so the next
-step may donate them) and writes the files in the background, overlapping training; restores,
-`close` and the next best-save wait for pending writes.
+With an accelerator, saves are asynchronous: orbax copies the arrays to host memory before `save`
+returns (so the next step may donate them) and writes the files in the background, overlapping
+training; restores, `close` and the next best-save wait for pending writes. On a CPU backend they are
+synchronous: there the background writer competes with the step for the same cores (NeuMF on ml-100k,
+2 cores: epochs of 0.65 s with asynchronous saves, 0.53 s plus a 0.11 s save with synchronous ones,
+the same total time).
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+def _manager(directory: Path, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
   # Each manager names its own barriers: in a multi-host run the latest and best managers both
   # synchronise the processes, and shared barrier names would collide.
   multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                          cleanup_tmp_directories=True, multiprocessing_options=multiprocessing)
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
@@ -77,12 +80,15 @@ class Checkpointer:
   Args:
     directory: created if missing.
     keep: how many of the newest epochs `save_latest` keeps.
+    asynchronous: write in the background (default: unless the backend is the CPU; see the module doc).
   """
 
-  def __init__(self, directory, keep: int = 3):
+  def __init__(self, directory, keep: int = 3, asynchronous: bool | None = None):
     self.directory = Path(directory).absolute()
-    self._latest = _manager(self.directory / "latest", keep)
-    self._best = _manager(self.directory / "best", 1)
+    if asynchronous is None:
+      asynchronous = jax.default_backend() != "cpu"
+    self._latest = _manager(self.directory / "latest", keep, asynchronous)
+    self._best = _manager(self.directory / "best", 1, asynchronous)
 
   def latest_epochs(self) -> list[int]:
     self._latest.wait_until_finished()
