@@ -6,10 +6,11 @@ The split has no validation part, so the model is selected on test Recall@20, ev
 epochs and stopped after 50 epochs without gain (the paper follows NGCF, whose code stops on test
 Recall@20; LightGCN's code evaluates test every 10 epochs). Hyperparameters: the paper's and its
 code's (3 layers, d = 64, Adam 1e-3, batch 2048, L2 1e-4 on the ego embeddings of the batch, BPR
-with one uniform negative, up to 1000 epochs). Differences from the authors' PyTorch code: recjax
-draws each training pair once per epoch (theirs draws a user uniformly, then one of the user's
-items). The tables start N(0, 0.1^2) as in their code (recjax's LightGCN default is RecBole's
-xavier-uniform). On the 2-core CPU an epoch
+with one uniform negative, up to 1000 epochs). As in the authors' PyTorch code, each of an epoch's
+810,128 training pairs draws a user uniformly, then one of the user's items (`pair_sampling=users`;
+RecBole and recjax's default draw each training pair once), and the tables start N(0, 0.1^2)
+(recjax's LightGCN default is RecBole's xavier-uniform). The GPU run of 2026-11-22 (Recall@20
+0.1767, `benchmarks/RESULTS.md`) predates the user-uniform sampling. On the 2-core CPU an epoch
 takes minutes (docs/architecture.md): run it in parts with `--epochs N --resume`.
 
     python experiments/gowalla_lightgcn.py --data-dir ../shared/data [--epochs N] [--resume]
@@ -26,7 +27,8 @@ import common  # noqa: E402
 PAPER = {"recall@20": 0.1830, "ndcg@20": 0.1554}
 
 CONFIG = {
-    "protocol": "lightgcn", "loss": "bpr", "num_negatives": 1, "l2_weight": 1e-4, "learning_rate": 1e-3,
+    "protocol": "lightgcn", "loss": "bpr", "num_negatives": 1, "pair_sampling": "users", "l2_weight": 1e-4,
+    "learning_rate": 1e-3,
     "batch_size": 2048, "epochs": 1000, "eval_every": 10, "patience": 5, "valid_metric": "recall@20",
     "model": {"dim": 64, "num_layers": 3, "embedding_init": "normal", "embedding_std": 0.1},
 }

@@ -31,6 +31,7 @@ BASE = {
     "negative_distribution": "uniform",  # uniform | popularity (training negatives; sampled_softmax corrects by log q)
     "gbce_t": 0.75,               # gBCE calibration t (gSASRec): beta = 1 - t (1 - alpha), alpha = sampling rate
     "training": "pairs",          # pairs | sequence (whole sequences) | prefix (RecBole's scheme) | labeled (rows)
+    "pair_sampling": "rows",      # pairs: rows (each row once an epoch) | users (a user uniformly, then an item)
     "window_stride": None,        # sequence training: items between windows (None: max_len // 2)
     "eval_every": 1,
     "patience": 10,               # evaluations without gain before stopping (RecBole: stopping_step)

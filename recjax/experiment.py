@@ -263,8 +263,11 @@ def make_sampler(exp: Experiment):
   """The batch maker that the config's `training` scheme names."""
   c = exp.config
   if c["training"] == "pairs":
+    if c["pair_sampling"] not in samplers.PAIR_SAMPLING:
+      raise ConfigError(f"pair_sampling: expected one of {samplers.PAIR_SAMPLING}, got {c['pair_sampling']!r}")
     return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"],
-                                distribution=c["negative_distribution"], exclude_items=exp.split.cold_items)
+                                distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
+                                sampling=c["pair_sampling"])
   if c["training"] in ("sequence", "prefix"):
     return samplers.SequenceSampler(exp.split.train, exp.protocol.max_len, c["batch_size"], c["num_negatives"],
                                     seed=c["seed"], mode=c["training"], stride=c["window_stride"],

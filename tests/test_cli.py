@@ -73,6 +73,8 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "devices=1", "--set", "model_parallel=3"], "model_parallel=3 does not divide"),
     (["train", "bpr", "--set", "grad_accum=3"], "grad_accum=3 must divide batch_size=2048"),
     (["train", "bpr", "--set", "compute_dtype='float16'"], "compute_dtype"),
+    (["train", "bpr", "--set", "pair_sampling='items'"], "pair_sampling: expected one of ('rows', 'users')"),
+    (["train", "bpr", "--set", "cpu_devices=0"], "cpu_devices: expected a positive integer"),
     (["train", "bpr", "--num-processes", "2"], "without a coordinator"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):

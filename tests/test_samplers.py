@@ -81,6 +81,29 @@ def test_pair_sampler_determinism():
   assert not np.array_equal(collect(a, 0)["user"], collect(PairSampler(inter, 64, seed=6), 0)["user"])
 
 
+def test_pair_sampler_draws_users_uniformly_when_asked():
+  # user 1: 200 items, users 2..10: 2 items each (218 rows): by rows user 1 is 92% of the pairs
+  users = np.concatenate([np.ones(200, int), np.repeat(np.arange(2, 11), 2)])
+  items = np.concatenate([np.arange(1, 201), np.tile([201, 202], 9)])
+  inter = from_columns(users, items, timestamp=np.zeros(len(users), int))
+  sampler = PairSampler(inter, 64, num_negatives=1, seed=3, sampling="users")
+  got = [collect(sampler, e) for e in range(40)]
+  real = np.concatenate([g["weight"] for g in got]) > 0
+  user, pos = np.concatenate([g["user"] for g in got])[real], np.concatenate([g["pos"] for g in got])[real]
+  assert len(user) == 40 * len(inter) and sampler.num_batches == PairSampler(inter, 64).num_batches
+  assert set(zip(user.tolist(), pos.tolist())) <= set(zip(inter.user.tolist(), inter.item.tolist()))
+  share = np.bincount(user, minlength=inter.num_users)[1:] / len(user)      # 10 users, 8,720 draws
+  np.testing.assert_allclose(share, 0.1, atol=0.015)                         # 5 sd of a binomial share
+  heavy = pos[user == user.min()]                                             # user 1's items: uniform too
+  counts = np.bincount(heavy, minlength=inter.num_items)[np.unique(inter.item[inter.user == user.min()])]
+  expected = len(heavy) / 200
+  assert np.sum((counts - expected) ** 2 / expected) < 199 + 5 * np.sqrt(2 * 199)   # chi-square, 199 df
+  again = collect(PairSampler(inter, 64, num_negatives=1, seed=3, sampling="users"), 5)
+  np.testing.assert_array_equal(again["pos"], got[5]["pos"])
+  with pytest.raises(ValueError, match="pair sampling 'items'"):
+    PairSampler(inter, 64, sampling="items")
+
+
 def test_negatives_never_positive():
   inter = random_inter(num_users=2000, num_items=60, per_user=40)
   positives = set(zip(inter.user.tolist(), inter.item.tolist()))

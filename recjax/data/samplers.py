@@ -19,28 +19,49 @@ from recjax.errors import DataError
 Batch = dict[str, np.ndarray]
 
 
+PAIR_SAMPLING = ("rows", "users")
+
+
 class PairSampler:
-  """(user, positive, negatives) triples over every training row, reshuffled each epoch.
+  """(user, positive, negatives) triples, as many per epoch as there are training rows.
+
+  `sampling="rows"`: every training row once, reshuffled each epoch (RecBole). `sampling="users"`: each
+  row draws a user uniformly among those with training items, then one of that user's items uniformly
+  (the LightGCN authors' PyTorch sampler; NGCF's code draws users alike, without replacement within a
+  batch), so every user weighs the same whatever their activity.
 
   Batches: `user [B] int32`, `pos [B] int32`, `neg [B, n] int32` (see `NegativeSampler`),
   `weight [B] float32`.
   """
 
   def __init__(self, train: Interactions, batch_size: int, num_negatives: int = 1, seed: int = 0,
-               distribution: str = "uniform", exclude_items: np.ndarray | None = None):
+               distribution: str = "uniform", exclude_items: np.ndarray | None = None, sampling: str = "rows"):
     if len(train) == 0:
       raise DataError(train.name or "train", "PairSampler got no training interactions")
+    if sampling not in PAIR_SAMPLING:
+      raise ValueError(f"pair sampling {sampling!r}: expected one of {PAIR_SAMPLING}")
     self.user, self.item = train.user.astype(np.int32), train.item.astype(np.int32)
+    self.by_user = np.argsort(self.user, kind="stable")                     # row indices grouped by user
+    _, self.user_start, self.user_count = np.unique(self.user[self.by_user], return_index=True, return_counts=True)
     self.negatives = NegativeSampler(train, distribution, exclude_items)
-    self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
+    self.batch_size, self.num_negatives, self.seed, self.sampling = batch_size, num_negatives, seed, sampling
 
   @property
   def num_batches(self) -> int:
     return -(-len(self.user) // self.batch_size)
 
+  def _epoch_rows(self, rng: np.random.Generator) -> np.ndarray:
+    """This epoch's training-row indices `[len(train)]`, in order."""
+    if self.sampling == "rows":
+      return rng.permutation(len(self.user))
+    which = rng.integers(0, len(self.user_count), len(self.user))           # a user, uniformly
+    offset = (rng.random(len(self.user)) * self.user_count[which]).astype(np.int64)
+    offset = np.minimum(offset, self.user_count[which] - 1)                 # then one of their rows
+    return self.by_user[self.user_start[which] + offset]
+
   def epoch(self, epoch: int) -> Iterator[Batch]:
     rng = np.random.default_rng([self.seed, epoch])
-    perm = rng.permutation(len(self.user))
+    perm = self._epoch_rows(rng)
     for start in range(0, len(perm), self.batch_size):
       rows = perm[start:start + self.batch_size]
       user = self.user[rows]
