@@ -164,12 +164,16 @@ def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: prot
   return sets
 
 
+def _check_choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
+  if config[key] not in choices:
+    raise ConfigError(f"{key}: expected one of {choices}, got {config[key]!r}")
+
+
 def build(config: dict[str, Any]) -> Experiment:
   """Data, split, model and evaluation targets for `config` (no training)."""
-  if config["negative_distribution"] not in samplers.DISTRIBUTIONS:
-    raise ConfigError(f"negative_distribution: expected one of {samplers.DISTRIBUTIONS}, "
-                      f"got {config['negative_distribution']!r}")
-  compute_dtype(config)   # checked before any data is read
+  _check_choice(config, "negative_distribution", samplers.DISTRIBUTIONS)   # checked before any data is read
+  _check_choice(config, "pair_sampling", samplers.PAIR_SAMPLING)
+  compute_dtype(config)
   protocol = protocols.get_protocol(config["protocol"])
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
@@ -263,8 +267,6 @@ def make_sampler(exp: Experiment):
   """The batch maker that the config's `training` scheme names."""
   c = exp.config
   if c["training"] == "pairs":
-    if c["pair_sampling"] not in samplers.PAIR_SAMPLING:
-      raise ConfigError(f"pair_sampling: expected one of {samplers.PAIR_SAMPLING}, got {c['pair_sampling']!r}")
     return samplers.PairSampler(exp.split.train, c["batch_size"], c["num_negatives"], seed=c["seed"],
                                 distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
                                 sampling=c["pair_sampling"])

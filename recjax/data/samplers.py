@@ -41,8 +41,9 @@ class PairSampler:
     if sampling not in PAIR_SAMPLING:
       raise ValueError(f"pair sampling {sampling!r}: expected one of {PAIR_SAMPLING}")
     self.user, self.item = train.user.astype(np.int32), train.item.astype(np.int32)
-    self.by_user = np.argsort(self.user, kind="stable")                     # row indices grouped by user
-    _, self.user_start, self.user_count = np.unique(self.user[self.by_user], return_index=True, return_counts=True)
+    if sampling == "users":   # row indices grouped by user; each user's first position and row count
+      self.by_user = np.argsort(self.user, kind="stable")
+      _, self.user_start, self.user_count = np.unique(self.user[self.by_user], return_index=True, return_counts=True)
     self.negatives = NegativeSampler(train, distribution, exclude_items)
     self.batch_size, self.num_negatives, self.seed, self.sampling = batch_size, num_negatives, seed, sampling
 
@@ -55,8 +56,7 @@ class PairSampler:
     if self.sampling == "rows":
       return rng.permutation(len(self.user))
     which = rng.integers(0, len(self.user_count), len(self.user))           # a user, uniformly
-    offset = (rng.random(len(self.user)) * self.user_count[which]).astype(np.int64)
-    offset = np.minimum(offset, self.user_count[which] - 1)                 # then one of their rows
+    offset = rng.integers(0, self.user_count[which])                         # then one of their rows
     return self.by_user[self.user_start[which] + offset]
 
   def epoch(self, epoch: int) -> Iterator[Batch]:
