@@ -78,8 +78,24 @@ def report(title: str, reference_name: str, reference: Mapping[str, float], metr
 
 
 def reproduce(doc: str, model: str, dataset: str, config: Mapping[str, Any], paper: Mapping[str, float],
-              title: str) -> None:
+              title: str, variants: Mapping[str, Mapping[str, Any]] | None = None) -> None:
   """The whole `main` of a script that reproduces one published row: flags (described by the first
-  line of `doc`), one run of `model` on `dataset` with `config`, the row printed beside `paper`."""
-  args = parser(doc.splitlines()[0]).parse_args()
-  print(report(title, "paper", paper, run(model, dataset, config, args, f"{dataset}_{model}")))
+  line of `doc`), one run of `model` on `dataset` with `config`, the row printed beside `paper`.
+  Each of `variants` (name -> overrides on top of `config`) is a flag `--name` of its own."""
+  p = parser(doc.splitlines()[0])
+  for name in variants or {}:
+    p.add_argument(f"--{name}", action="store_true", help=f"the {name} variant: {dict(variants[name])}")
+  args = p.parse_args()
+  out_name = f"{dataset}_{model}"
+  for name, overrides in (variants or {}).items():
+    if getattr(args, name.replace("-", "_")):
+      config, out_name, title = _merged(config, overrides), f"{out_name}_{name}", f"{title}, {name}"
+  print(report(title, "paper", paper, run(model, dataset, config, args, out_name)))
+
+
+def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """`base` with `overrides` on top, nested dicts merged key by key."""
+  out = dict(base)
+  for key, value in overrides.items():
+    out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+  return out

@@ -25,6 +25,8 @@ BASE = {
     "optimizer": "adam",
     "learning_rate": 1e-3,
     "weight_decay": 0.0,
+    "adam_b1": 0.9,               # Adam's moment decay rates (adam, optax_adam, adamw; the SASRec authors use b2 0.98)
+    "adam_b2": 0.999,
     "loss": "bpr",
     "l2_weight": 0.0,
     "num_negatives": 1,

@@ -63,12 +63,11 @@ class Experiment:
     self.mesh = train_mesh(self.config)
     constants = models.model_constants(self.model)
     self.constants = on_mesh(constants, self.mesh) if self.mesh else jax.device_put(constants)
-    self.score_fn = tasks.score_fn(self.model)
+    self.score_fn, self.item_score_fn = tasks.score_fn(self.model), tasks.item_score_fn(self.model)
     self.eval_params = _identity
     if tasks.has_ranking_tables(self.model):   # propagate once per evaluation pass; user chunks only gather
-      self.eval_params, self.score_fn = jax.jit(tasks.ranking_tables_fn(self.model)), tasks.tables_score
-    self.item_score_fn = (ranking.gather_scorer(self.score_fn) if tasks.is_factorized(self.model)
-                          else tasks.item_score_fn(self.model))   # score_items models: the candidates only
+      self.eval_params = jax.jit(tasks.ranking_tables_fn(self.model))
+      self.score_fn, self.item_score_fn = tasks.tables_score, tasks.tables_item_score
     if self.kind == "ctr":
       self.logits_fn = jax.jit(tasks.logits_fn(self.model))
 
@@ -455,7 +454,9 @@ def compute_dtype(config: dict[str, Any]):
 
 
 def make_optimizer(config: dict[str, Any]):
-  return create_optimizer(config["optimizer"], config["learning_rate"], weight_decay=config["weight_decay"])
+  # runs saved before the adam_b* keys existed used Adam's defaults
+  return create_optimizer(config["optimizer"], config["learning_rate"], weight_decay=config["weight_decay"],
+                          b1=config.get("adam_b1", 0.9), b2=config.get("adam_b2", 0.999))
 
 
 def run_optimizer(exp: Experiment, rng: jax.Array):

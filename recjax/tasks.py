@@ -306,15 +306,27 @@ def tables_score(tables: tuple[jax.Array, jax.Array], inputs: dict) -> jax.Array
 
 
 def item_score_fn(model: nn.Module) -> Callable[[dict, dict, jax.Array], jax.Array]:
-  """`f(params, inputs, items [U, C]) -> [U, C]` = score_items(inputs, items), dropout off: a model
-  that cannot factorise scores only the candidates (sampled ranking)."""
+  """`f(params, inputs, items [U, C]) -> [U, C]`, dropout off: the scores of the candidates only (sampled
+  ranking), `user_repr · item_repr()[items]` for a factorised model and `score_items(inputs, items)` for one
+  that cannot factorise. (Models with ranking tables score from the tables instead: `tables_item_score`.)"""
   if is_factorized(model):
-    raise ConfigError(f"{type(model).__name__} is factorised: gather its candidates from score_fn's scores")
+    def factorized(params, inputs, items):
+      user, table = model.apply(params, inputs, False, method=_user_and_items)  # [U, d], [N, d]
+      return jnp.einsum("ud,ucd->uc", user, jnp.take(table, items, axis=0))
+
+    return factorized
 
   def scores(params, inputs, items):
     return model.apply(params, inputs, items, False, method=_score_items)
 
   return scores
+
+
+def tables_item_score(tables: tuple[jax.Array, jax.Array], inputs: dict, items: jax.Array) -> jax.Array:
+  """`[U', C]` scores of the candidates `items [U', C]` from `tables = (users [U, d], items [N, d])`, as
+  `tables_score` for every item."""
+  users, table = tables
+  return jnp.einsum("ud,ucd->uc", jnp.take(users, inputs["user"], axis=0), jnp.take(table, items, axis=0))
 
 
 def objective(model: nn.Module) -> str:

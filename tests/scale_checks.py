@@ -156,6 +156,23 @@ def check_eval() -> dict:
   return out
 
 
+def check_eval_collectives() -> dict:
+  """The collective ops in the compiled full-ranking chunk evaluator of BPR-MF with users split over 4 devices:
+  none are needed (each device ranks its own users), and an all-gather here would also make XLA:CPU host
+  devices deadlock when chunks are sent back to back."""
+  exp, _, _, reference, _ = _reference("bpr", ())
+  data = exp.eval_sets["test"]
+  mesh = make_mesh(4, 1)
+  step = ranking.make_full_ranking_eval(exp.score_fn, (10,), ("ndcg",), mesh)
+  rows = 64
+  args = ({name: x[:rows] for name, x in data["inputs"].items()}, np.asarray(data["exclude"])[:rows],
+          np.asarray(data["positives"])[:rows], np.ones(rows, np.float32))
+  placed = jax.device_put(reference.params, state_shardings(reference.params, mesh, 1 << 40))
+  text = step.lower(placed, *put_global(args, batch_sharding(mesh))).compile().as_text()
+  ops = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+  return {op: text.count(f" {op}(") for op in ops}
+
+
 def check_merged_topk() -> dict:
   """merged_full_ranking_topk vs full_ranking_topk on scores with many ties, exclusions, and k above
   the number of rankable items."""
@@ -220,6 +237,7 @@ CHECKS = {
     "accum_sasrec": lambda: check_accumulation("sasrec", extra=NO_DROPOUT),
     "bf16_sasrec": lambda: check_bfloat16("sasrec"),
     "eval": check_eval,
+    "eval_collectives": check_eval_collectives,
     "merged_topk": check_merged_topk,
     "big_table": check_big_table,
     "default_devices": check_default_devices,

@@ -147,12 +147,17 @@ def test_create_optimizer():
   def run(opt, steps=3):
     update = jax.jit(opt.update)  # jitted, as in a train step (op-by-op execution may differ by an ulp)
     p, state = params, opt.init(params)
-    for _ in range(steps):
-      updates, state = update(grads, state, p)
+    for step in range(steps):   # gradients that change, so that the moment decay rates matter
+      updates, state = update(jax.tree.map(lambda g: g * (1 + step) ** 2, grads), state, p)
       p = optax.apply_updates(p, updates)
     return p
 
   assert set(OPTIMIZERS) == {"adam", "optax_adam", "adamw", "sgd"}
+  betas = {"b1": 0.8, "b2": 0.98}
+  _assert_trees_close(run(create_optimizer("adam", 0.1, **betas)), run(optax.adam(0.1, **betas)))
+  _assert_trees_close(run(create_optimizer("adamw", 0.1, 0.1, **betas)),
+                      run(optax.adamw(0.1, weight_decay=0.1, **betas)))
+  assert not np.allclose(run(create_optimizer("adam", 0.1, **betas))["w"], run(create_optimizer("adam", 0.1))["w"])
   for wd in (0.0, 0.1):
     _assert_trees_close(run(create_optimizer("adam", 0.1, wd)), run(create_optimizer("optax_adam", 0.1, wd)))
   _assert_trees_close(run(create_optimizer("adamw", 0.1, 0.1)), run(optax.adamw(0.1, weight_decay=0.1)))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testutil import host_devices_env
 
 from recjax.cli import main
 from recjax.config import apply_overrides, build_config, default_config
@@ -190,7 +191,7 @@ def test_export_writes_the_identical_split(data_dir, tmp_path, capsys):
 
 def test_evaluate_on_two_host_devices(tmp_path):
   """In a fresh process the CLI splits batches and evaluation users over 2 host devices."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = host_devices_env(2)
   out = tmp_path / "two"
   train = _cli(["train", "bpr", "--dataset", "synthetic", "--epochs", "2", "--set", "devices=2", "--out", out], env=env)
   assert train.wait() == 0, train.stderr.read()

@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import subprocess
 import sys
 from typing import ClassVar
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_classification import ref_auc
-from testutil import check_param_grads, rbg_key
+from testutil import check_param_grads, host_devices_env, rbg_key
 
 from recjax import config as config_lib
 from recjax import experiment, models, tasks
@@ -240,7 +239,7 @@ np.testing.assert_allclose(got, rows["user"] * rows["item"] / 7, rtol=1e-6)
 
 def test_score_rows_over_two_host_devices():
   """Chunks split over a 2-device mesh; params restored on one device are replicated first."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = host_devices_env(2)
   done = subprocess.run([sys.executable, "-c", SHARDED_SCORING], env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
 

@@ -228,6 +228,12 @@ def test_evaluation_propagates_once_and_matches_per_chunk_scoring():
   exp.eval_params = lambda p: calls.append(1) or eval_params(p)
   assert experiment.make_evaluator(exp, "valid")(params) == pytest.approx(direct, rel=1e-5)
   assert len(calls) == 1
+  # sampled ranking scores the candidates from the same tables
+  tables, inputs = eval_params(params), {"user": data["inputs"]["user"][:16]}
+  items = np.random.default_rng(0).integers(0, exp.split.train.num_items, (16, 5))
+  full = np.asarray(tasks.tables_score(tables, inputs))
+  np.testing.assert_allclose(exp.item_score_fn(tables, inputs, items), np.take_along_axis(full, items, 1),
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -139,12 +139,13 @@ def test_masks():
   np.testing.assert_array_equal(causal_padding_mask(seq)[0, 0], expected)
 
 
-def _numpy_attention(params, x, mask, num_heads):
-  """Reference multi-head attention in numpy (float64)."""
+def _numpy_attention(params, x, mask, num_heads, keys=None):
+  """Reference multi-head attention in numpy (float64); `keys` (default `x`) feeds the keys and values."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
   x = np.asarray(x, np.float64)
-  proj = lambda name: np.einsum("bld,dhk->blhk", x, p[name]["kernel"]) + p[name]["bias"]  # noqa: E731
-  q, k, v = proj("query"), proj("key"), proj("value")
+  keys = x if keys is None else np.asarray(keys, np.float64)
+  proj = lambda name, h: np.einsum("bld,dhk->blhk", h, p[name]["kernel"]) + p[name]["bias"]  # noqa: E731
+  q, k, v = proj("query", x), proj("key", keys), proj("value", keys)
   scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
   scores = np.where(np.asarray(mask), scores, -1e30)
   scores = scores - scores.max(-1, keepdims=True)
@@ -171,9 +172,78 @@ def test_attention_matches_numpy_reference_and_masks_padding_keys():
   np.testing.assert_allclose(apply(params, x, mask[:, 0]), out, rtol=1e-6)
 
 
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_transformer_block_shapes_last_only_and_dropout(pre_norm):
-  block = TransformerBlock(num_heads=2, dim=DIM, ffn_dim=16, dropout=0.3, attn_dropout=0.3, pre_norm=pre_norm)
+def _numpy_layer_norm(p, x, eps):
+  x = np.asarray(x, np.float64)
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def _numpy_block(params, x, mask, layout: str, eps: float = 1e-6):
+  """Reference TransformerBlock (eval mode, ReLU) in numpy, for layout "post", "pre" or "queries" (the SASRec
+  authors' code: only the queries normalised, residuals from the normalised input)."""
+  p = params["params"]
+  ln = lambda name, h: _numpy_layer_norm(p[name], h, eps)  # noqa: E731
+  dense = lambda name, h: h @ np.asarray(p[name]["kernel"], np.float64) + np.asarray(p[name]["bias"], np.float64)  # noqa: E731
+  ffn = lambda h: dense("ffn_out", np.maximum(dense("ffn_in", h), 0.0))  # noqa: E731
+  attention = lambda q, kv: _numpy_attention({"params": p["attention"]}, q, mask, 2, keys=kv)  # noqa: E731
+  x = np.asarray(x, np.float64)
+  if layout == "post":
+    h = ln("norm_attn", x + attention(x, x))
+    return ln("norm_ffn", h + ffn(h))
+  if layout == "pre":
+    h = x + attention(ln("norm_attn", x), ln("norm_attn", x))
+    return h + ffn(ln("norm_ffn", h))
+  q = ln("norm_attn", x)
+  h = ln("norm_ffn", q + attention(q, x))
+  return h + ffn(h)
+
+
+LAYOUTS = {"post": {}, "pre": {"pre_norm": True}, "queries": {"pre_norm": True, "norm_queries_only": True}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_transformer_block_matches_numpy_in_each_layout(layout):
+  block = TransformerBlock(num_heads=2, dim=DIM, ffn_dim=16, activation="relu", layer_norm_eps=1e-6, init_std=0.3,
+                           **LAYOUTS[layout])
+  seq = jnp.array([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]], jnp.int32)
+  mask = causal_padding_mask(seq)
+  x = jax.random.normal(_key(0), (2, 5, DIM))
+  params = jax.jit(block.init)(_key(1), x, mask)
+  # random LayerNorm scales and biases, so a swapped norm cannot pass
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, a: a + 0.3 * jax.random.normal(_key(len(str(path))), a.shape) if "norm" in str(path) else a, params)
+  got = np.asarray(jax.jit(block.apply)(params, x, mask))
+  real = np.asarray(seq != 0)
+  np.testing.assert_allclose(got[real], _numpy_block(params, x, mask, layout)[real], rtol=1e-4, atol=1e-5)
+
+
+def test_norm_queries_only_needs_pre_norm():
+  model = create_model("sasrec", num_users=NUM_USERS, num_items=NUM_ITEMS, norm_queries_only=True, **SMALL_SASREC)
+  with pytest.raises(ValueError, match="pre_norm=True"):
+    init_params(model, _key(0))
+
+
+def test_sasrec_authors_switches_scale_and_initialise():
+  base = dict(num_users=NUM_USERS, num_items=2000, dim=50, max_len=50, num_heads=1, ffn_dim=50, num_blocks=1)
+  model = create_model("sasrec", **base, weight_init="xavier_normal", embed_scale=True)
+  params = init_params(model, _key(0))["params"]
+  np.testing.assert_allclose(np.std(params["item_embedding"]["embedding"]), np.sqrt(2 / (2000 + 50)), rtol=0.03)
+  np.testing.assert_allclose(np.std(params["position_embedding"]), np.sqrt(2 / 100), rtol=0.05)
+  kernel = params["encoder"]["blocks_0"]["ffn_in"]["kernel"]
+  np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / 100), rtol=0.1)
+  # embed_scale: a table sqrt(d) times smaller, scaled up, encodes as the plain model with the table itself
+  plain = create_model("sasrec", **base, weight_init="xavier_normal")
+  seq = jnp.array([[0, 0, 3, 4, 5]], jnp.int32)
+  table = params["item_embedding"]["embedding"]
+  scaled_params = {"params": {**params, "item_embedding": {"embedding": table / 50**0.5}}}
+  encoded = _seq_repr(plain, {"params": params}, seq)
+  np.testing.assert_allclose(_seq_repr(model, scaled_params, seq), encoded, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(_seq_repr(model, {"params": params}, seq), encoded, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_transformer_block_shapes_last_only_and_dropout(layout):
+  block = TransformerBlock(num_heads=2, dim=DIM, ffn_dim=16, dropout=0.3, attn_dropout=0.3, **LAYOUTS[layout])
   seq = _seq()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(3, MAX_LEN, DIM)), jnp.float32)
   mask = causal_padding_mask(seq)
@@ -194,8 +264,9 @@ def test_transformer_block_shapes_last_only_and_dropout(pre_norm):
 
 
 
-def test_transformer_block_grads():
-  block = TransformerBlock(num_heads=2, dim=4, ffn_dim=8, layer_norm_eps=1e-6, init_std=0.3)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_transformer_block_grads(layout):
+  block = TransformerBlock(num_heads=2, dim=4, ffn_dim=8, layer_norm_eps=1e-6, init_std=0.3, **LAYOUTS[layout])
   mask = causal_padding_mask(jnp.array([[0, 1, 2], [3, 4, 5]], jnp.int32))
   x = jax.random.normal(_key(0), (2, 3, 4))
   params = jax.jit(block.init)(_key(1), x, mask)
@@ -225,7 +296,9 @@ def test_init_params_equals_a_default_compiled_init_bit_for_bit(name):
   # init_params compiles at a lower LLVM optimisation level on CPU; the values must not change
   model = create_model(name, num_users=NUM_USERS, num_items=NUM_ITEMS, **SMALL_KWARGS[name])
   key = jax.random.PRNGKey(3)   # the default (threefry) key that runs use
-  default = jax.jit(lambda k: model.init({"params": k}, example_batch(model)))(key)
+  # XLA's default level (3), whatever XLA_FLAGS say (the test suite's own is 1)
+  default = jax.jit(lambda k: model.init({"params": k}, example_batch(model)),
+                    compiler_options={"xla_backend_optimization_level": 3})(key)
   chex.assert_trees_all_equal(init_params(model, key), default)
   chex.assert_trees_all_equal(jax.jit(lambda k: init_params(model, k))(key), default)   # traced inside a jit
 
@@ -266,7 +339,8 @@ def test_registry():
   assert model_kind("pop") == "popularity" and model_kind("bpr") == "general" and model_kind("sasrec") == "sequential"
   assert default_hparams("sasrec") == dict(
     max_len=50, dim=64, num_blocks=2, num_heads=2, ffn_dim=256, dropout=0.5, attn_dropout=0.5,
-    activation="gelu", layer_norm_eps=1e-12, pre_norm=False, init_std=0.02,
+    activation="gelu", layer_norm_eps=1e-12, pre_norm=False, norm_queries_only=False, embed_scale=False,
+    weight_init="normal", init_std=0.02,
   )
   assert default_hparams("bpr") == {"dim": 64, "embedding_init": "xavier_normal"}
   assert default_hparams("pop") == {"unseen_order": "index", "unseen_seed": 0}

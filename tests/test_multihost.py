@@ -4,7 +4,6 @@ one device (`multihost_worker.py` is each process's program)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from recjax import experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from multihost_worker import CONFIGS, config_for  # noqa: E402
+from testutil import host_devices_env  # noqa: E402
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
@@ -31,7 +31,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("multihost")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  env = host_devices_env(1)
   coordinator = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen([sys.executable, str(WORKER), coordinator, str(i), str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

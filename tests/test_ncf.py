@@ -248,8 +248,15 @@ def test_sampled_ranking_scores_only_the_candidates_and_equals_dense():
     assert got[f"sampled_hit@{k}"] == pytest.approx(np.mean(rank < k))
     assert got[f"sampled_mrr@{k}"] == pytest.approx(np.mean(np.where(rank < k, 1 / (rank + 1), 0)), rel=1e-6)
     assert got[f"sampled_ndcg@{k}"] == pytest.approx(np.mean(np.where(rank < k, 1 / np.log2(rank + 2), 0)), rel=1e-6)
-  with pytest.raises(ConfigError, match="factorised"):
-    tasks.item_score_fn(make("gmf")[0])
+
+
+def test_a_factorised_model_scores_its_candidates_as_its_full_scores_say():
+  model, params = make("gmf", seed=2, integer=True)
+  inputs = {"user": np.arange(USERS)}
+  items = np.random.default_rng(0).integers(0, ITEMS, (USERS, 6))
+  full = np.asarray(tasks.score_fn(model)(params, inputs))
+  np.testing.assert_allclose(tasks.item_score_fn(model)(params, inputs, items), np.take_along_axis(full, items, 1),
+                             rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- pretraining

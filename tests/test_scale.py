@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testutil import host_devices_env
 
 from recjax.errors import ConfigError
 from recjax.train import distributed
@@ -24,7 +24,7 @@ TOLERANCE = 1e-5      # the issue's bar: parameters after 20 steps within 1e-5 o
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = host_devices_env(4)
   done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-4000:]
   return json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,6 +72,10 @@ def test_sharded_evaluation_returns_exactly_the_single_device_metrics(checks):
     assert runs["single"]["ndcg@10"] > 0
     for layout, metrics in runs.items():
       assert metrics == runs["single"], (name, layout)
+
+
+def test_users_split_over_devices_are_ranked_without_collectives(checks):
+  assert set(checks["eval_collectives"].values()) == {0}, checks["eval_collectives"]
 
 
 def test_merged_top_k_equals_the_global_top_k(checks):

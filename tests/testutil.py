@@ -1,11 +1,19 @@
 """Helpers shared by the test files (imported as `testutil`; pytest puts this folder on sys.path)."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
+
+
+def host_devices_env(count: int) -> dict[str, str]:
+  """The environment for a subprocess on `count` XLA CPU host devices, keeping the run's other XLA flags."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
 def rbg_key(seed: int) -> jax.Array:

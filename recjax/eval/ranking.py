@@ -51,6 +51,23 @@ def full_ranking_topk(scores: Array, exclude: Array, k: int) -> Array:
   return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
 
 
+def sharded_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Array:
+  """`full_ranking_topk` with the users split over the mesh's `data` axis, each device ranking its own.
+
+  Written per device (`shard_map`) because XLA's partitioner, left to itself, gathers every device's
+  `[U, N]` scores for the exclusion scatter and `top_k` and ranks all users on each device: redundant
+  work, and on XLA:CPU host devices an all-gather in every chunk, which chunks sent back to back can
+  deadlock on.
+
+  Args: scores [U, N], exclude [U, H] 0-padded, both split over `data` (U a multiple of its size); k; mesh.
+  Returns: [U, k] int32, as `full_ranking_topk`.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  return jax.shard_map(functools.partial(full_ranking_topk, k=k), mesh=mesh, in_specs=(P("data"), P("data")),
+                       out_specs=P("data"))(scores, exclude)
+
+
 def merged_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Array:
   """`full_ranking_topk` with the item axis split over the mesh's `model` axis (users over `data`).
 
@@ -124,24 +141,29 @@ def gather_scorer(score_fn: ScoreFn) -> ItemScoreFn:
 
 
 def make_full_ranking_eval(score_fn: ScoreFn, ks: Sequence[int] = (10,),
-                           metrics: Sequence[str] = DEFAULT_METRICS, item_mesh=None) -> Callable:
+                           metrics: Sequence[str] = DEFAULT_METRICS, mesh=None) -> Callable:
   """Jitted chunk evaluator (params, inputs, exclude [U, H], positives [U, P], weight [U]) ->
   ({"name@k": [U] weighted values}, [U] weights) (`metric_rows`), summed exactly on the host. Cached
-  per (score_fn, ks, metrics, item_mesh), so calling it again with the same scorer reuses the compiled
-  function. With `item_mesh` (a mesh whose `model` axis has more than one device), the items are ranked
-  in slices and the top-k merged (`merged_full_ranking_topk`)."""
+  per (score_fn, ks, metrics, mesh), so calling it again with the same scorer reuses the compiled
+  function. With a `mesh` (users split over its `data` axis), each device masks and ranks its own users
+  (`sharded_full_ranking_topk`); when its `model` axis has more than one device, the items are ranked in
+  slices and the top-k merged (`merged_full_ranking_topk`)."""
   metrics, ks = check_metrics(metrics, ks)
-  return _full_ranking_eval(score_fn, ks, metrics, item_mesh)
+  return _full_ranking_eval(score_fn, ks, metrics, mesh)
 
 
 @functools.lru_cache(maxsize=32)
-def _full_ranking_eval(score_fn: ScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...], item_mesh) -> Callable:
+def _full_ranking_eval(score_fn: ScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...], mesh) -> Callable:
+  if mesh is None:
+    topk_fn = functools.partial(full_ranking_topk, k=max(ks))
+  elif mesh.shape.get("model", 1) > 1:
+    topk_fn = functools.partial(merged_full_ranking_topk, k=max(ks), mesh=mesh)
+  else:
+    topk_fn = functools.partial(sharded_full_ranking_topk, k=max(ks), mesh=mesh)
+
   @jax.jit
   def evaluate_chunk(params, inputs, exclude, positives, weight):
-    scores = score_fn(params, inputs)
-    topk = (full_ranking_topk(scores, exclude, max(ks)) if item_mesh is None
-            else merged_full_ranking_topk(scores, exclude, max(ks), item_mesh))
-    hits = hits_from_topk(topk, positives)
+    hits = hits_from_topk(topk_fn(score_fn(params, inputs), exclude), positives)
     return metric_rows(hits, (positives > 0).sum(-1), ks, metrics, weight)
   return evaluate_chunk
 
@@ -294,8 +316,7 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
     extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + 8)
     chunk_size = chunk_users(num_items, budget_bytes, extra, bytes_per_pair)
   chunk = min(chunk_size, num_rows)
-  item_mesh = sharding.mesh if sharding is not None and sharding.mesh.shape.get("model", 1) > 1 else None
-  step = make_full_ranking_eval(score_fn, ks, metrics, item_mesh)
+  step = make_full_ranking_eval(score_fn, ks, metrics, None if sharding is None else sharding.mesh)
   if sharding is not None:
     chunk, step = _sharded(step, chunk, sharding)
   make_args = lambda start, stop: (
@@ -396,9 +417,9 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
     seed: negatives depend only on the seed.
     chunk_size: users per chunk (default: from budget_bytes and N, as a gathered full scorer
       materialises [chunk, N] scores).
-    bytes_per_pair: None for a gathered full scorer; for a scorer of the candidates only (a
-      `score_items` model), its bytes per (user, item) pair: chunks are then sized to the 1+n
-      candidates, not to N.
+    bytes_per_pair: None sizes chunks as for a gathered full scorer's [chunk, N] scores (safe for any
+      scorer); for a scorer of the candidates only, its bytes per (user, item) pair (a `score_items`
+      model's `score_bytes_per_pair`): chunks are then sized to the 1+n candidates, not to N.
   Returns:
     {"sampled_ndcg@10": mean, ...}.
   """

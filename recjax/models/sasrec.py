@@ -18,10 +18,12 @@ Defaults are RecBole 1.2.1's SASRec (`hidden_size=64, inner_size=256, n_layers=2
 hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
 initializer_range=0.02, MAX_ITEM_LIST_LENGTH=50`). `pre_norm=True` gives the paper's ordering,
 g(x) = x + Dropout(g(LayerNorm(x))) for attention and feed-forward and a final LayerNorm (Sec.
-III-C). The authors' code differs in details this module does not copy: it scales the item
-embedding by sqrt(d), normalises only the attention queries (keys and values use the raw input,
-the residual the normalised one) and zeroes padded positions between blocks
-(their outputs never reach real positions here: padding keys are masked, their loss weight is 0).
+III-C). The authors' code (and its PyTorch port) differs in details, each a switch here:
+`embed_scale=True` multiplies the item embedding by sqrt(d); `norm_queries_only=True` (with
+`pre_norm`) normalises only the attention queries, keys and values reading the raw input, and lets
+each residual add the normalised input (see `TransformerBlock`); `weight_init="xavier_normal"` draws every
+table and weight matrix from N(0, 2 / (fan_in + fan_out)). It also zeroes padded positions between
+blocks, which changes nothing here: padding keys are masked and padded positions have loss weight 0.
 """
 from __future__ import annotations
 
@@ -29,11 +31,10 @@ from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax.nn import initializers
 
 from recjax.nn.attention import TransformerBlock, TransformerStack, causal_padding_mask
 from recjax.nn.dropout import Dropout
-from recjax.nn.embedding import embedding_table
+from recjax.nn.embedding import embedding_init, embedding_table
 from recjax.nn.text import ItemTextTable, TextItemTower
 
 
@@ -56,18 +57,23 @@ class SASRec(nn.Module):
   activation: str = "gelu"
   layer_norm_eps: float = 1e-12
   pre_norm: bool = False
+  norm_queries_only: bool = False
+  embed_scale: bool = False
+  weight_init: str = "normal"       # "normal" N(0, init_std^2) | "xavier_normal" (tables and weight matrices)
   init_std: float = 0.02
   item_text: ItemTextTable | None = None   # text-aware items (config `text.model`): recjax.nn.text.TextItemTower
   kind: ClassVar[str] = "sequential"
 
   def setup(self):
+    if self.norm_queries_only and not self.pre_norm:
+      raise ValueError("norm_queries_only=True is a pre-norm layout: set pre_norm=True too")
     if self.item_text is None:
-      self.item_embedding = embedding_table(self.num_items, self.dim, init="normal", std=self.init_std)
+      self.item_embedding = embedding_table(self.num_items, self.dim, init=self.weight_init, std=self.init_std)
     else:
       self.item_tower = TextItemTower(self.num_items, self.dim, self.item_text, use_id=self.item_text.use_id,
                                       std=self.init_std)
     self.position_embedding = self.param(
-      "position_embedding", initializers.normal(self.init_std), (self.max_len, self.dim), jnp.float32
+      "position_embedding", embedding_init(self.weight_init, std=self.init_std), (self.max_len, self.dim), jnp.float32
     )
     # Post-norm normalises the input embedding; pre-norm normalises the last block's output.
     self.norm = nn.LayerNorm(epsilon=self.layer_norm_eps)
@@ -75,7 +81,8 @@ class SASRec(nn.Module):
     block = TransformerBlock(
       num_heads=self.num_heads, dim=self.dim, ffn_dim=self.ffn_dim, dropout=self.dropout,
       attn_dropout=self.attn_dropout, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
-      pre_norm=self.pre_norm, init_std=self.init_std,
+      pre_norm=self.pre_norm, norm_queries_only=self.norm_queries_only, init_std=self.init_std,
+      weight_init=self.weight_init,
     )
     self.encoder = TransformerStack(block, self.num_blocks)
 
@@ -85,6 +92,8 @@ class SASRec(nn.Module):
     if length > self.max_len:
       raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
     items = self.item_embedding(seq) if self.item_text is None else jnp.take(self.item_tower(), seq, axis=0)
+    if self.embed_scale:
+      items = items * self.dim**0.5
     x = items + self.position_embedding[self.max_len - length :]  # [B, L, d]
     if not self.pre_norm:
       x = self.norm(x)

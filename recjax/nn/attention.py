@@ -20,9 +20,9 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout
+from recjax.nn.embedding import embedding_init
 
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf form, as BERT / RecBole
@@ -80,17 +80,21 @@ class MultiHeadSelfAttention(nn.Module):
   """softmax(Q K^T / sqrt(d_h) masked) V over H heads, then an output projection.
 
   Q = x W_q, K = x W_k, V = x W_v with d_h = dim / num_heads; dropout on the attention
-  probabilities (as BERT / RecBole). Weights ~ N(0, init_std^2), biases 0.
+  probabilities (as BERT / RecBole). Weights ~ N(0, init_std^2) or as `weight_init` says (`embedding_init`);
+  biases 0.
   """
 
   num_heads: int
   dim: int
   attn_dropout: float = 0.0
   init_std: float = 0.02
+  weight_init: str = "normal"
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool = False, last_only: bool = False):
-    """Args: x `[B, L, d]`, mask bool broadcastable to `[B, H, L, L]` (or `[B, L, L]`).
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool = False, last_only: bool = False,
+               keys: jnp.ndarray | None = None):
+    """Args: x `[B, L, d]` (the queries, and the keys and values unless `keys` is given), mask bool
+    broadcastable to `[B, H, L, L]` (or `[B, L, L]`), keys `[B, L, d]` (optional) the keys' and values' input.
 
     Returns: `[B, L, d]`, or `[B, 1, d]` when `last_only`.
     """
@@ -98,12 +102,13 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
     head_dim = self.dim // self.num_heads
     dense = lambda features, name, axis=-1: nn.DenseGeneral(  # noqa: E731
-      features, axis=axis, kernel_init=initializers.normal(self.init_std), name=name
+      features, axis=axis, kernel_init=embedding_init(self.weight_init, std=self.init_std), name=name
     )
     queries = x[:, -1:] if last_only else x
+    keys = x if keys is None else keys
     q = dense((self.num_heads, head_dim), "query")(queries)  # [B, Lq, H, dh]
-    k = dense((self.num_heads, head_dim), "key")(x)  # [B, L, H, dh]
-    v = dense((self.num_heads, head_dim), "value")(x)  # [B, L, H, dh]
+    k = dense((self.num_heads, head_dim), "key")(keys)  # [B, L, H, dh]
+    v = dense((self.num_heads, head_dim), "value")(keys)  # [B, L, H, dh]
     q = q * head_dim**-0.5  # scale the [B, Lq, H, dh] queries, not the [B, H, Lq, L] scores
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # [B, H, Lq, L]
     scores = jnp.where(_as_4d(mask, last_only), scores, jnp.finfo(scores.dtype).min)
@@ -122,6 +127,9 @@ class TransformerBlock(nn.Module):
   2018, Sec. III-C):
     h = x + Drop(MHSA(LN(x))),  y = h + Drop(W_2 act(W_1 LN(h)))
   (a pre-norm stack needs a final LN after its last block; the model owns it).
+  Pre-norm as the SASRec authors' code has it (`pre_norm=True, norm_queries_only=True`): only the
+  queries are normalised, and each residual adds the normalised input:
+    q = LN(x),  h = q + Drop(MHSA(queries q, keys and values x)),  y = LN(h) + Drop(W_2 act(W_1 LN(h)))
   """
 
   num_heads: int
@@ -132,7 +140,9 @@ class TransformerBlock(nn.Module):
   activation: str = "gelu"
   layer_norm_eps: float = 1e-12
   pre_norm: bool = False
+  norm_queries_only: bool = False
   init_std: float = 0.02
+  weight_init: str = "normal"     # weight matrices: "normal" N(0, init_std^2) | "xavier_normal" (biases 0 either way)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool = False, last_only: bool = False):
@@ -142,16 +152,24 @@ class TransformerBlock(nn.Module):
     """
     act = _activation(self.activation)
     attention = MultiHeadSelfAttention(
-      num_heads=self.num_heads, dim=self.dim, attn_dropout=self.attn_dropout, init_std=self.init_std, name="attention"
+      num_heads=self.num_heads, dim=self.dim, attn_dropout=self.attn_dropout, init_std=self.init_std,
+      weight_init=self.weight_init, name="attention",
     )
     norm_attn = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_attn")
     norm_ffn = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm_ffn")
-    dense = lambda features, name: nn.Dense(features, kernel_init=initializers.normal(self.init_std), name=name)  # noqa: E731
+    kernel_init = embedding_init(self.weight_init, std=self.init_std)
+    dense = lambda features, name: nn.Dense(features, kernel_init=kernel_init, name=name)  # noqa: E731
     dropout = Dropout(self.dropout)
     drop = lambda h: dropout(h, deterministic=not train)  # noqa: E731
     ffn = lambda h: dense(self.dim, "ffn_out")(act(dense(self.ffn_dim, "ffn_in")(h)))  # noqa: E731
 
     residual = x[:, -1:] if last_only else x  # [B, Lq, d]
+    if self.pre_norm and self.norm_queries_only:
+      queries = norm_attn(x)
+      h = (queries[:, -1:] if last_only else queries) + drop(
+        attention(queries, mask, train=train, last_only=last_only, keys=x))
+      h = norm_ffn(h)
+      return h + drop(ffn(h))
     if self.pre_norm:
       h = residual + drop(attention(norm_attn(x), mask, train=train, last_only=last_only))
       return h + drop(ffn(norm_ffn(h)))

@@ -19,9 +19,10 @@ def _with_l2(weight_decay: float, inner: optax.GradientTransformation) -> optax.
 
 
 def create_optimizer(
-  name: str, learning_rate: float | optax.Schedule, weight_decay: float = 0.0
+  name: str, learning_rate: float | optax.Schedule, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999
 ) -> optax.GradientTransformation:
-  """The optimizer `name` with the given learning rate (float or schedule) and weight decay.
+  """The optimizer `name` with the given learning rate (float or schedule), weight decay and (Adam's
+  variants) moment decay rates `b1`, `b2`.
 
   - "adam": `recjax.optim.adam`; a `weight_decay` is coupled L2 added to the gradient, as
     `torch.optim.Adam(weight_decay=...)` (what RecBole's `weight_decay` means);
@@ -33,11 +34,11 @@ def create_optimizer(
     ConfigError: unknown name.
   """
   if name == "adam":
-    return _with_l2(weight_decay, adam(learning_rate))
+    return _with_l2(weight_decay, adam(learning_rate, b1, b2))
   if name == "optax_adam":
-    return _with_l2(weight_decay, optax.adam(learning_rate))
+    return _with_l2(weight_decay, optax.adam(learning_rate, b1, b2))
   if name == "adamw":
-    return adam(learning_rate, weight_decay=weight_decay)
+    return adam(learning_rate, b1, b2, weight_decay=weight_decay)
   if name == "sgd":
     return _with_l2(weight_decay, optax.sgd(learning_rate))
   raise ConfigError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
