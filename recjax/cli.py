@@ -164,7 +164,7 @@ def cmd_recommend(args) -> int:
   split = exp.split
   everything = split.train.concat(split.valid).concat(split.test)
   user = split.train.user_id(args.user)
-  inputs = samplers.eval_inputs(everything, np.array([user]), exp.protocol.max_len)
+  inputs = samplers.eval_inputs(everything, np.array([user]), exp.max_len)
   scores = np.array(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs))[0])
   scores[0] = -np.inf
   scores[everything.item[everything.user == user]] = -np.inf   # recommend only unseen items

@@ -77,6 +77,12 @@ class Experiment:
     return {**params, **self.constants} if self.constants else params
 
   @property
+  def max_len(self) -> int:
+    """History length fed to the model (sampler and evaluation): a sequential model's `max_len`, which
+    defaults to the protocol's (RecBole's MAX_ITEM_LIST_LENGTH), else the protocol's."""
+    return history_length(self.model, self.protocol)
+
+  @property
   def valid_metric(self) -> str:
     return self.config["valid_metric"] or self.protocol.valid_metric
 
@@ -87,6 +93,10 @@ class Experiment:
 
 def _identity(params):
   return params
+
+
+def history_length(model, protocol: protocols.Protocol) -> int:
+  return getattr(model, "max_len", protocol.max_len)
 
 
 def preprocess_interactions(inter: Interactions, options: dict[str, Any]) -> Interactions:
@@ -137,20 +147,23 @@ def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: 
   raise ConfigError(f"protocol {protocol.name!r}: unknown split {protocol.split!r}")
 
 
-def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol) -> dict[str, np.ndarray]:
+def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol,
+                   max_len: int | None = None) -> dict[str, np.ndarray]:
   """Inputs, positives and masked items of one phase ("valid", "test", or "cold": the held-out items of
-  a cold-start split), computed once per run."""
+  a cold-start split), computed once per run; histories cut to the latest `max_len` items (default: the
+  protocol's)."""
   if phase == "cold":
     users, positives, exclude, history = protocols.cold_targets(split)
   else:
     users, positives, exclude, history = protocols.eval_targets(split, phase, protocol.mask_history)
   if len(users) == 0:
     raise DataError(split.train.name or "dataset", f"no user has a {phase} interaction; cannot evaluate")
-  inputs = samplers.eval_inputs(history, users, protocol.max_len)
+  inputs = samplers.eval_inputs(history, users, max_len or protocol.max_len)
   return {"inputs": inputs, "positives": positives, "exclude": exclude}
 
 
-def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: protocols.Protocol) -> dict[str, dict]:
+def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: protocols.Protocol,
+                     max_len: int | None = None) -> dict[str, dict]:
   """`{"valid/NAME": ..., "test/NAME": ...}`: evaluation targets of each domain's rows of the phase."""
   sets = {}
   for phase in ("valid", "test"):
@@ -159,7 +172,7 @@ def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: prot
       rows = domains.in_domain(part, name)
       if rows.any():
         only_domain = dataclasses.replace(split, **{phase: part.subset(rows)})
-        sets[f"{phase}/{name}"] = build_eval_set(only_domain, phase, protocol)
+        sets[f"{phase}/{name}"] = build_eval_set(only_domain, phase, protocol, max_len)
   return sets
 
 
@@ -203,14 +216,15 @@ def build(config: dict[str, Any]) -> Experiment:
   data = build_labeled(config, protocol, split, kind, names)
   if protocol.task == "ranking":
     phases = ("test",) if protocol.split == "given" and len(split.valid) == 0 else ("valid", "test")
-    eval_sets = {phase: build_eval_set(split, phase, protocol) for phase in phases}
+    max_len = history_length(model, protocol)
+    eval_sets = {phase: build_eval_set(split, phase, protocol, max_len) for phase in phases}
     # A given split without a valid part (LightGCN's Gowalla): model selection on test, as the LightGCN and
     # NGCF authors' code does (their published figures are chosen so).
     eval_sets.setdefault("valid", eval_sets["test"])
     if split.cold is not None:
-      eval_sets["cold"] = build_eval_set(split, "cold", protocol)
+      eval_sets["cold"] = build_eval_set(split, "cold", protocol, max_len)
     if names:   # each domain's rows of the phase (the other parts, hence the masked history, unchanged)
-      eval_sets.update(domain_eval_sets(split, names, protocol))
+      eval_sets.update(domain_eval_sets(split, names, protocol, max_len))
   else:
     eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
                  for phase, rows in (("valid", data.valid), ("test", data.test))}
@@ -270,7 +284,7 @@ def make_sampler(exp: Experiment):
                                 distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
                                 sampling=c["pair_sampling"])
   if c["training"] in ("sequence", "prefix"):
-    return samplers.SequenceSampler(exp.split.train, exp.protocol.max_len, c["batch_size"], c["num_negatives"],
+    return samplers.SequenceSampler(exp.split.train, exp.max_len, c["batch_size"], c["num_negatives"],
                                     seed=c["seed"], mode=c["training"], stride=c["window_stride"],
                                     distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
                                     negatives_for="items" if tasks.objective(exp.model) == "masked_item" else "targets")

@@ -40,7 +40,7 @@ STEPS = 20
 # pmap and micro-batches draw dropout masks per shard, the single-device step for the whole batch
 NO_DROPOUT = ("model.dropout=0.0", "model.attn_dropout=0.0")
 SMALL = {"bpr": ["batch_size=256", "model.dim=16", "learning_rate=0.01"],
-         "sasrec": ["batch_size=32", "model.dim=16", "model.ffn_dim=32", "learning_rate=0.005"]}
+         "sasrec": ["batch_size=32", "model.dim=16", "model.ffn_dim=32", "model.num_blocks=1", "learning_rate=0.005"]}
 
 
 @functools.cache

@@ -315,3 +315,18 @@ def test_ml100k_prefix_rows_and_negatives(data_dir):
   keys = np.unique(train.user.astype(np.int64) * train.num_items + train.item)
   neg_keys = np.repeat(got["user"][real], 2).astype(np.int64) * train.num_items + got["neg"][real].ravel()
   assert not np.isin(neg_keys, keys).any()
+
+
+def test_a_sequential_models_max_len_sets_the_history_fed_to_it():
+  """`--set model.max_len=20`: training batches and evaluation inputs hold the latest 20 items, not the
+  protocol's 50."""
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+
+  config = apply_overrides(default_config("sasrec"), ["model.max_len=20", "batch_size=8"])
+  config.update(dataset="synthetic")
+  exp = experiment.build(config)
+  assert exp.max_len == 20 and exp.protocol.max_len == 50
+  assert exp.eval_sets["test"]["inputs"]["seq"].shape[1] == 20
+  batch = next(iter(experiment.make_sampler(exp).epoch(0)))
+  assert batch["seq"].shape == (8, 20)
