@@ -392,22 +392,29 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   # With domains: the same metrics over each domain's interactions of the phase (keys "name@k/domain").
   per_domain = {key.split("/", 1)[1]: sets for key, sets in exp.eval_sets.items() if key.startswith(f"{phase}/")}
 
-  def evaluate(params, data) -> dict[str, float]:
+  negatives = {}   # sampled protocol: each evaluation set's negatives, fixed by the seed, drawn once per run
+
+  def sampled_negatives(name: str, data) -> np.ndarray:
+    if name not in negatives:
+      negatives[name] = ranking.draw_negatives(
+          data["positives"][:, 0], data["exclude"], num_items, protocol.sampled, protocol.sampled_distribution,
+          np.bincount(exp.split.train.item, minlength=num_items), exp.config["seed"])
+    return negatives[name]
+
+  def evaluate(params, name: str, data) -> dict[str, float]:
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
                                 num_items=num_items, sharding=sharding, bytes_per_pair=pair_bytes or 0, **options)
     if protocol.sampled:
-      out.update(ranking.evaluate_sampled(
-          exp.item_score_fn, params, data["inputs"], data["positives"][:, 0], data["exclude"],
-          num_negatives=protocol.sampled, distribution=protocol.sampled_distribution,
-          item_counts=np.bincount(exp.split.train.item, minlength=num_items), seed=exp.config["seed"],
-          bytes_per_pair=pair_bytes, **options))
+      out.update(ranking.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0],
+                                          data["exclude"], num_items=num_items, bytes_per_pair=pair_bytes,
+                                          negatives=sampled_negatives(name, data), **options))
     return out
 
   def run(params) -> dict[str, float]:
     params = exp.eval_params(exp.with_constants(params))
-    out = evaluate(params, exp.eval_sets[phase])
+    out = evaluate(params, phase, exp.eval_sets[phase])
     for domain, data in per_domain.items():
-      out.update({f"{key}/{domain}": value for key, value in evaluate(params, data).items()})
+      out.update({f"{key}/{domain}": value for key, value in evaluate(params, domain, data).items()})
     return out
 
   return run

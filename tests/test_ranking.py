@@ -226,3 +226,28 @@ def test_presets_and_validation():
     P.Protocol("x", split="leave_one_out", valid_metric="ndcg@20")  # k not computed
   with pytest.raises(ConfigError):
     P.Protocol("x", split="kfold")
+
+
+def test_a_runs_sampled_evaluation_draws_its_negatives_once(monkeypatch):
+  """The sampled protocol's negatives depend only on the seed: a run draws each evaluation set's once, and
+  its metrics equal a direct `evaluate_sampled` that draws them itself."""
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+
+  config = apply_overrides(default_config("bpr"), ["model.dim=8", "protocol='bert4rec-sampled'"])
+  config.update(dataset="synthetic")
+  exp = experiment.build(config)
+  params = experiment.init_params(exp, jax.random.PRNGKey(0))
+  draws = []
+  draw = R.draw_negatives
+  monkeypatch.setattr(R, "draw_negatives", lambda *a, **k: draws.append(1) or draw(*a, **k))
+  evaluate = experiment.make_evaluator(exp, "valid")
+  first, again = evaluate(params), evaluate(params)
+  assert first == again and len(draws) == 1
+  data = exp.eval_sets["valid"]
+  direct = R.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0], data["exclude"],
+                              num_negatives=100, distribution="popularity", ks=exp.protocol.ks,
+                              metrics=exp.protocol.metrics, seed=config["seed"],
+                              item_counts=np.bincount(exp.split.train.item, minlength=exp.split.train.num_items))
+  assert direct == pytest.approx({k: v for k, v in first.items() if k.startswith("sampled_")}, rel=1e-6)
+  assert len(draws) == 2

@@ -395,12 +395,36 @@ def _repeats(x: np.ndarray) -> np.ndarray:
   return dup
 
 
+def draw_negatives(targets: np.ndarray, exclude: Exclude, num_items: int, num_negatives: int = 100,
+                   distribution: str = "uniform", item_counts: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+  """The sampled protocol's negatives: `sample_negatives` for the rows with a target (`targets [U]`, 0 = none),
+  by `distribution` "uniform" over items 1..N-1 or "popularity" (probability ∝ `item_counts [N]`).
+
+  Returns:
+    [U, n] int32; rows without a target hold 0s.
+  """
+  if distribution not in ("uniform", "popularity"):
+    raise ValueError(f"distribution must be 'uniform' or 'popularity', got {distribution!r}")
+  if distribution == "popularity" and item_counts is None:
+    raise ValueError("popularity sampling needs item_counts [N]")
+  targets = np.asarray(targets, np.int64).reshape(-1)
+  exclude = exclude if isinstance(exclude, tuple) else np.asarray(exclude, np.int32)
+  keep = targets > 0
+  out = np.zeros((len(targets), num_negatives), np.int32)
+  if keep.any():
+    probs = item_counts if distribution == "popularity" else None
+    out[keep] = sample_negatives(targets[keep], exclude if keep.all() else _select_exclude(exclude, keep),
+                                 num_items, num_negatives, probs, seed)
+  return out
+
+
 def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, np.ndarray],
                      positives: np.ndarray, exclude: Exclude, num_negatives: int = 100,
                      distribution: str = "uniform", item_counts: np.ndarray | None = None,
                      num_items: int | None = None, seed: int = 0, ks: Sequence[int] = (10,),
                      metrics: Sequence[str] = DEFAULT_METRICS, budget_bytes: int = DEFAULT_BUDGET,
-                     chunk_size: int | None = None, bytes_per_pair: int | None = None) -> dict[str, float]:
+                     chunk_size: int | None = None, bytes_per_pair: int | None = None,
+                     negatives: np.ndarray | None = None) -> dict[str, float]:
   """Sampled-ranking metrics: the target ranked among itself and `num_negatives` sampled items.
 
   Only for comparison with papers that used it; every key is prefixed "sampled_"
@@ -420,25 +444,22 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
     bytes_per_pair: None sizes chunks as for a gathered full scorer's [chunk, N] scores (safe for any
       scorer); for a scorer of the candidates only, its bytes per (user, item) pair (a `score_items`
       model's `score_bytes_per_pair`): chunks are then sized to the 1+n candidates, not to N.
+    negatives: [U, n] the rows' negatives as `draw_negatives` gives them (a run that evaluates the same
+      users again draws them once); drawn here from the arguments above when None.
   Returns:
     {"sampled_ndcg@10": mean, ...}.
   """
   metrics, ks = check_metrics(metrics, ks)
-  if distribution not in ("uniform", "popularity"):
-    raise ValueError(f"distribution must be 'uniform' or 'popularity', got {distribution!r}")
-  if distribution == "popularity" and item_counts is None:
-    raise ValueError("popularity sampling needs item_counts [N]")
   num_items = num_items if num_items is not None else len(item_counts) if item_counts is not None else None
   if num_items is None:
     raise ValueError("evaluate_sampled needs num_items (or item_counts)")
   targets = np.asarray(positives, np.int64).reshape(-1)
-  exclude = exclude if isinstance(exclude, tuple) else np.asarray(exclude, np.int32)
+  if negatives is None:
+    negatives = draw_negatives(targets, exclude, num_items, num_negatives, distribution, item_counts, seed)
   keep = targets > 0
   if not keep.all():
     inputs = {name: np.asarray(x)[keep] for name, x in inputs.items()}
-    targets, exclude = targets[keep], _select_exclude(exclude, keep)
-  probs = item_counts if distribution == "popularity" else None
-  negatives = sample_negatives(targets, exclude, num_items, num_negatives, probs, seed)
+    targets, negatives = targets[keep], negatives[keep]
   candidates = np.concatenate([targets[:, None].astype(np.int32), negatives], 1)   # [U, 1+n]
   num_rows = len(candidates)
   if num_rows == 0:
