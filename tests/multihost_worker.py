@@ -12,7 +12,7 @@ from recjax.train import distributed
 
 CONFIGS = {   # small enough for CI; shared with the single-process reference run of the test
     "bpr": ["batch_size=512", "model.dim=16", "learning_rate=0.01"],
-    "sasrec": ["batch_size=64", "model.dim=16", "model.ffn_dim=32", "learning_rate=0.005"],
+    "sasrec": ["batch_size=64", "model.dim=16", "model.ffn_dim=32", "model.num_blocks=1", "learning_rate=0.005"],
 }
 
 
