@@ -43,6 +43,7 @@ def _parse(argv):
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--eval-repeats", type=int, default=3)
+  parser.add_argument("--copy-mb", type=int, default=256, help="array size of the copy-bandwidth reference")
   parser.add_argument("--json", default="throughput.json", help="where to write the results")
   return parser.parse_args(argv)
 
@@ -162,7 +163,7 @@ def main() -> None:
       rows.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
   device = jax.devices()[0]
-  copy_gb_per_s = copy_bandwidth() / 1e9
+  copy_gb_per_s = copy_bandwidth(args.copy_mb << 20) / 1e9
   print(f"# {device.platform} x{available} ({device.device_kind}), jax {jax.__version__}, dataset {args.dataset}, "
         f"dtype {args.dtype}, model axis {args.model_parallel}, copy bandwidth {copy_gb_per_s:.1f} GB/s per device")
   print(f"{'model':<9} {'dev':>3} {'batch':>6} {'compile s':>9} {'ms/step':>9} {'examples/s':>11} {'speedup':>7} "

@@ -18,7 +18,7 @@ def test_throughput_table_over_device_counts(tmp_path):
   env.pop("XLA_FLAGS", None)
   done = subprocess.run([sys.executable, str(SCRIPT), "--cpu-devices", "2", "--devices", "1", "2", "--model", "bpr",
                          "lightgcn", "--batch-size", "256", "--steps", "3", "--warmup", "1", "--eval-repeats", "1",
-                         "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                         "--copy-mb", "16", "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["device_count"] == 2 and report["copy_gb_per_s"] > 0
