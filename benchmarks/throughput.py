@@ -49,10 +49,10 @@ def _parse(argv):
 
 
 ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
+from recjax.cli import use_all_cpu_cores, with_host_devices  # noqa: E402
+
 if ARGS.cpu_devices:   # before jax starts
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={ARGS.cpu_devices}").strip()
-from recjax.cli import use_all_cpu_cores  # noqa: E402
+  os.environ["XLA_FLAGS"] = with_host_devices(os.environ.get("XLA_FLAGS", ""), ARGS.cpu_devices)
 
 use_all_cpu_cores()  # one host device per core on CPU, unless chosen above
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from recjax.cli import use_all_cpu_cores
+from recjax.config import merged
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -89,13 +90,6 @@ def reproduce(doc: str, model: str, dataset: str, config: Mapping[str, Any], pap
   out_name = f"{dataset}_{model}"
   for name, overrides in (variants or {}).items():
     if getattr(args, name.replace("-", "_")):
-      config, out_name, title = _merged(config, overrides), f"{out_name}_{name}", f"{title}, {name}"
+      config, out_name, title = merged(config, overrides), f"{out_name}_{name}", f"{title}, {name}"
   print(report(title, "paper", paper, run(model, dataset, config, args, out_name)))
 
-
-def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-  """`base` with `overrides` on top, nested dicts merged key by key."""
-  out = dict(base)
-  for key, value in overrides.items():
-    out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
-  return out

@@ -15,13 +15,18 @@ import numpy as np
 from recjax.errors import ConfigError, RecjaxError
 
 
+def with_host_devices(flags: str, count: int) -> str:
+  """XLA_FLAGS `flags` with `count` XLA CPU host devices added (read when JAX first makes its CPU client)."""
+  return f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def use_all_cpu_cores() -> None:
   """One XLA host device per core unless the user chose, so a run can split its batch over them
   (`cpu_devices`, `devices`: attention models gain from it on CPU; GPU/TPU unaffected)."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags and "jax" not in sys.modules:
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ["XLA_FLAGS"] = with_host_devices(flags, count)
 
 
 def main(argv: list[str] | None = None) -> int:

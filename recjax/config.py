@@ -132,6 +132,16 @@ def default_config(model: str) -> dict[str, Any]:
   return config
 
 
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """A copy of `base` with `overrides` on top, nested dicts merged key by key (unchecked, unlike
+  `apply_overrides`: for configs that already passed the checks, or defaults under a saved config)."""
+  out = copy.deepcopy(dict(base))
+  for key, value in overrides.items():
+    both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+    out[key] = merged(out[key], value) if both else copy.deepcopy(value)
+  return out
+
+
 def parse_value(text: str) -> Any:
   """`--set` values are Python literals when they parse (1e-3, [10, 20], None), else strings."""
   try:

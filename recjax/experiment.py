@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
+from recjax.config import MODEL_DEFAULTS, default_config, merged
 from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
@@ -78,8 +79,8 @@ class Experiment:
 
   @property
   def max_len(self) -> int:
-    """History length fed to the model (sampler and evaluation): a sequential model's `max_len`, which
-    defaults to the protocol's (RecBole's MAX_ITEM_LIST_LENGTH), else the protocol's."""
+    """History length fed to the model (sampler and evaluation): a sequential model's `max_len` (RecBole's
+    MAX_ITEM_LIST_LENGTH, 50, by default), else the protocol's."""
     return history_length(self.model, self.protocol)
 
   @property
@@ -148,22 +149,21 @@ def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: 
 
 
 def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol,
-                   max_len: int | None = None) -> dict[str, np.ndarray]:
+                   max_len: int) -> dict[str, np.ndarray]:
   """Inputs, positives and masked items of one phase ("valid", "test", or "cold": the held-out items of
-  a cold-start split), computed once per run; histories cut to the latest `max_len` items (default: the
-  protocol's)."""
+  a cold-start split), computed once per run; histories cut to the latest `max_len` items."""
   if phase == "cold":
     users, positives, exclude, history = protocols.cold_targets(split)
   else:
     users, positives, exclude, history = protocols.eval_targets(split, phase, protocol.mask_history)
   if len(users) == 0:
     raise DataError(split.train.name or "dataset", f"no user has a {phase} interaction; cannot evaluate")
-  inputs = samplers.eval_inputs(history, users, max_len or protocol.max_len)
+  inputs = samplers.eval_inputs(history, users, max_len)
   return {"inputs": inputs, "positives": positives, "exclude": exclude}
 
 
 def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: protocols.Protocol,
-                     max_len: int | None = None) -> dict[str, dict]:
+                     max_len: int) -> dict[str, dict]:
   """`{"valid/NAME": ..., "test/NAME": ...}`: evaluation targets of each domain's rows of the phase."""
   sets = {}
   for phase in ("valid", "test"):
@@ -201,8 +201,6 @@ def build(config: dict[str, Any]) -> Experiment:
   if getattr(models.MODELS[name], "multidomain", False):   # heads per domain and task, from the data
     hparams.update(num_domains=len(names) if names else _need_domains(f"model {name!r}"),
                    num_tasks=len(config["label_columns"] or ()) or 1)
-  if kind == "sequential":
-    hparams.setdefault("max_len", protocol.max_len)
   if getattr(models.MODELS[name], "needs_features", False):   # feature fields of the training split
     hparams["features"] = build_feature_tables(all_train)
   if getattr(models.MODELS[name], "needs_graph", False):   # the normalised graph of the training split, built once
@@ -475,9 +473,8 @@ def compute_dtype(config: dict[str, Any]):
 
 
 def make_optimizer(config: dict[str, Any]):
-  # runs saved before the adam_b* keys existed used Adam's defaults
   return create_optimizer(config["optimizer"], config["learning_rate"], weight_decay=config["weight_decay"],
-                          b1=config.get("adam_b1", 0.9), b2=config.get("adam_b2", 0.999))
+                          b1=config["adam_b1"], b2=config["adam_b2"])
 
 
 def run_optimizer(exp: Experiment, rng: jax.Array):
@@ -529,14 +526,17 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
 
 
 def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-  """The `config.json` of a run folder, or None when there is none; ConfigError when it is not JSON."""
+  """The `config.json` of a run folder, or None when there is none; ConfigError when it is not JSON. Keys
+  added to recjax after the run was saved take their defaults (which keep the earlier behaviour)."""
   path = Path(run_dir) / "config.json"
   if not path.is_file():
     return None
   try:
-    return json.loads(path.read_text())
+    saved = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON ({e})") from e
+  name = _dotted(saved, "model.name")
+  return merged(default_config(name), saved) if name in MODEL_DEFAULTS else saved
 
 
 # Keys a pretraining run must share with the run it initialises (same data, same split).

@@ -311,8 +311,7 @@ def item_score_fn(model: nn.Module) -> Callable[[dict, dict, jax.Array], jax.Arr
   that cannot factorise. (Models with ranking tables score from the tables instead: `tables_item_score`.)"""
   if is_factorized(model):
     def factorized(params, inputs, items):
-      user, table = model.apply(params, inputs, False, method=_user_and_items)  # [U, d], [N, d]
-      return jnp.einsum("ud,ucd->uc", user, jnp.take(table, items, axis=0))
+      return _candidate_scores(*model.apply(params, inputs, False, method=_user_and_items), items)
 
     return factorized
 
@@ -326,7 +325,12 @@ def tables_item_score(tables: tuple[jax.Array, jax.Array], inputs: dict, items: 
   """`[U', C]` scores of the candidates `items [U', C]` from `tables = (users [U, d], items [N, d])`, as
   `tables_score` for every item."""
   users, table = tables
-  return jnp.einsum("ud,ucd->uc", jnp.take(users, inputs["user"], axis=0), jnp.take(table, items, axis=0))
+  return _candidate_scores(jnp.take(users, inputs["user"], axis=0), table, items)
+
+
+def _candidate_scores(user: jax.Array, table: jax.Array, items: jax.Array) -> jax.Array:
+  """`[U, C]` = user `[U, d]` · table `[N, d]` rows `items [U, C]` (the candidates' rows only, never all N)."""
+  return jnp.einsum("ud,ucd->uc", user, jnp.take(table, items, axis=0))
 
 
 def objective(model: nn.Module) -> str:

@@ -199,3 +199,16 @@ def test_evaluate_on_two_host_devices(tmp_path):
   stdout, stderr = evaluate.communicate()
   assert evaluate.returncode == 0, stderr
   assert json.loads(stdout)["test"] == pytest.approx(read_metrics(out)["test"], rel=1e-5)
+
+
+def test_a_run_saved_before_newer_config_keys_loads_with_their_defaults(tmp_path):
+  """A config.json without keys recjax added later (here adam_b1, pair_sampling, model.norm_queries_only)
+  resumes and evaluates with their defaults, which keep the earlier behaviour; saved values stay."""
+  from recjax.experiment import saved_config
+
+  old = default_config("sasrec")
+  old["learning_rate"] = 0.005
+  del old["adam_b1"], old["pair_sampling"], old["model"]["norm_queries_only"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  loaded = saved_config(tmp_path)
+  assert loaded == {**default_config("sasrec"), "learning_rate": 0.005}

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from recjax.config import apply_overrides, build_config
+from recjax.config import apply_overrides, build_config, merged
 from recjax.models import create_model
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
-import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))   # the scripts import their `common`
 
 SCRIPTS = {"beauty_sasrec": "sasrec", "beauty_bert4rec": "bert4rec", "gowalla_lightgcn": "lightgcn"}
 
@@ -20,7 +19,7 @@ SCRIPTS = {"beauty_sasrec": "sasrec", "beauty_bert4rec": "bert4rec", "gowalla_li
 def _settings(script: str) -> list[tuple[str, dict]]:
   module = importlib.import_module(script)
   variants = getattr(module, "VARIANTS", {})
-  return [(script, module.CONFIG)] + [(script, common._merged(module.CONFIG, o)) for o in variants.values()]
+  return [(script, module.CONFIG)] + [(script, merged(module.CONFIG, o)) for o in variants.values()]
 
 
 @pytest.mark.parametrize("script, overrides", [s for script in SCRIPTS for s in _settings(script)])
@@ -32,5 +31,6 @@ def test_script_settings_build_their_model(script, overrides):
 
 
 def test_variants_merge_nested_keys():
-  merged = common._merged({"a": 1, "model": {"dim": 50, "dropout": 0.5}}, {"model": {"dim": 64}, "b": 2})
-  assert merged == {"a": 1, "b": 2, "model": {"dim": 64, "dropout": 0.5}}
+  base = {"a": 1, "model": {"dim": 50, "dropout": 0.5}}
+  assert merged(base, {"model": {"dim": 64}, "b": 2}) == {"a": 1, "b": 2, "model": {"dim": 64, "dropout": 0.5}}
+  assert base == {"a": 1, "model": {"dim": 50, "dropout": 0.5}}   # a copy: the base is left as it was

@@ -9,11 +9,12 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
+from recjax.cli import with_host_devices
+
 
 def host_devices_env(count: int) -> dict[str, str]:
   """The environment for a subprocess on `count` XLA CPU host devices, keeping the run's other XLA flags."""
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
-  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+  return {**os.environ, "XLA_FLAGS": with_host_devices(os.environ.get("XLA_FLAGS", ""), count), "JAX_PLATFORMS": "cpu"}
 
 
 def rbg_key(seed: int) -> jax.Array:

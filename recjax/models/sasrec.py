@@ -65,8 +65,6 @@ class SASRec(nn.Module):
   kind: ClassVar[str] = "sequential"
 
   def setup(self):
-    if self.norm_queries_only and not self.pre_norm:
-      raise ValueError("norm_queries_only=True is a pre-norm layout: set pre_norm=True too")
     if self.item_text is None:
       self.item_embedding = embedding_table(self.num_items, self.dim, init=self.weight_init, std=self.init_std)
     else:

@@ -163,17 +163,18 @@ class TransformerBlock(nn.Module):
     drop = lambda h: dropout(h, deterministic=not train)  # noqa: E731
     ffn = lambda h: dense(self.dim, "ffn_out")(act(dense(self.ffn_dim, "ffn_in")(h)))  # noqa: E731
 
-    residual = x[:, -1:] if last_only else x  # [B, Lq, d]
-    if self.pre_norm and self.norm_queries_only:
-      queries = norm_attn(x)
-      h = (queries[:, -1:] if last_only else queries) + drop(
-        attention(queries, mask, train=train, last_only=last_only, keys=x))
-      h = norm_ffn(h)
+    if self.norm_queries_only and not self.pre_norm:
+      raise ValueError("norm_queries_only=True is a pre-norm layout: set pre_norm=True too")
+    queries = lambda h: h[:, -1:] if last_only else h  # noqa: E731   [B, Lq, d]: the positions computed
+    attend = lambda q, **kv: attention(q, mask, train=train, last_only=last_only, **kv)  # noqa: E731
+    if self.norm_queries_only:
+      normed = norm_attn(x)
+      h = norm_ffn(queries(normed) + drop(attend(normed, keys=x)))
       return h + drop(ffn(h))
     if self.pre_norm:
-      h = residual + drop(attention(norm_attn(x), mask, train=train, last_only=last_only))
+      h = queries(x) + drop(attend(norm_attn(x)))
       return h + drop(ffn(norm_ffn(h)))
-    h = norm_attn(residual + drop(attention(x, mask, train=train, last_only=last_only)))
+    h = norm_attn(queries(x) + drop(attend(x)))
     return norm_ffn(h + drop(ffn(h)))
 
 
