@@ -49,7 +49,10 @@ def _parse(argv):
 
 
 ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
-from recjax.cli import use_all_cpu_cores, with_host_devices  # noqa: E402
+from recjax.launch import malloc_in_use, relaunch_with_fast_malloc, use_all_cpu_cores, with_host_devices  # noqa: E402,E501
+
+if __name__ == "__main__":
+  relaunch_with_fast_malloc()   # the same command under a malloc that keeps XLA's large buffers (recjax.launch)
 
 if ARGS.cpu_devices:   # before jax starts
   os.environ["XLA_FLAGS"] = with_host_devices(os.environ.get("XLA_FLAGS", ""), ARGS.cpu_devices)
@@ -165,7 +168,8 @@ def main() -> None:
   device = jax.devices()[0]
   copy_gb_per_s = copy_bandwidth(args.copy_mb << 20) / 1e9
   print(f"# {device.platform} x{available} ({device.device_kind}), jax {jax.__version__}, dataset {args.dataset}, "
-        f"dtype {args.dtype}, model axis {args.model_parallel}, copy bandwidth {copy_gb_per_s:.1f} GB/s per device")
+        f"dtype {args.dtype}, model axis {args.model_parallel}, copy bandwidth {copy_gb_per_s:.1f} GB/s per device, "
+        f"malloc {malloc_in_use(os.environ)}")
   print(f"{'model':<9} {'dev':>3} {'batch':>6} {'compile s':>9} {'ms/step':>9} {'examples/s':>11} {'speedup':>7} "
         f"{'eval s':>8} {'users/s':>9} {'peak MiB':>9} {'GB/s':>6}")
   for r in rows:
@@ -178,7 +182,8 @@ def main() -> None:
           f"{peak:>9} {bandwidth:>6}")
   with open(args.json, "w") as f:
     json.dump({"device": f"{device.platform}:{device.device_kind}", "device_count": available,
-               "copy_gb_per_s": copy_gb_per_s, "jax": jax.__version__, "host": platform.node(),
+               "copy_gb_per_s": copy_gb_per_s, "malloc": malloc_in_use(os.environ), "jax": jax.__version__,
+               "host": platform.node(),
                "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}, f, indent=2)
 
 

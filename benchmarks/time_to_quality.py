@@ -13,8 +13,10 @@ import json
 import sys
 import time
 
-from recjax.cli import use_all_cpu_cores
+from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores
 
+if __name__ == "__main__":
+  relaunch_with_fast_malloc()   # the same command under a malloc that keeps XLA's large buffers (recjax.launch)
 use_all_cpu_cores()  # before jax starts: one host device per core on CPU
 
 import jax  # noqa: E402

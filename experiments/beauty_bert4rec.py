@@ -31,4 +31,5 @@ CONFIG = {
 
 
 if __name__ == "__main__":
+  common.relaunch_with_fast_malloc()
   common.reproduce(__doc__, "bert4rec", "beauty", CONFIG, PAPER, "BERT4Rec, Beauty, 100 popularity negatives (test)")

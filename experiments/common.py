@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from recjax.cli import use_all_cpu_cores
 from recjax.config import merged
+from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores  # noqa: F401 (scripts call both)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -62,6 +62,7 @@ from recjax.data.datasets import load_dataset, resolve_data_dir
 from recjax.data.interactions import Interactions, user_sequences
 from recjax.errors import DataError, RecjaxError, TrainingError
 from recjax.eval.classification import accuracy, auc, log_loss
+from recjax.launch import relaunch_with_fast_malloc
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
 from recjax.nn.recurrent import RecurrentEncoder
@@ -332,4 +333,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  relaunch_with_fast_malloc()
   main()

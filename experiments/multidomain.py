@@ -138,4 +138,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  common.relaunch_with_fast_malloc()
   main()

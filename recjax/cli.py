@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from recjax.errors import ConfigError, RecjaxError
-
-
-def with_host_devices(flags: str, count: int) -> str:
-  """XLA_FLAGS `flags` with `count` XLA CPU host devices added (read when JAX first makes its CPU client)."""
-  return f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
-def use_all_cpu_cores() -> None:
-  """One XLA host device per core unless the user chose, so a run can split its batch over them
-  (`cpu_devices`, `devices`: attention models gain from it on CPU; GPU/TPU unaffected)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags and "jax" not in sys.modules:
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ["XLA_FLAGS"] = with_host_devices(flags, count)
+from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The `recjax` command (`argv`: its arguments; None reads the command line, and only then may the process
+  re-run itself with a faster malloc, `recjax.launch`)."""
+  if argv is None:
+    relaunch_with_fast_malloc()
   use_all_cpu_cores()
   args = _parser().parse_args(argv)
   try:

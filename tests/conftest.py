@@ -23,8 +23,14 @@ def pytest_configure(config):
   Tests also compile at LLVM -O1 (`--xla_backend_optimization_level=1`, unless XLA_FLAGS names a level): the
   XLA graph passes are the same and LLVM does not reassociate float arithmetic at any level, so values do
   not change (`test_models` checks an init bit for bit against the default level), while compiles, which
-  are much of the suite's time, get cheaper: 4-14% less CPU time on samples of test files, alternated."""
+  are much of the suite's time, get cheaper: 4-14% less CPU time on samples of test files, alternated.
+
+  Workers and subprocesses also start under the malloc the `recjax` command would re-run itself with
+  (`recjax.launch`: tcmalloc when installed), so they run as users' commands do, and faster."""
   global _OWN_CACHE
+  from recjax.launch import fast_malloc_env
+
+  os.environ.update(fast_malloc_env(os.environ))
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in flags:   # read when JAX first makes its CPU client
     os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()

@@ -9,7 +9,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
-from recjax.cli import with_host_devices
+from recjax.launch import with_host_devices
 
 
 def host_devices_env(count: int) -> dict[str, str]:
