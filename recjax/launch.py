@@ -1,12 +1,13 @@
 """Process settings that must be in place before JAX starts: XLA host devices, and a C allocator that keeps
 large buffers mapped.
 
-XLA:CPU allocates every step's outputs and scratch space with malloc. glibc serves blocks over 32 MiB with a
-fresh mmap and unmaps them on free, so each step page-faults through all of its large buffers again: on the
-project's 2-core VM an elementwise op over a 100 MiB array ran at 3.5 GB/s with a new output buffer and 26 GB/s
-in place. tcmalloc keeps freed blocks for reuse; glibc's `glibc.malloc.hugetlb=1` tunable at least faults
-them in 2 MiB pages. Either must be chosen when the process starts, so the command-line entry points re-run
-themselves once with it (`relaunch_with_fast_malloc`); `RECJAX_MALLOC=system` keeps the C library's malloc.
+XLA:CPU allocates every step's outputs and scratch space with malloc. glibc serves each block above its mmap
+threshold (32 MiB at most) with a fresh mmap and unmaps it on free, so each step page-faults through all of
+its large buffers again: on the project's 2-core VM an elementwise op over a 100 MiB array ran at 3.5 GB/s
+with a new output buffer and 26 GB/s in place. tcmalloc keeps freed blocks for reuse; glibc's
+`glibc.malloc.hugetlb=1` tunable at least faults them in 2 MiB pages. Either must be chosen when the
+process starts, so the command-line entry points re-run themselves once with it (`relaunch_with_fast_malloc`);
+`RECJAX_MALLOC=system` keeps the C library's malloc.
 """
 from __future__ import annotations
 
