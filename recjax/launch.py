@@ -92,7 +92,7 @@ def relaunch_with_fast_malloc() -> None:
   adds anything; returns otherwise. For a program's entry point only, before any work: never from library
   code or from a process that is not a plain command (a test worker, a notebook)."""
   added = fast_malloc_env(os.environ)
-  if added:
+  if added and sys.executable and sys.orig_argv:   # an embedded interpreter has no command line to re-run
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), {**os.environ, **added})
