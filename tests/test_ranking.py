@@ -219,11 +219,16 @@ def test_presets_and_validation():
       "random_ratio", (0.8, 0.1, 0.1), True, "mrr@10")
   assert (seq.split, seq.mask_history, seq.max_len) == ("leave_one_out", False, 50)
   assert P.get_protocol("lightgcn").valid_metric == "ndcg@20"
-  assert P.get_protocol("bert4rec-sampled").sampled == 100
+  sampled = P.get_protocol("bert4rec-sampled")
+  assert (sampled.sampled, sampled.valid_metric) == (100, "sampled_ndcg@10")   # selects on the paper's ranking
   with pytest.raises(ConfigError, match="recbole-general"):
     P.get_protocol("recbole")
   with pytest.raises(ConfigError):
     P.Protocol("x", split="leave_one_out", valid_metric="ndcg@20")  # k not computed
+  with pytest.raises(ConfigError, match="sampled_ndcg@10"):   # no sampled ranking to select on
+    P.Protocol("x", split="leave_one_out", valid_metric="sampled_ndcg@10")
+  with pytest.raises(ConfigError, match="sampled_ndcg@20"):
+    P.Protocol("x", split="leave_one_out", valid_metric="sampled_ndcg@20", sampled=100)
   with pytest.raises(ConfigError):
     P.Protocol("x", split="kfold")
 
@@ -244,6 +249,7 @@ def test_a_runs_sampled_evaluation_draws_its_negatives_once(monkeypatch):
   evaluate = experiment.make_evaluator(exp, "valid")
   first, again = evaluate(params), evaluate(params)
   assert first == again and len(draws) == 1
+  assert exp.valid_metric == "sampled_ndcg@10" and exp.valid_metric in first   # what early stopping reads
   data = exp.eval_sets["valid"]
   direct = R.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0], data["exclude"],
                               num_negatives=100, distribution="popularity", ks=exp.protocol.ks,

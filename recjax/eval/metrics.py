@@ -26,6 +26,8 @@ import jax.numpy as jnp
 
 from recjax.errors import ConfigError
 
+SAMPLED_PREFIX = "sampled_"   # keys of metrics over a sampled ranking (recjax.eval.ranking.evaluate_sampled)
+
 Array = jnp.ndarray
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError
 from recjax.eval.classification import BINARY_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS
-from recjax.eval.metrics import check_metrics, parse_metric_key
+from recjax.eval.metrics import SAMPLED_PREFIX, check_metrics, parse_metric_key
 
 SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given", "random_rows", "domain_rows")
 # What is evaluated: a ranking of items per user, or labelled rows (0/1 labels | ratings).
@@ -40,7 +40,7 @@ class Protocol:
     ks, metrics: cut-offs and metric names (recjax.eval.metrics.METRIC_NAMES; for labelled tasks
       names from recjax.eval.classification, without cut-offs).
     valid_metric: the "name@k" (ranking) or "name" (labelled) key used for early stopping and model
-      selection; see `higher_is_better`.
+      selection; see `higher_is_better`. With `sampled`, "sampled_name@k" selects on the sampled ranking.
     sampled: number of sampled negatives, or None for full ranking.
     sampled_distribution: "uniform" or "popularity".
     task: "ranking", or labelled rows: "labeled" (0/1 labels, binary metrics) or "rating" (regression).
@@ -77,7 +77,13 @@ class Protocol:
                           f"got metrics {list(self.metrics)}, valid_metric {self.valid_metric!r}")
       return
     check_metrics(self.metrics, self.ks)
-    name, k = parse_metric_key(self.valid_metric)
+    key = self.valid_metric
+    if self.sampled is not None and key.startswith(SAMPLED_PREFIX):   # a metric of the sampled ranking
+      key = key[len(SAMPLED_PREFIX):]
+    try:
+      name, k = parse_metric_key(key)
+    except ConfigError as err:
+      raise ConfigError(f"protocol {self.name!r}: valid_metric {self.valid_metric!r}: {err}") from None
     if name not in self.metrics or k not in self.ks:
       raise ConfigError(f"protocol {self.name!r}: valid_metric {self.valid_metric!r} is not computed "
                         f"(metrics {list(self.metrics)}, ks {list(self.ks)})")
@@ -92,7 +98,7 @@ PRESETS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("recbole-sequential", split="leave_one_out", mask_history=False, max_len=50),
     Protocol("lightgcn", split="given", mask_history=True, ks=(20,), valid_metric="ndcg@20"),
     Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
-             metrics=("hit", "ndcg", "mrr"), valid_metric="ndcg@10", sampled=100,
+             metrics=("hit", "ndcg", "mrr"), valid_metric="sampled_ndcg@10", sampled=100,
              sampled_distribution="popularity"),
     # Cold start: 20% of the items (at random) never seen in training; the rest split as recbole-sequential.
     Protocol("cold-start", split="leave_one_out", mask_history=False, max_len=50, ks=(10, 20), cold_items=0.2,

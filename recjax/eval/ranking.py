@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recjax.eval.metrics import check_metrics, metric_rows
+from recjax.eval.metrics import SAMPLED_PREFIX, check_metrics, metric_rows
 from recjax.train.mesh import fetch, on_mesh, put_global
 
 Array = jnp.ndarray
@@ -471,4 +471,4 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
   step = make_sampled_eval(score_fn_items, ks, metrics)
   make_args = lambda start, stop: (
       params, _chunk_inputs(inputs, start, stop, chunk), _pad_rows(candidates[start:stop], chunk))
-  return _means(*_run_chunks(step, num_rows, chunk, make_args), ks, metrics, prefix="sampled_")
+  return _means(*_run_chunks(step, num_rows, chunk, make_args), ks, metrics, prefix=SAMPLED_PREFIX)
