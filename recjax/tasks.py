@@ -215,18 +215,23 @@ def max_masked(mask_ratio: float, length: int) -> int:
   return int(min(length, max(1, -(-(mean + 3 * std) // 1))))
 
 
-def cloze_inputs(rng: jax.Array, batch: dict, mask_id: int, mask_ratio: float, last_ratio: float):
+def cloze_inputs(rng: jax.Array, batch: dict, mask_id: int, mask_ratio: float, last_ratio: float,
+                 max_scored: int = 0):
   """The Cloze task of one batch: what the model sees and what it must predict.
+
+  `max_scored`: hidden positions scored per row, M; 0 = `max_masked(mask_ratio, L)`, enough for almost
+  every row. RecBole 1.2.1 scores int(mask_ratio * L) (its `mask_item_length`).
 
   Returns:
     inputs `[B, L]`: `cloze_items(batch)` with the hidden items replaced by `mask_id`;
-    at `[B, M]`: the positions scored (the newest M = `max_masked` hidden ones; others padded);
+    at `[B, M]`: the positions scored (the newest M hidden ones; others padded);
     target `[B, M]`: the item hidden at each; weight `[B, M]` float: 1 where `at` is a hidden item.
   """
   items = cloze_items(batch)  # [B, L]
   length = items.shape[1]
   hidden = cloze_mask(rng, items, mask_ratio, last_ratio)  # [B, L]
-  _, at = jax.lax.top_k(jnp.where(hidden, jnp.arange(1, length + 1), 0), max_masked(mask_ratio, length))
+  scored = min(length, max_scored) if max_scored > 0 else max_masked(mask_ratio, length)
+  _, at = jax.lax.top_k(jnp.where(hidden, jnp.arange(1, length + 1), 0), scored)
   weight = jnp.take_along_axis(hidden, at, axis=1).astype(jnp.float32)
   return jnp.where(hidden, mask_id, items), at, jnp.take_along_axis(items, at, axis=1), weight
 
@@ -237,9 +242,9 @@ def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarra
 
   On device, with the step's rng (`cloze_inputs`): `items = cloze_items(batch) [B, L]`, `hidden =
   cloze_mask(...)` (`model.mask_ratio`, `model.last_ratio`), input = items with hidden ones replaced
-  by `model.mask_id`; `sequence_repr(input) [B, L, d]`. The newest M = `max_masked(p, L)` hidden
-  positions of each row are scored (extra ones stay hidden but unscored, as RecBole keeps its
-  newest int(p L)), each against its own item with loss `loss` ("ce": masked-item softmax over all
+  by `model.mask_id`; `sequence_repr(input) [B, L, d]`. The newest M = `model.max_scored` (by default
+  `max_masked(p, L)`) hidden positions of each row are scored (extra ones stay hidden but unscored, as
+  RecBole keeps its newest int(p L)), each against its own item with loss `loss` ("ce": masked-item softmax over all
   items; sampled losses use `batch["neg"] [B, L, n]`, whole-sequence batches only). Every real item
   of a window can be a target, so `batch["weight"]` is not used (padding rows have no real items).
   """
@@ -247,7 +252,8 @@ def masked_item_loss_fn(model: nn.Module, *, loss: str = "ce", log_q: jnp.ndarra
 
   def loss_fn(params, batch, rng):
     mask_rng, dropout_rng = jax.random.split(rng)
-    inputs, at, target, weight = cloze_inputs(mask_rng, batch, model.mask_id, model.mask_ratio, model.last_ratio)
+    inputs, at, target, weight = cloze_inputs(mask_rng, batch, model.mask_id, model.mask_ratio, model.last_ratio,
+                                              model.max_scored)
     h, table = model.apply(params, inputs, True, method=_sequence_and_items, rngs={"dropout": dropout_rng})
     h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, M, d]
     neg = None

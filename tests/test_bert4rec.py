@@ -37,7 +37,7 @@ def _apply(model, params, x, method):
 def test_defaults_are_recboles():
   assert default_hparams("bert4rec") == dict(
     max_len=50, dim=64, num_blocks=2, num_heads=2, ffn_dim=256, dropout=0.2, attn_dropout=0.2, activation="gelu",
-    layer_norm_eps=1e-12, init_std=0.02, mask_ratio=0.2, last_ratio=0.5)
+    layer_norm_eps=1e-12, init_std=0.02, mask_ratio=0.2, last_ratio=0.5, max_scored=0)
 
 
 def test_mask_token_has_its_own_row_and_is_never_scored():
@@ -110,6 +110,14 @@ def test_cloze_inputs_hide_every_scored_target():
   # each row scores its newest hidden positions, as many as max_masked allows
   assert at.shape[1] == tasks.max_masked(0.3, length)
   assert (scored.sum(1) == np.minimum(hidden.sum(1), at.shape[1])).all()
+  # RecBole's budget: the newest max_scored hidden positions, the same hidden items and inputs
+  small = jax.jit(tasks.cloze_inputs, static_argnums=(2, 3, 4, 5))(_key(3), batch, mask_id, 0.3, 0.25, 9)
+  small_inputs, small_at, _, small_weight = map(np.asarray, small)
+  np.testing.assert_array_equal(small_inputs, inputs)
+  assert small_at.shape[1] == 9 and (small_weight.sum(1) == np.minimum(hidden.sum(1), 9)).all()
+  newest = np.sort(np.where(hidden, np.arange(length), -1), axis=1)[:, -9:]  # each row's 9 newest hidden
+  np.testing.assert_array_equal(np.sort(np.where(small_weight > 0, small_at, -1), axis=1),
+                                np.where(np.arange(9) >= 9 - np.minimum(hidden.sum(1), 9)[:, None], newest, -1))
   # ~25% of rows hide only their newest item; the others hide ~30% of their real items
   only_last = (hidden.sum(1) == 1) & hidden[:, -1]
   assert 0.15 < only_last.mean() < 0.35
