@@ -25,8 +25,8 @@ left-padded (latest at L-1) and positions are counted from the right, as in `rec
 
 Defaults are RecBole 1.2.1's BERT4Rec (`hidden_size=64, inner_size=256, n_layers=2, n_heads=2,
 hidden_dropout_prob=0.2, attn_dropout_prob=0.2, hidden_act="gelu", layer_norm_eps=1e-12,
-initializer_range=0.02, mask_ratio=0.2, ft_ratio=0.5`), except `max_scored` (above); the paper's Beauty setting is
-mask_ratio 0.6, dim 64, 2 blocks, 2 heads, max_len 50.
+initializer_range=0.02, mask_ratio=0.2, ft_ratio=0.5`), except `max_scored` (above); the paper's
+Beauty setting is mask_ratio 0.6, dim 64, 2 blocks, 2 heads, max_len 50.
 """
 from __future__ import annotations
 
