@@ -167,9 +167,10 @@ def main() -> None:
       print(json.dumps(row), file=sys.stderr, flush=True)
   device = jax.devices()[0]
   copy_gb_per_s = copy_bandwidth(args.copy_mb << 20) / 1e9
+  malloc = malloc_in_use(os.environ)
   print(f"# {device.platform} x{available} ({device.device_kind}), jax {jax.__version__}, dataset {args.dataset}, "
         f"dtype {args.dtype}, model axis {args.model_parallel}, copy bandwidth {copy_gb_per_s:.1f} GB/s per device, "
-        f"malloc {malloc_in_use(os.environ)}")
+        f"malloc {malloc}")
   print(f"{'model':<9} {'dev':>3} {'batch':>6} {'compile s':>9} {'ms/step':>9} {'examples/s':>11} {'speedup':>7} "
         f"{'eval s':>8} {'users/s':>9} {'peak MiB':>9} {'GB/s':>6}")
   for r in rows:
@@ -182,9 +183,9 @@ def main() -> None:
           f"{peak:>9} {bandwidth:>6}")
   with open(args.json, "w") as f:
     json.dump({"device": f"{device.platform}:{device.device_kind}", "device_count": available,
-               "copy_gb_per_s": copy_gb_per_s, "malloc": malloc_in_use(os.environ), "jax": jax.__version__,
-               "host": platform.node(),
-               "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}, f, indent=2)
+               "copy_gb_per_s": copy_gb_per_s, "malloc": malloc, "jax": jax.__version__,
+               "host": platform.node(), "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows}, f,
+              indent=2)
 
 
 if __name__ == "__main__":
