@@ -7,9 +7,11 @@ all items. Hyperparameters: the SASRec paper's for Beauty (Kang & McAuley 2018: 
 negative per position, pre-norm blocks). Reference figures and their sources: `PUBLISHED.md`.
 `--authors-code` follows the authors' code (and its PyTorch port) where it departs from the paper's
 text: item embeddings scaled by sqrt(d), only the attention queries normalised, residuals from the
-normalised input, Xavier-normal initialisation, Adam's b2 = 0.98.
+normalised input, Xavier-normal initialisation, Adam's b2 = 0.98. `--bert4rec-code` uses the data as
+the BERT4Rec authors' code prepares it (protocol `bert4rec-code`): each user's second-to-last item is
+trained on instead of held out, and test is evaluated once, after the last epoch.
 
-    python experiments/beauty_sasrec.py --data-dir ../shared/data [--authors-code] [--epochs N] [--set loss=ce ...]
+    python experiments/beauty_sasrec.py --data-dir ../shared/data [--authors-code] [--bert4rec-code] [--epochs N]
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ CONFIG = {
 VARIANTS = {   # flags: each one's overrides on top of CONFIG
     "authors-code": {"adam_b2": 0.98,
                      "model": {"norm_queries_only": True, "embed_scale": True, "weight_init": "xavier_normal"}},
+    # The BERT4Rec authors' data: the valid item trained on, test evaluated once after the last epoch.
+    "bert4rec-code": {"protocol": "bert4rec-code", "eval_every": CONFIG["epochs"]},
 }
 
 

@@ -135,6 +135,8 @@ def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: 
   """`inter` split by the protocol's splitter."""
   if protocol.split == "leave_one_out":
     return splits.leave_one_out(inter)
+  if protocol.split == "leave_last_out":
+    return splits.leave_last_out(inter)
   if protocol.split == "random_ratio":
     return splits.random_ratio(inter, protocol.ratios, seed=seed)
   if protocol.split == "temporal_ratio":
@@ -151,7 +153,9 @@ def split_interactions(inter: Interactions, protocol: protocols.Protocol, seed: 
 def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol,
                    max_len: int) -> dict[str, np.ndarray]:
   """Inputs, positives and masked items of one phase ("valid", "test", or "cold": the held-out items of
-  a cold-start split), computed once per run; histories cut to the latest `max_len` items."""
+  a cold-start split), computed once per run; histories cut to the latest `max_len` items. A sampled
+  protocol also gets "interacted": each user's history items as CSR, never drawn as negatives, whether
+  or not full ranking masks them (the BERT4Rec and SASRec authors' code, RecBole's sampled evaluation)."""
   if phase == "cold":
     users, positives, exclude, history = protocols.cold_targets(split)
   else:
@@ -159,7 +163,10 @@ def build_eval_set(split: splits.Split, phase: str, protocol: protocols.Protocol
   if len(users) == 0:
     raise DataError(split.train.name or "dataset", f"no user has a {phase} interaction; cannot evaluate")
   inputs = samplers.eval_inputs(history, users, max_len)
-  return {"inputs": inputs, "positives": positives, "exclude": exclude}
+  data = {"inputs": inputs, "positives": positives, "exclude": exclude}
+  if protocol.sampled:
+    data["interacted"] = protocols.item_sets(history, users)
+  return data
 
 
 def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: protocols.Protocol,
@@ -213,11 +220,12 @@ def build(config: dict[str, Any]) -> Experiment:
   model = models.create_model(name, num_users=split.train.num_users, num_items=split.train.num_items, **hparams)
   data = build_labeled(config, protocol, split, kind, names)
   if protocol.task == "ranking":
-    phases = ("test",) if protocol.split == "given" and len(split.valid) == 0 else ("valid", "test")
+    phases = ("test",) if len(split.valid) == 0 else ("valid", "test")
     max_len = history_length(model, protocol)
     eval_sets = {phase: build_eval_set(split, phase, protocol, max_len) for phase in phases}
-    # A given split without a valid part (LightGCN's Gowalla): model selection on test, as the LightGCN and
-    # NGCF authors' code does (their published figures are chosen so).
+    # A split without a valid part (LightGCN's Gowalla; `leave_last_out`): model selection on test, as the
+    # LightGCN and NGCF authors' code does (their published figures are chosen so). The BERT4Rec authors'
+    # code evaluates once, after its fixed training steps: `eval_every = epochs` does the same.
     eval_sets.setdefault("valid", eval_sets["test"])
     if split.cold is not None:
       eval_sets["cold"] = build_eval_set(split, "cold", protocol, max_len)
@@ -373,6 +381,13 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
   return run
 
 
+def sampling_counts(split: splits.Split) -> np.ndarray:
+  """int64 `[N]`: each item's interactions in train, valid and test together, the popularity that a
+  sampled protocol draws negatives by (BERT4Rec's code counts the whole sequences, RecBole all parts)."""
+  items = np.concatenate([split.train.item, split.valid.item, split.test.item])
+  return np.bincount(items, minlength=split.train.num_items)
+
+
 def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, float]]:
   """params -> metrics of `phase` under the protocol (full ranking, plus sampled when it asks; or
   labelled rows, see `make_labeled_evaluator`)."""
@@ -395,8 +410,8 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   def sampled_negatives(name: str, data) -> np.ndarray:
     if name not in negatives:
       negatives[name] = ranking.draw_negatives(
-          data["positives"][:, 0], data["exclude"], num_items, protocol.sampled, protocol.sampled_distribution,
-          np.bincount(exp.split.train.item, minlength=num_items), exp.config["seed"])
+          data["positives"][:, 0], data["interacted"], num_items, protocol.sampled, protocol.sampled_distribution,
+          sampling_counts(exp.split), exp.config["seed"])
     return negatives[name]
 
   def evaluate(params, name: str, data) -> dict[str, float]:
@@ -404,7 +419,7 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
                                 num_items=num_items, sharding=sharding, bytes_per_pair=pair_bytes or 0, **options)
     if protocol.sampled:
       out.update(ranking.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0],
-                                          data["exclude"], num_items=num_items, bytes_per_pair=pair_bytes,
+                                          data["interacted"], num_items=num_items, bytes_per_pair=pair_bytes,
                                           negatives=sampled_negatives(name, data), **options))
     return out
 

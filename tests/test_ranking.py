@@ -251,9 +251,66 @@ def test_a_runs_sampled_evaluation_draws_its_negatives_once(monkeypatch):
   assert first == again and len(draws) == 1
   assert exp.valid_metric == "sampled_ndcg@10" and exp.valid_metric in first   # what early stopping reads
   data = exp.eval_sets["valid"]
-  direct = R.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0], data["exclude"],
-                              num_negatives=100, distribution="popularity", ks=exp.protocol.ks,
-                              metrics=exp.protocol.metrics, seed=config["seed"],
-                              item_counts=np.bincount(exp.split.train.item, minlength=exp.split.train.num_items))
+  split = exp.split
+  counts = np.bincount(np.concatenate([split.train.item, split.valid.item, split.test.item]),
+                       minlength=split.train.num_items)
+  direct = R.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0],
+                              data["interacted"], num_negatives=100, distribution="popularity", ks=exp.protocol.ks,
+                              metrics=exp.protocol.metrics, seed=config["seed"], item_counts=counts)
   assert direct == pytest.approx({k: v for k, v in first.items() if k.startswith("sampled_")}, rel=1e-6)
   assert len(draws) == 2
+
+
+def test_sampled_negatives_are_never_history_items_nor_unseen_items():
+  """As in the BERT4Rec and SASRec authors' evaluation: a user's negatives are never items of the history
+  the model reads (train at valid time, train + valid at test time), though full ranking does not mask
+  them under `bert4rec-sampled`; popularity counts every part of the split, so an item seen only in
+  valid or test can be drawn, and one seen nowhere cannot."""
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+
+  config = apply_overrides(default_config("pop"), ["protocol='bert4rec-sampled'"])
+  config.update(dataset="synthetic")
+  exp = experiment.build(config)
+  assert not exp.protocol.mask_history
+  split = exp.split
+  counts = experiment.sampling_counts(split)
+  np.testing.assert_array_equal(counts, np.bincount(np.concatenate([split.train.item, split.valid.item,
+                                                                     split.test.item]), minlength=len(counts)))
+  drawn = []
+  draw = R.draw_negatives
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(R, "draw_negatives", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    for phase in ("valid", "test"):
+      experiment.make_evaluator(exp, phase)(experiment.init_params(exp, jax.random.PRNGKey(0)))
+  for phase, negatives in zip(("valid", "test"), drawn):
+    history = split.train if phase == "valid" else split.train.concat(split.valid)
+    users = np.unique(getattr(split, phase).user)
+    seen = {(u, i) for u, i in zip(history.user.tolist(), history.item.tolist())}
+    hits = sum((u, i) in seen for u, row in zip(users.tolist(), negatives.tolist()) for i in row)
+    assert hits == 0, f"{phase}: {hits} negatives are items of the user's history"
+    assert (counts[negatives] > 0).all()
+
+
+def test_bert4rec_code_protocol_trains_on_the_valid_item_and_evaluates_test():
+  """`bert4rec-code`: no valid part, so the run evaluates (and selects on) test; the test input ends with
+  the item that leave_one_out would have held out for validation, now a training row."""
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+  from recjax.data.splits import leave_one_out
+
+  config = apply_overrides(default_config("pop"), ["protocol='bert4rec-code'"])
+  config.update(dataset="synthetic")
+  exp = experiment.build(config)
+  assert exp.split.name == "leave_last_out" and len(exp.split.valid) == 0
+  assert exp.eval_sets["valid"] is exp.eval_sets["test"]
+  loo = leave_one_out(experiment.preprocess_interactions(experiment.load_dataset("synthetic").interactions,
+                                                         config["preprocess"]))
+  assert len(exp.split.train) == len(loo.train) + len(loo.valid)
+  np.testing.assert_array_equal(exp.split.test.item, loo.test.item)
+  test = exp.eval_sets["test"]
+  held_for_valid = dict(zip(loo.valid.user.tolist(), loo.valid.item.tolist()))
+  last_input = {int(u): int(row[-1]) for u, row in zip(test["inputs"]["user"], test["inputs"]["seq"])}
+  assert len(last_input) == len(exp.split.test) and last_input == {u: held_for_valid[u] for u in last_input}
+  metrics = experiment.make_evaluator(exp, "valid")(experiment.init_params(exp, jax.random.PRNGKey(0)))
+  assert "sampled_ndcg@10" in metrics

@@ -10,6 +10,7 @@ from recjax.data.splits import (
   given,
   global_temporal,
   history_csr,
+  leave_last_out,
   leave_one_out,
   random_ratio,
   ratio_counts,
@@ -127,6 +128,20 @@ def test_leave_one_out_counts():
   for k in range(1, 13):
     expected = [k, 0, 0] if k < 3 else [k - 2, 1, 1]
     assert counts[inter.user_id(f"u{k}")].tolist() == expected
+
+
+def test_leave_last_out_trains_on_the_valid_item():
+  """The BERT4Rec authors' split: the same test rows as leave_one_out, its valid rows moved to train."""
+  inter = staircase()
+  loo, llo = leave_one_out(inter), leave_last_out(inter)
+  assert_partition(llo, inter)
+  assert llo.name == "leave_last_out" and len(llo.valid) == 0
+  np.testing.assert_array_equal(llo.test.user, loo.test.user)
+  np.testing.assert_array_equal(llo.test.item, loo.test.item)
+  trained = lambda s: sorted(zip(s.user.tolist(), s.item.tolist()))
+  assert trained(llo.train) == trained(loo.train.concat(loo.valid))
+  for k in range(1, 13):
+    assert part_counts(llo, inter)[inter.user_id(f"u{k}")].tolist() == ([k, 0, 0] if k < 3 else [k - 1, 0, 1])
 
 
 def test_global_temporal_cuts_by_time():

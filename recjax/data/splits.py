@@ -58,11 +58,23 @@ def leave_one_out(inter: Interactions) -> Split:
   with fewer than 3 interactions keeps them all in train (RecBole would give a 2-interaction user
   a test row and no valid row).
   """
+  return _hold_out_last(inter, with_valid=True)
+
+
+def leave_last_out(inter: Interactions) -> Split:
+  """`leave_one_out` with the second-to-last item trained on, as the BERT4Rec authors' code does ("put
+  validate into train"): per user in time order, last -> test, the rest -> train; valid is empty. The
+  same users (3 or more interactions) get a test row."""
+  return _hold_out_last(inter, with_valid=False)
+
+
+def _hold_out_last(inter: Interactions, with_valid: bool) -> Split:
   order = np.lexsort((_time(inter), inter.user))
   counts = np.bincount(inter.user, minlength=inter.num_users)
   from_end = counts[inter.user[order]] - 1 - _group_rank(inter.user[order], counts)
-  part_sorted = np.where(counts[inter.user[order]] >= 3, np.clip(2 - from_end, 0, 2), 0)
-  return _from_parts(inter, order, part_sorted, "leave_one_out")
+  held_out = np.clip(2 - from_end, 0, 2) if with_valid else np.where(from_end == 0, 2, 0)
+  part_sorted = np.where(counts[inter.user[order]] >= 3, held_out, 0)
+  return _from_parts(inter, order, part_sorted, "leave_one_out" if with_valid else "leave_last_out")
 
 
 def random_ratio(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:

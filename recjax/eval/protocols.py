@@ -21,7 +21,8 @@ from recjax.errors import ConfigError
 from recjax.eval.classification import BINARY_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS
 from recjax.eval.metrics import SAMPLED_PREFIX, check_metrics, parse_metric_key
 
-SPLITS = ("random_ratio", "leave_one_out", "temporal_ratio", "global_temporal", "given", "random_rows", "domain_rows")
+SPLITS = ("random_ratio", "leave_one_out", "leave_last_out", "temporal_ratio", "global_temporal", "given",
+          "random_rows", "domain_rows")
 # What is evaluated: a ranking of items per user, or labelled rows (0/1 labels | ratings).
 TASKS = {"ranking": None, "labeled": BINARY_METRICS, "rating": REGRESSION_METRICS}
 DISTRIBUTIONS = ("uniform", "popularity")
@@ -98,6 +99,11 @@ PRESETS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("recbole-sequential", split="leave_one_out", mask_history=False, max_len=50),
     Protocol("lightgcn", split="given", mask_history=True, ks=(20,), valid_metric="ndcg@20"),
     Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
+             metrics=("hit", "ndcg", "mrr"), valid_metric="sampled_ndcg@10", sampled=100,
+             sampled_distribution="popularity"),
+    # The same ranking on the BERT4Rec authors' code's data: each user's second-to-last item is trained on,
+    # not held out, so there is no valid part (evaluate test once, at the end: `eval_every = epochs`).
+    Protocol("bert4rec-code", split="leave_last_out", mask_history=False, max_len=50, ks=(1, 5, 10),
              metrics=("hit", "ndcg", "mrr"), valid_metric="sampled_ndcg@10", sampled=100,
              sampled_distribution="popularity"),
     # Cold start: 20% of the items (at random) never seen in training; the rest split as recbole-sequential.
