@@ -38,3 +38,18 @@ def test_module_is_identity_when_deterministic_and_uses_the_dropout_stream():
   y1 = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
   y2 = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(4)})
   assert not np.array_equal(np.asarray(y1), np.asarray(y2))
+
+
+def test_masks_under_jaxs_rbg_default_impl():
+  """With JAX's default PRNG set to "rbg" (4-word keys), keys made by `PRNGKey` still give masks: the
+  seeds are drawn from the key's first two words with threefry, whatever the default."""
+  from jax._src import config as jax_config
+
+  with jax_config.default_prng_impl("rbg"):
+    key = jax.random.PRNGKey(3)
+    assert key.shape == (4,)
+    bits = jax.jit(lambda k: hash_bits(k, (8, 5)))(key)
+    typed = hash_bits(jax.random.key(3), (8, 5))
+  assert bits.shape == (8, 5) and len(np.unique(np.asarray(bits))) == 40
+  np.testing.assert_array_equal(hash_bits(jnp.asarray(key)[:2], (8, 5)), bits)   # the first two words decide
+  np.testing.assert_array_equal(typed, bits)

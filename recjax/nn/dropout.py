@@ -34,7 +34,8 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
   """uint32 random bits of `shape` from a PRNG key (raw uint32 or typed)."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  seeds = jax.random.bits(jax.random.wrap_key_data(key.reshape(-1)[:2].astype(jnp.uint32)), (2,), jnp.uint32)
+  seed_key = jax.random.wrap_key_data(key.reshape(-1)[:2].astype(jnp.uint32), impl="threefry2x32")   # any key's impl
+  seeds = jax.random.bits(seed_key, (2,), jnp.uint32)
   index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)   # wraps past 2^32 elements; masks then repeat
   return _fmix32(_fmix32(index * jnp.uint32(0x9E3779B9) + seeds[0]) ^ seeds[1])
 
