@@ -42,7 +42,7 @@ def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.N
   if args.data_dir:
     config["data_dir"] = args.data_dir
   if args.epochs is not None:
-    config["epochs"] = args.epochs
+    config = apply_overrides(config, {"epochs": args.epochs}, source="--epochs")
   out = Path(args.out or f"runs/experiments/{out_name}")
   start = time.perf_counter()
   metrics = train(config, out, resume=getattr(args, "resume", False))

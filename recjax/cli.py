@@ -95,13 +95,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args) -> dict:
-  from recjax.config import build_config
+  from recjax.config import build_config, set_key
 
   config = build_config(args.model, args.config, args.set, dataset=args.dataset)
   for key, value in (("data_dir", args.data_dir), ("protocol", args.protocol),
                      ("epochs", args.epochs), ("seed", args.seed)):
     if value is not None:
-      config[key] = value
+      set_key(config, key, value, source=f"--{key.replace('_', '-')}")
   return config
 
 

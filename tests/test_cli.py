@@ -77,11 +77,23 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "pair_sampling='items'"], "pair_sampling: expected one of ('rows', 'users')"),
     (["train", "bpr", "--set", "cpu_devices=0"], "cpu_devices: expected a positive integer"),
     (["train", "bpr", "--num-processes", "2"], "without a coordinator"),
+    (["train", "bpr", "--set", "eval_every=0"], "eval_every must be a positive count of epochs, got 0"),
+    (["train", "bpr", "--set", "batch_size=0"], "batch_size must be a positive count"),
+    (["train", "bpr", "--set", "learning_rate=-0.001"], "learning_rate must be a rate > 0"),
+    (["train", "bpr", "--set", "patience=-1"], "patience must be a count >= 0"),
+    (["train", "sasrec", "--set", "adam_b2=1.0"], "adam_b2 must be a decay rate in [0, 1)"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
   assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2
   err = capsys.readouterr().err
   assert err.startswith("recjax: error:") and message in err, err
+
+
+def test_the_epochs_flag_is_checked_as_the_config_key(tmp_path, capsys):
+  assert run_cli("train", "bpr", "--epochs", "-1", "--out", tmp_path / "run") == 2
+  err = capsys.readouterr().err
+  assert "--epochs: epochs must be a count >= 0, got -1" in err, err
+  assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, capsys):
@@ -102,6 +114,9 @@ def test_config_overrides_are_checked():
     apply_overrides(config, ["model.name='bpr'"])
   with pytest.raises(ConfigError, match="expects int"):
     apply_overrides(config, ["epochs=2.5"])
+  with pytest.raises(ConfigError, match=r"--epochs: epochs must be a count >= 0, got -1"):
+    apply_overrides(config, {"epochs": -1}, source="--epochs")
+  assert apply_overrides(config, ["epochs=0", "weight_decay=0.0", "adam_b1=0.0"])["epochs"] == 0   # bounds included
 
 
 def test_config_file(tmp_path):
