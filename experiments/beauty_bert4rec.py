@@ -31,7 +31,7 @@ CONFIG = {
 }
 VARIANTS = {   # flags: each one's overrides on top of CONFIG
     # The data as the authors' code prepares it: the valid item trained on, test evaluated once at the end.
-    "bert4rec-code": {"protocol": "bert4rec-code", "eval_every": CONFIG["epochs"]},
+    "bert4rec-code": {"protocol": "bert4rec-code"},
 }
 
 

@@ -37,7 +37,7 @@ VARIANTS = {   # flags: each one's overrides on top of CONFIG
     "authors-code": {"adam_b2": 0.98,
                      "model": {"norm_queries_only": True, "embed_scale": True, "weight_init": "xavier_normal"}},
     # The BERT4Rec authors' data: the valid item trained on, test evaluated once after the last epoch.
-    "bert4rec-code": {"protocol": "bert4rec-code", "eval_every": CONFIG["epochs"]},
+    "bert4rec-code": {"protocol": "bert4rec-code"},
 }
 
 

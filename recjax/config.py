@@ -166,31 +166,22 @@ def set_key(config: dict[str, Any], dotted: str, value: Any, source: str = "--se
   node[leaf] = _checked(dotted, node[leaf], value, source)
 
 
-# Bounds of numeric keys: (lowest allowed, or None; an exclusive upper bound, or None; what that means).
-# Pop's default is 0 epochs (it counts, never trains).
+_COUNT = (lambda v: v >= 0, "a count >= 0")
+_POSITIVE = (lambda v: v >= 1, "a positive count")
+_WEIGHT = (lambda v: v >= 0, "a weight >= 0")
+_DECAY = (lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+# Numeric keys with a valid range: (test, what a valid value is). Pop's default is 0 epochs (it counts, never trains).
 _BOUNDS = {
-    "epochs": (0, None, "a count >= 0"),
-    "batch_size": (1, None, "a positive count"),
-    "eval_every": (1, None, "a positive count of epochs"),
-    "patience": (0, None, "a count >= 0 of evaluations"),
-    "keep_checkpoints": (1, None, "a positive count"),
-    "grad_accum": (1, None, "a positive count"),
-    "eval_budget_mb": (1, None, "a positive size"),
-    "learning_rate": (0.0, None, "a rate > 0"),
-    "weight_decay": (0.0, None, "a weight >= 0"),
-    "l2_weight": (0.0, None, "a weight >= 0"),
-    "adam_b1": (0.0, 1.0, "a decay rate in [0, 1)"),
-    "adam_b2": (0.0, 1.0, "a decay rate in [0, 1)"),
+    "epochs": _COUNT, "patience": _COUNT, "batch_size": _POSITIVE, "eval_every": _POSITIVE,
+    "keep_checkpoints": _POSITIVE, "grad_accum": _POSITIVE, "eval_budget_mb": _POSITIVE,
+    "learning_rate": (lambda v: v > 0, "a rate > 0"), "weight_decay": _WEIGHT, "l2_weight": _WEIGHT,
+    "adam_b1": _DECAY, "adam_b2": _DECAY,
 }
 
 
 def _in_bounds(key: str, value: Any, source: str) -> Any:
-  if key not in _BOUNDS or value is None:
-    return value
-  low, high, meaning = _BOUNDS[key]
-  below = value <= low if key == "learning_rate" else value < low
-  if below or (high is not None and value >= high):
-    raise ConfigError(f"{source}: {key} must be {meaning}, got {value!r}")
+  if key in _BOUNDS and value is not None and not _BOUNDS[key][0](value):
+    raise ConfigError(f"{source}: {key} must be {_BOUNDS[key][1]}, got {value!r}")
   return value
 
 

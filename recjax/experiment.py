@@ -223,9 +223,9 @@ def build(config: dict[str, Any]) -> Experiment:
     phases = ("test",) if len(split.valid) == 0 else ("valid", "test")
     max_len = history_length(model, protocol)
     eval_sets = {phase: build_eval_set(split, phase, protocol, max_len) for phase in phases}
-    # A split without a valid part (LightGCN's Gowalla; `leave_last_out`): model selection on test, as the
-    # LightGCN and NGCF authors' code does (their published figures are chosen so). The BERT4Rec authors'
-    # code evaluates once, after its fixed training steps: `eval_every = epochs` does the same.
+    # A split without a valid part (LightGCN's Gowalla; `leave_last_out`): test stands in for valid. Model
+    # selection is then on test, as the LightGCN and NGCF authors' code does (their published figures are
+    # chosen so), unless the protocol evaluates once (`bert4rec-code`, as the BERT4Rec authors' code).
     eval_sets.setdefault("valid", eval_sets["test"])
     if split.cold is not None:
       eval_sets["cold"] = build_eval_set(split, "cold", protocol, max_len)
@@ -379,6 +379,12 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
                                          tasks=data.tasks, domain=rows.domain, domains=data.domains)
 
   return run
+
+
+def eval_interval(config: dict[str, Any], protocol: protocols.Protocol) -> int:
+  """Epochs between evaluations: the config's `eval_every`, or all of them (only after the last epoch) when
+  the protocol evaluates once."""
+  return config["epochs"] if protocol.evaluate_once else config["eval_every"]
 
 
 def sampling_counts(split: splits.Split) -> np.ndarray:
@@ -659,7 +665,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     state, state_sharding = init_state(exp, optimizer, rng)
     step = make_step(exp, optimizer, state_sharding)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
-                 epochs=config["epochs"], eval_every=config["eval_every"], valid_metric=exp.valid_metric,
+                 epochs=config["epochs"], eval_every=eval_interval(config, exp.protocol), valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,
                  keep=config["keep_checkpoints"], log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run

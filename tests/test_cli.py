@@ -77,7 +77,7 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "pair_sampling='items'"], "pair_sampling: expected one of ('rows', 'users')"),
     (["train", "bpr", "--set", "cpu_devices=0"], "cpu_devices: expected a positive integer"),
     (["train", "bpr", "--num-processes", "2"], "without a coordinator"),
-    (["train", "bpr", "--set", "eval_every=0"], "eval_every must be a positive count of epochs, got 0"),
+    (["train", "bpr", "--set", "eval_every=0"], "eval_every must be a positive count, got 0"),
     (["train", "bpr", "--set", "batch_size=0"], "batch_size must be a positive count"),
     (["train", "bpr", "--set", "learning_rate=-0.001"], "learning_rate must be a rate > 0"),
     (["train", "bpr", "--set", "patience=-1"], "patience must be a count >= 0"),
@@ -87,6 +87,16 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
   assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2
   err = capsys.readouterr().err
   assert err.startswith("recjax: error:") and message in err, err
+
+
+def test_bert4rec_code_evaluates_test_once_after_the_last_epoch(tmp_path):
+  """A protocol that evaluates once ignores `eval_every`: nothing is chosen among epochs on test."""
+  out = tmp_path / "once"
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--protocol", "bert4rec-code", "--epochs", "3",
+                 "--set", "eval_every=1", "--out", out) == 0
+  records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records if "valid" in r] == [2]
+  assert read_metrics(out)["test"] == read_metrics(out)["valid"]
 
 
 def test_the_epochs_flag_is_checked_as_the_config_key(tmp_path, capsys):

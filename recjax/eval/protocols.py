@@ -47,6 +47,8 @@ class Protocol:
     task: "ranking", or labelled rows: "labeled" (0/1 labels, binary metrics) or "rating" (regression).
     cold_items: share of the items held out of training entirely (cold start, `recjax.data.splits.
       hold_out_items`); their interactions form the "cold" phase, ranked over the held-out items only.
+    evaluate_once: evaluate only after the last epoch, whatever `eval_every` says (no early stopping, no
+      choice among epochs): for a split without a valid part whose authors never selected on test.
   """
   name: str
   split: str
@@ -60,6 +62,7 @@ class Protocol:
   sampled_distribution: str = "uniform"
   task: str = "ranking"
   cold_items: float = 0.0
+  evaluate_once: bool = False
 
   def __post_init__(self):
     if not 0 <= self.cold_items < 1 or (self.cold_items and (self.task != "ranking" or self.split == "given")):
@@ -94,18 +97,18 @@ class Protocol:
       raise ConfigError(f"protocol {self.name!r}: sampled_distribution must be one of {DISTRIBUTIONS}")
 
 
+_BERT4REC_SAMPLED = Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
+                             metrics=("hit", "ndcg", "mrr"), valid_metric="sampled_ndcg@10", sampled=100,
+                             sampled_distribution="popularity")
+
 PRESETS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("recbole-general", split="random_ratio", ratios=(0.8, 0.1, 0.1), mask_history=True),
     Protocol("recbole-sequential", split="leave_one_out", mask_history=False, max_len=50),
     Protocol("lightgcn", split="given", mask_history=True, ks=(20,), valid_metric="ndcg@20"),
-    Protocol("bert4rec-sampled", split="leave_one_out", mask_history=False, max_len=50, ks=(1, 5, 10),
-             metrics=("hit", "ndcg", "mrr"), valid_metric="sampled_ndcg@10", sampled=100,
-             sampled_distribution="popularity"),
+    _BERT4REC_SAMPLED,
     # The same ranking on the BERT4Rec authors' code's data: each user's second-to-last item is trained on,
-    # not held out, so there is no valid part (evaluate test once, at the end: `eval_every = epochs`).
-    Protocol("bert4rec-code", split="leave_last_out", mask_history=False, max_len=50, ks=(1, 5, 10),
-             metrics=("hit", "ndcg", "mrr"), valid_metric="sampled_ndcg@10", sampled=100,
-             sampled_distribution="popularity"),
+    # not held out, so there is no valid part; test is evaluated once, after the last epoch, as their code does.
+    dataclasses.replace(_BERT4REC_SAMPLED, name="bert4rec-code", split="leave_last_out", evaluate_once=True),
     # Cold start: 20% of the items (at random) never seen in training; the rest split as recbole-sequential.
     Protocol("cold-start", split="leave_one_out", mask_history=False, max_len=50, ks=(10, 20), cold_items=0.2,
              valid_metric="ndcg@10"),
