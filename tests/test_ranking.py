@@ -179,6 +179,7 @@ def test_sampled_metrics_labels_reference_and_perfect_scorer():
   constant = R.evaluate_sampled(R.gather_scorer(score_rows), jnp.zeros((users, num_items)), inputs, targets,
                                 exclude, num_negatives=15, num_items=num_items, ks=(10,))
   assert constant["sampled_hit@10"] == 0.0                       # ties go against the target
+  np.testing.assert_array_equal(R.sampled_rank(jnp.array([[np.nan, 0.0, 1.0], [1.0, np.nan, 0.0]])), [2, 1])
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -211,6 +212,22 @@ def test_eval_targets_valid_and_test():
   np.testing.assert_array_equal(ex, np.zeros((3, 1)))
   with pytest.raises(ConfigError):
     P.eval_targets(split, "train", mask_history=True)
+
+
+def test_repeated_item_among_positives_is_not_masked():
+  # User 1 consumes item 3 again at test time: RecBole masks used - positives, so 3 stays rankable and
+  # a scorer that puts 3 and 4 on top is perfect (masking 3 capped recall@2 at 0.5).
+  split = types.SimpleNamespace(train=make_inter([(1, 1), (1, 2), (1, 3)]), valid=make_inter([(1, 5)]),
+                                test=make_inter([(1, 3), (1, 4)]))
+  users, pos, ex, _ = P.eval_targets(split, "test", mask_history=True)
+  np.testing.assert_array_equal(pos, [[3, 4]])
+  np.testing.assert_array_equal(ex, [[1, 2, 5]])
+  np.testing.assert_array_equal(P.eval_targets(split, "test", mask_history=True, csr=True)[2][0], [1, 2, 5])
+  scores = np.zeros((5, 8), np.float32)
+  scores[1, [3, 4]] = [2.0, 1.0]
+  got = R.evaluate_full(lambda p, x: p[x["user"]], jnp.asarray(scores), {"user": users}, pos, ex,
+                        ks=(2,), metrics=("recall", "ndcg", "precision"), num_items=8)
+  assert got == {"recall@2": 1.0, "ndcg@2": 1.0, "precision@2": 1.0}
 
 
 def test_presets_and_validation():

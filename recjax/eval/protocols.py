@@ -197,7 +197,9 @@ def eval_targets(split: Any, phase: str, mask_history: bool, csr: bool = False
       both, and CSR keeps host memory linear when a few users have huge histories.
   Returns:
     users [U] (sorted, each with >= 1 positive), positives [U, P] (distinct, 0-padded),
-    exclude [U, H] (the history items, or [U, 1] zeros without masking), history Interactions.
+    exclude [U, H] (the history items that are not among the user's positives, as RecBole's
+    `used - positive`: a repeat of a history item stays rankable; [U, 1] zeros without masking),
+    history Interactions.
   """
   if phase == "valid":
     held_out, history = split.valid, split.train
@@ -208,7 +210,9 @@ def eval_targets(split: Any, phase: str, mask_history: bool, csr: bool = False
   users = np.unique(held_out.user).astype(np.int32)
   positives = padded_item_sets(held_out, users)
   if mask_history:
-    exclude = item_sets(history, users) if csr else padded_item_sets(history, users)
+    pair = lambda inter: inter.user.astype(np.int64) * inter.num_items + inter.item
+    masked = history.subset(~np.isin(pair(history), pair(held_out)))
+    exclude = item_sets(masked, users) if csr else padded_item_sets(masked, users)
   elif csr:
     exclude = np.zeros(0, np.int32), np.zeros(len(users) + 1, np.int64)
   else:

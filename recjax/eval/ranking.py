@@ -122,15 +122,15 @@ def hits_from_topk(topk_ids: Array, positives: Array) -> Array:
 def sampled_rank(scores: Array) -> Array:
   """0-based rank of candidate 0 (the target) among [target, negatives...].
 
-  rank = #{j >= 1 : s_j >= s_0}: ties count against the target (pessimistic), so a constant
-  scorer ranks last rather than first.
+  rank = #{j >= 1 : not s_j < s_0}: ties count against the target (pessimistic), so a constant
+  scorer ranks last rather than first; so does a NaN score, the target's or a negative's.
 
   Args:
     scores: [U, C] with the target's score in column 0.
   Returns:
     [U] int32.
   """
-  return (scores[:, 1:] >= scores[:, :1]).sum(-1).astype(jnp.int32)
+  return (~(scores[:, 1:] < scores[:, :1])).sum(-1).astype(jnp.int32)
 
 
 def gather_scorer(score_fn: ScoreFn) -> ItemScoreFn:
