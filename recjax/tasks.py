@@ -150,12 +150,15 @@ def pairwise_loss_fn(model: nn.Module, *, loss: str = "bpr", l2_weight: float = 
 
 
 def _pair_scoring_loss_fn(model: nn.Module, loss: str) -> LossFn:
-  """Pairwise loss of a `score_items` model: one apply scores each row's positive and negatives."""
+  """Pairwise loss of a `score_items` model: one apply scores each row's positive and negatives; plus
+  `model.penalty()` when the model defines one (as in `pointwise_loss_fn`)."""
 
   def loss_fn(params, batch, rng):
     items = jnp.concatenate([batch["pos"][:, None], batch["neg"]], axis=1)  # [B, 1+n]
-    scores = model.apply(params, batch, items, True, method=_score_items, rngs={"dropout": rng})  # [B, 1+n]
-    return _sampled_loss(loss, scores[:, 0], scores[:, 1:], batch["weight"]), {}
+    scores, penalty = model.apply(params, batch, items, True, method=_score_items_and_penalty,
+                                  rngs={"dropout": rng})  # [B, 1+n], []
+    rec_loss = _sampled_loss(loss, scores[:, 0], scores[:, 1:], batch["weight"])
+    return rec_loss + penalty, {"rec_loss": rec_loss, "penalty": penalty}
 
   return loss_fn
 
@@ -358,10 +361,17 @@ def _logits(module: nn.Module, batch: dict, train: bool):
   return z[:, 0] if z.ndim == 2 and z.shape[1] == 1 else z
 
 
+def _penalty(module: nn.Module) -> jnp.ndarray:
+  """The model's own regulariser (DCN-v2's cross-weight norms; 0 without one)."""
+  return module.penalty() if hasattr(module, "penalty") else jnp.zeros(())
+
+
 def _logits_and_penalty(module: nn.Module, batch: dict, train: bool):
-  """`_logits` and the model's own regulariser (DCN-v2's cross-weight norms; 0 without one)."""
-  penalty = module.penalty() if hasattr(module, "penalty") else jnp.zeros(())
-  return _logits(module, batch, train), penalty
+  return _logits(module, batch, train), _penalty(module)
+
+
+def _score_items_and_penalty(module: nn.Module, batch: dict, items: jnp.ndarray, train: bool):
+  return _score_items(module, batch, items, train), _penalty(module)
 
 
 def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:

@@ -22,7 +22,7 @@ from recjax.data.features import build_feature_tables
 from recjax.data.interactions import Interactions
 from recjax.errors import ConfigError
 from recjax.nn.features import MLP, CrossNetwork, FieldEncoder, fm_interaction
-from recjax.tasks import pointwise_loss_fn
+from recjax.tasks import pairwise_loss_fn, pointwise_loss_fn
 
 SMALL = {"deepfm": dict(dim=4, mlp_dims=(8, 6)), "widedeep": dict(dim=4, mlp_dims=(8, 6)),
          "feature_mlp": dict(dim=4, mlp_dims=(8, 6)), "dcnv2": dict(dim=4, mlp_dims=(8, 6), cross_layers=2),
@@ -183,6 +183,22 @@ def test_feature_tables_as_arguments_equal_the_embedded_tables_and_share_one_pro
   assert not np.array_equal(*(jax.jit(m.apply)(params, rows) for m in (model, other)))
 
 
+def test_multi_value_fields_keep_one_order_whether_the_tables_are_embedded_or_passed():
+  # Two item token_seq fields whose table order is not alphabetical: a dict of tables passed through
+  # jit comes back with sorted keys, so the encoder's column order must not follow the dict's.
+  inter = tiny_interactions()
+  tags = np.empty(5, object)
+  tags[:] = [(), ("x",), ("y", "x"), ("z",), ()]
+  inter = dataclasses.replace(inter, item_features={"tags": tags, **inter.item_features})
+  tables = build_feature_tables(inter)
+  assert [f.name for f in tables.fields if f.kind == "token_seq"] == ["tags", "genres"]
+  model = _model("feature_mlp", tables=tables)
+  params = _random_params(model)
+  rows = {"user": jnp.array([1, 2, 3, 4], jnp.int32), "item": jnp.array([1, 2, 3, 4], jnp.int32)}
+  passed = jax.jit(lambda p, c: model.apply({**p, **c}, rows))(params, models.model_constants(model))
+  np.testing.assert_allclose(model.apply(params, rows), passed, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- models
 
 NAMES = sorted(SMALL)
@@ -246,6 +262,12 @@ def test_dcnv2_penalty_and_structures():
   bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"][:2]).mean()
   np.testing.assert_allclose(parts["data_loss"], bce, rtol=1e-5)
   np.testing.assert_allclose(loss, bce + model.apply(params, method="penalty"), rtol=1e-5)
+  # and so does the pairwise (BPR) loss when it is ranked on pair batches
+  pairs = {"user": jnp.array([1, 2]), "pos": jnp.array([1, 3]), "neg": jnp.array([[2, 4], [1, 2]]),
+           "weight": jnp.array([1.0, 1.0])}
+  loss, parts = jax.jit(pairwise_loss_fn(model, loss="bpr"))(params, pairs, _key(1))
+  np.testing.assert_allclose(loss, parts["rec_loss"] + model.apply(params, method="penalty"), rtol=1e-5)
+  assert parts["penalty"] > 1.0
   assert _random_params(_model("dcnv2_parallel"))["params"]["predict"]["kernel"].shape == (6 * 4 + 6, 1)
   with pytest.raises(ConfigError, match="structure must be one of"):
     _model("dcnv2", structure="sideways")

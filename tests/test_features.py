@@ -66,6 +66,13 @@ def test_tables_of_a_hand_made_dataset():
   assert genres.values.dtype == np.int32 and age.values.dtype == np.float32
 
 
+def test_a_number_no_training_entity_has_is_a_constant_field():
+  inter = tiny_interactions()
+  only_unseen = np.array([np.nan, np.nan, np.nan, np.nan, 1990.0], np.float32)   # u4 never trains
+  age = build_feature_tables(dataclasses.replace(inter, user_features={"age": only_unseen})).field("age")
+  np.testing.assert_array_equal(age.values, np.zeros(5))
+
+
 def test_prefixes_are_configurable():
   tables = build_feature_tables(tiny_interactions(), prefixes={"zip_code": 2})
   assert list(tables.field("zip_code").vocab) == ["[PAD]", "[UNK]", "85", "94", "T8"]

@@ -19,7 +19,8 @@ Rules:
   training user u to id u + 1 when every user trains).
 - An empty multi-valued field pools to the zero vector (its ids are all 0).
 - Numbers: x -> (x - lo) / (hi - lo) with lo, hi the min and max over training entities (RecBole
-  normalises all float fields by min-max); missing (NaN) -> 0; a constant field -> 0.
+  normalises all float fields by min-max); missing (NaN) -> 0; a constant field, or one that no
+  training entity has a number for, -> 0.
 - Zip codes: a field named in `prefixes` keeps its first characters only (default: `zip_code`,
   one character, the US postal region; Canadian codes keep their first letter).
 - `float_seq` features are not supported and left out.
@@ -229,7 +230,7 @@ def _token_seq_field(name: str, side: str, column: np.ndarray, seen: np.ndarray)
 def _float_field(name: str, side: str, column: np.ndarray, seen: np.ndarray) -> Field:
   x = np.asarray(column, np.float64)
   known = x[seen & np.isfinite(x)]
-  lo, hi = (float(known.min()), float(known.max())) if len(known) else (0.0, 1.0)
+  lo, hi = (float(known.min()), float(known.max())) if len(known) else (0.0, 0.0)   # none: as a constant field
   span = hi - lo if hi > lo else 1.0
   values = np.where(np.isfinite(x), (x - lo) / span, 0.0).astype(np.float32)
   if hi <= lo:

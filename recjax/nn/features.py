@@ -136,8 +136,8 @@ class FieldEncoder(nn.Module):
       mask = jnp.asarray(tables["token_mask"])[ids]                         # [..., Ft]
       embeddings.append(self.token_embedding[index] * mask[..., None])
       weights.append(self.token_weight[index, 0] * mask)
-    for name, values in tables["seq"].items():
-      tokens = jnp.asarray(values)[ids]                                     # [..., M]
+    for name in sorted(tables["seq"]):  # by name: jit rebuilds a dict argument with its keys sorted
+      tokens = jnp.asarray(tables["seq"][name])[ids]                        # [..., M]
       mask = (tokens != PAD).astype(jnp.float32)
       total = jnp.einsum("...m,...md->...d", mask, self.seq_embedding[name][tokens])
       count = jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
