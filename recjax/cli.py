@@ -15,6 +15,13 @@ from recjax.errors import ConfigError, RecjaxError
 from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores
 
 
+def _positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (else a usage error, exit 2)."""
+  if not text.strip().isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
   """The `recjax` command (`argv`: its arguments; None reads the command line, and only then may the process
   re-run itself with a faster malloc, `recjax.launch`)."""
@@ -62,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
   recommend = sub.add_parser("recommend", help="top-K items for one user of a trained run")
   recommend.add_argument("--run", required=True)
   recommend.add_argument("--user", required=True, help="raw user id as in the dataset")
-  recommend.add_argument("--k", type=int, default=10)
+  recommend.add_argument("--k", type=_positive_int, default=10, help="how many items (>= 1)")
   recommend.add_argument("--data-dir", default=None)
   recommend.set_defaults(func=cmd_recommend)
 

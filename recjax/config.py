@@ -179,6 +179,18 @@ _BOUNDS = {
 }
 
 
+# Keys whose default is None ("not set"): the type a set value must have.
+_NUMBER = (int, float)
+_SEQUENCE = (list, tuple)
+_TYPES = {
+    "data_dir": str, "valid_metric": str, "loss": str, "training": str, "rating_normalization": str,
+    "window_stride": int, "devices": int, "cpu_devices": int, "preprocess.min_rating": _NUMBER,
+    "text.model": str, "text.fields": _SEQUENCE, "text.cache_dir": str, "domain.rule": str, "domain.only": str,
+    "label_columns": _SEQUENCE, "finetune.from_run": str, "pretrain.gmf_run": str, "pretrain.mlp_run": str,
+}
+_BOUNDS.update({"window_stride": _POSITIVE, "devices": _POSITIVE, "cpu_devices": _POSITIVE})
+
+
 def _in_bounds(key: str, value: Any, source: str) -> Any:
   if key in _BOUNDS and value is not None and not _BOUNDS[key][0](value):
     raise ConfigError(f"{source}: {key} must be {_BOUNDS[key][1]}, got {value!r}")
@@ -190,8 +202,14 @@ def _checked(key: str, default: Any, value: Any, source: str) -> Any:
 
 
 def _typed(key: str, default: Any, value: Any, source: str) -> Any:
-  if default is None or value is None:
+  if value is None:
     return value
+  if default is None:
+    expected = _TYPES.get(key, object)
+    if isinstance(value, expected) and not (isinstance(value, bool) and expected is not object):
+      return value
+    names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+    raise ConfigError(f"{source}: {key} expects {names} (or None), got {value!r}")
   if isinstance(default, bool) or isinstance(value, bool):
     if isinstance(default, bool) and isinstance(value, bool):
       return value
@@ -240,9 +258,16 @@ def load_config_file(path: str) -> dict[str, Any]:
     spec.loader.exec_module(module)
   except FileNotFoundError as e:
     raise ConfigError(f"{path}: config file not found") from e
+  except SyntaxError as e:
+    raise ConfigError(f"{path}:{e.lineno}: syntax error in config file: {e.msg}") from None
+  except Exception as e:   # the file's own code failed: name it, not a traceback of ours
+    raise ConfigError(f"{path}: running the config file raised {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: a config file must define get_config() returning a dict")
-  overrides = module.get_config()
+  try:
+    overrides = module.get_config()
+  except Exception as e:
+    raise ConfigError(f"{path}: get_config() raised {type(e).__name__}: {e}") from e
   if not isinstance(overrides, Mapping):
     raise ConfigError(f"{path}: get_config() must return a dict, got {type(overrides).__name__}")
   return dict(overrides)

@@ -194,6 +194,8 @@ def build(config: dict[str, Any]) -> Experiment:
   _check_choice(config, "pair_sampling", samplers.PAIR_SAMPLING)
   compute_dtype(config)
   protocol = protocols.get_protocol(config["protocol"])
+  if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
+    dataclasses.replace(protocol, valid_metric=config["valid_metric"].replace("/", ":").partition(":")[0])
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
   parts = [getattr(split, part) for part in splits.PARTS]

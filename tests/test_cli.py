@@ -127,6 +127,23 @@ def test_config_overrides_are_checked():
   with pytest.raises(ConfigError, match=r"--epochs: epochs must be a count >= 0, got -1"):
     apply_overrides(config, {"epochs": -1}, source="--epochs")
   assert apply_overrides(config, ["epochs=0", "weight_decay=0.0", "adam_b1=0.0"])["epochs"] == 0   # bounds included
+  # keys whose default is None ("not set") still have a type
+  for override, message in [("preprocess.min_rating='abc'", "preprocess.min_rating expects int or float"),
+                            ("preprocess.min_rating=[1]", "preprocess.min_rating expects int or float"),
+                            ("data_dir=5", "data_dir expects str"), ("window_stride=True", "window_stride expects int"),
+                            ("devices=0", "devices must be a positive count")]:
+    with pytest.raises(ConfigError, match=message):
+      apply_overrides(config, [override])
+  assert apply_overrides(config, ["preprocess.min_rating=4", "text.fields=['movie_title']"])["preprocess"] == {
+      **config["preprocess"], "min_rating": 4}
+
+
+def test_an_unknown_valid_metric_is_refused_before_anything_is_written(tmp_path, capsys):
+  assert run_cli("train", "bpr", "--set", "valid_metric='foo@10'", "--out", tmp_path / "run") == 2
+  assert "valid_metric 'foo@10'" in capsys.readouterr().err
+  assert run_cli("train", "bpr", "--set", "valid_metric='ndcg@20'", "--out", tmp_path / "run") == 2
+  assert "is not computed" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
 
 
 def test_config_file(tmp_path):
@@ -136,6 +153,12 @@ def test_config_file(tmp_path):
   assert config["epochs"] == 5 and config["model"]["dim"] == 16
   path.write_text("def get_config():\n  return {'epoch': 4}\n")
   with pytest.raises(ConfigError, match=f"{path}: unknown config key 'epoch'"):
+    build_config("bpr", str(path))
+  path.write_text("def get_config(:\n  return {}\n")
+  with pytest.raises(ConfigError, match=f"{path}:1: syntax error in config file"):
+    build_config("bpr", str(path))
+  path.write_text("def get_config():\n  return {'epochs': 1 / 0}\n")
+  with pytest.raises(ConfigError, match=f"{path}: get_config\\(\\) raised ZeroDivisionError"):
     build_config("bpr", str(path))
 
 
@@ -180,6 +203,12 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
   rows = lambda out: [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}  # noqa: E731
                       for line in (out / "log.jsonl").read_text().splitlines()]
   assert rows(killed) == rows(whole)
+
+
+def test_recommend_needs_a_positive_k(capsys):
+  with pytest.raises(SystemExit) as info:
+    run_cli("recommend", "--run", "any", "--user", "1", "--k", "0")
+  assert info.value.code == 2 and "--k: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_ml100k_train_recommend_info(data_dir, tmp_path, capsys):

@@ -84,6 +84,11 @@ def test_read_atomic_without_optional_files(tmp_path):
     ("user_id:token\titem_id:token\tx:token\nu\ti\n", 2, "expected 3 fields"),
     ("user_id:token\titem_id:token\trating:float\nu\ti\t4\n\nu\ti\tabc\n", 4, "'abc' is not a number"),
     ("user_id:token\titem_id:token\trating:float\nu\ti\t\n", 2, "missing value"),
+    ("user_id:token\titem_id:token\trating:float\nu\ti\t4\nu\ti\tnan\n", 3, "'nan' is not a number"),
+    ("user_id:token\titem_id:token\trating:float\nu\ti\t4\nu\ti\t1_000\n", 3, "'1_000' is not a number"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ti\t1e400\n", 2, "'1e400' is not a finite number"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ti\t5\nu\ti\tinf\n", 3, "'inf' is not a number"),
+    ("user_id:token\titem_id:token\trating:float\nu\ti\tTrue\nu\ti\tFalse\n", 2, "'True' is not a number"),
     ("user_id:token\titem_id:token\n\ti\n", 2, "'user_id': missing value"),
     ("", 1, "empty"),
     ("user_id:token\titem_id:token\n", 1, "no data lines"),
@@ -114,6 +119,16 @@ def test_read_atomic_bad_item_file(tmp_path, text, line, message):
 def test_read_atomic_missing_inter(tmp_path):
   with pytest.raises(DataError, match="nothing.inter: file not found"):
     readers.read_atomic(tmp_path, "nothing")
+  (tmp_path / "folder.inter").mkdir()
+  with pytest.raises(DataError, match="folder.inter: cannot read"):
+    readers.read_atomic(tmp_path, "folder")
+
+
+def test_read_atomic_feature_ids_are_tokens_whatever_their_declared_type(tmp_path):
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\nu\t10\n")
+  write(tmp_path / "toy.item", "item_id:float\tprice:float\n10\t2.5\n")
+  inter = readers.read_atomic(tmp_path, "toy")
+  assert inter.item_features["price"][inter.item_id("10")] == 2.5
 
 
 # ----------------------------------------------------------------------------- MovieLens raw
@@ -167,9 +182,12 @@ def test_read_movielens_csv(tmp_path):
     ("ml-20m", "ratings.csv", "user,movie,rating,timestamp\n1,2,3,4\n", 1, "expected header"),
     ("ml-32m", "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,x\n", 3, "'x' is not a number"),
     ("ml-1m", "ratings.dat", "", 1, "file is empty"),
+    ("ml-20m", "movies.csv", 'movieId,title,genres\n1,"A (1995)",Drama\n2,B (1996)\n', 3, "expected 3 fields"),
 ])
 def test_read_movielens_errors(tmp_path, variant, file, text, line, message):
   write(tmp_path / file, text)
+  if file == "movies.csv":
+    write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,3,4\n")
   with raises_at(file, line) as info:
     readers.read_movielens(tmp_path, variant)
   assert message in str(info.value)
@@ -199,6 +217,21 @@ def test_read_table_errors(tmp_path):
   assert "'abc' is not a number" in str(info.value)
   with raises_at("log.csv", 3):
     readers.read_table(write(tmp_path / "log.csv", "uid,iid\na,x\n,y\n"), user_col="uid", item_col="iid")
+  for text, line, message in [("uid,iid,stars\na,x,5\nb,y,inf\n", 3, "'inf' is not a number"),
+                              ("uid,iid,uid\na,x,b\n", 1, "header names ['uid'] more than once"),
+                              ("uid,iid,when\na,x,2020-01-01\nb,y,2020-13-45\n", 3,
+                               "'2020-13-45' is not a number or a date")]:
+    with raises_at("log.csv", line) as info:
+      readers.read_table(write(tmp_path / "log.csv", text), user_col="uid", item_col="iid", rating_col="stars"
+                         if "stars" in text else None, timestamp_col="when" if "when" in text else None)
+    assert message in str(info.value)
+
+
+def test_read_table_dates_of_several_formats(tmp_path):
+  path = write(tmp_path / "log.csv", "u,i,t\n1,10,2020-01-01\n2,20,2020-01-02T10:00:00\n"
+               "3,20,2020-01-03 00:00:00+02:00\n")
+  inter = readers.read_table(path, user_col="u", item_col="i", timestamp_col="t")
+  np.testing.assert_array_equal(np.diff(inter.timestamp), [34 * 3600.0, 12 * 3600.0])   # +02:00 is 22:00 UTC
 
 
 def test_read_table_parquet(tmp_path):

@@ -45,6 +45,8 @@ def _read_text(path: Path) -> str:
     raw = path.read_bytes()
   except FileNotFoundError:
     raise DataError(path, "file not found") from None
+  except OSError as exc:   # a directory, no permission, ...
+    raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError:
@@ -52,17 +54,30 @@ def _read_text(path: Path) -> str:
   return text.removeprefix("\ufeff")
 
 
+# A number as the C parser reads one (ASCII digits; Python's float() also takes "nan", "1_000", other scripts' digits).
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+_BOOL_WORD = re.compile(r"(?i)\b(true|false)\b")
+
+
+def _check_number(value: str) -> str | None:
+  """Why one raw number is invalid (not a decimal number, or not finite), or None."""
+  if not _NUMBER.fullmatch(value):
+    return f"{value!r} is not a number"
+  if not np.isfinite(float(value)):
+    return f"{value!r} is not a finite number"
+  return None
+
+
 def _check_value(field: _Field, value: str) -> str | None:
   """Why one raw value is invalid for its field, or None."""
   if value == "":
     return "missing value" if field.required else None
-  try:
-    if field.kind == "float":
-      float(value)
-    elif field.kind == "float_seq":
-      [float(v) for v in value.split()]
-  except ValueError:
-    return f"{value!r} is not a number"
+  if field.kind == "float":
+    return _check_number(value)
+  if field.kind == "float_seq":
+    return f"{value!r} is not a number" if any(map(_check_number, value.split())) else None
   return None
 
 
@@ -108,11 +123,18 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
   except (ValueError, TypeError, pd.errors.ParserError) as exc:
     raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
   ok = df.shape[1] == len(fields)
-  # No row has too many fields (else pandas raised), so equal totals mean every row is complete.
-  ok = ok and (quoted or text.count(sep, start) == (len(fields) - 1) * len(df))
+  # No row has too many fields (else pandas raised), so equal totals mean every row is complete. Quoted
+  # fields may hold the separator, so there each row is counted (quoted files are small: movies.csv).
+  if quoted:
+    ok = ok and all(len(row) == len(fields) for row in csv.reader(io.StringIO(text[start:]), delimiter=sep) if row)
+  else:
+    ok = ok and text.count(sep, start) == (len(fields) - 1) * len(df)
   for i, f in enumerate(fields):
     if ok and f.required:
       ok = not (df[i].isna().any() if f.kind == "float" else (df[i] == "").any())
+    if ok and f.kind == "float":   # "inf", "1e400" are read, and a column of only True/False as 1/0: not data
+      x = df[i].to_numpy(np.float64)
+      ok = not np.isinf(x).any() and not (np.isin(x, (0.0, 1.0)).all() and _BOOL_WORD.search(text, start))
   if not ok:
     raise _locate(path, text, fields, sep, header, quoted, "inconsistent fields")
   try:
@@ -168,8 +190,10 @@ def _atomic_header(path: Path, text: str, inter: bool) -> list[_Field]:
     seen.add(name)
     if inter and name in _INTER_FIELDS:   # the mapped fields are read with their own meaning
       fields.append(_Field(name, _INTER_FIELDS[name], required=True))
+    elif name in ("user_id", "item_id"):  # ids are tokens whatever the declared type, to match the .inter's
+      fields.append(_Field(name, "token", required=True))
     else:
-      fields.append(_Field(name, kind, required=name in ("user_id", "item_id")))
+      fields.append(_Field(name, kind))
   return fields
 
 
@@ -309,8 +333,13 @@ def _table_frame(path: Path, sep: str | None) -> tuple[pd.DataFrame, np.ndarray 
     except ImportError as exc:
       raise DataError(path, f"reading Parquet needs pyarrow or fastparquet ({exc})") from None
   sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+  text = _read_text(path)
+  names = next(csv.reader([text.split("\n", 1)[0].rstrip("\r")], delimiter=sep), [])
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:   # pandas would rename the second one silently
+    raise DataError(path, f"header names {repeated} more than once", line=1)
   try:
-    df = pd.read_csv(io.StringIO(_read_text(path)), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False)
   except pd.errors.EmptyDataError:
     raise DataError(path, "file is empty", line=1) from None
   except pd.errors.ParserError as exc:
@@ -336,13 +365,15 @@ def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: boo
     values = values.dt.tz_localize(None) if values.dt.tz is not None else values
     return (values - pd.Timestamp(0)).dt.total_seconds().to_numpy(np.float64)
   number = pd.to_numeric(values, errors="coerce")
-  bad = number.isna().to_numpy()
+  bad = ~np.isfinite(number.to_numpy(np.float64))   # not a number, or "inf"
   if bad.any() and dates:
-    when = pd.to_datetime(values, errors="coerce", utc=True)
-    if not when.isna().any():
+    when = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")   # each value's own format
+    bad = when.isna().to_numpy()
+    if not bad.any():
       return (when - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
   if bad.any():
-    raise _row_error(path, lines, bad, f"column {values.name!r}: {values[bad].iloc[0]!r} is not a number")
+    what = "a number or a date" if dates else "a number"
+    raise _row_error(path, lines, bad, f"column {values.name!r}: {values[bad].iloc[0]!r} is not {what}")
   return number.to_numpy(np.float64)
 
 
