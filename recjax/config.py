@@ -188,7 +188,7 @@ _TYPES = {
     "text.model": str, "text.fields": _SEQUENCE, "text.cache_dir": str, "domain.rule": str, "domain.only": str,
     "label_columns": _SEQUENCE, "finetune.from_run": str, "pretrain.gmf_run": str, "pretrain.mlp_run": str,
 }
-_BOUNDS.update({"window_stride": _POSITIVE, "devices": _POSITIVE, "cpu_devices": _POSITIVE})
+_BOUNDS.update({key: _POSITIVE for key in ("window_stride", "devices", "cpu_devices", "model_parallel")})
 
 
 def _in_bounds(key: str, value: Any, source: str) -> Any:

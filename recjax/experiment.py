@@ -447,9 +447,7 @@ def default_device_count(config: dict[str, Any]) -> int:
   layers (each step re-encodes every item: data parallelism would repeat that on each device)."""
   if config["text"]["finetune_layers"]:
     return 1
-  wanted = config["cpu_devices"]
-  if wanted is not None and (not isinstance(wanted, int) or wanted < 1):
-    raise ConfigError(f"cpu_devices: expected a positive integer or None, got {wanted!r}")
+  wanted = config["cpu_devices"]   # None or >= 1 (recjax.config)
   if jax.default_backend() == "cpu" and jax.process_count() == 1 and config["model_parallel"] == 1:
     return min(wanted or jax.device_count(), jax.device_count())
   return jax.device_count()

@@ -75,7 +75,7 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "grad_accum=3"], "grad_accum=3 must divide batch_size=2048"),
     (["train", "bpr", "--set", "compute_dtype='float16'"], "compute_dtype"),
     (["train", "bpr", "--set", "pair_sampling='items'"], "pair_sampling: expected one of ('rows', 'users')"),
-    (["train", "bpr", "--set", "cpu_devices=0"], "cpu_devices: expected a positive integer"),
+    (["train", "bpr", "--set", "cpu_devices=0"], "cpu_devices must be a positive count, got 0"),
     (["train", "bpr", "--num-processes", "2"], "without a coordinator"),
     (["train", "bpr", "--set", "eval_every=0"], "eval_every must be a positive count, got 0"),
     (["train", "bpr", "--set", "batch_size=0"], "batch_size must be a positive count"),

@@ -142,6 +142,21 @@ def test_popularity_negatives_follow_counts_and_skip_positives():
     negative_probs(inter, "zipf")
 
 
+def test_popularity_negatives_are_never_items_the_proposal_cannot_give():
+  # "x" holds the popular i1..i3, and "z" is in the vocabulary with no training row (q = 0, log q = -inf):
+  # x's draws are rejected until the uniform fallback, which must still draw only where q > 0, i.e. i4.
+  users = ["x"] * 3 + [f"u{k}" for k in range(999)] + ["w", "w"]
+  items = ["i1", "i2", "i3"] + ["i1"] * 500 + ["i2"] * 300 + ["i3"] * 199 + ["i4", "z"]
+  inter = from_columns(users, items)
+  train = inter.subset(inter.item != inter.item_id("z"))
+  assert negative_probs(train, "popularity")[inter.item_id("z")] == 0
+  neg = NegativeSampler(train, "popularity").sample(np.random.default_rng(0), np.full(200, inter.user_id("x")), 2)
+  assert (neg == inter.item_id("i4")).all()
+  w_only = train.subset(train.user == inter.user_id("w"))    # w holds i4, the only item with q > 0 there
+  with pytest.raises(DataError, match="all 1 items a negative can be"):
+    NegativeSampler(w_only, "popularity")
+
+
 def test_sequence_batches_carry_the_user():
   inter = random_inter(num_users=40, per_user=12)
   items, offsets = user_sequences(inter)
@@ -187,15 +202,18 @@ def test_prefix_mode_on_bigger_data():
 
 
 def naive_windows(seq, L):
-  """(seq, pos, weight) rows of one user: windows of L+1 items every L//2 from the end; a target
-  is weighted in the newest window holding it with >= L//2 context (all in the earliest window)."""
+  """(seq, pos, weight) rows of one user: windows of L+1 items every L//2 from the end, down to the first
+  that ends within the first L items (or whose predecessor would hold no target); a target is weighted in
+  the newest window holding it with >= L//2 context (all in the earliest window)."""
   stride, rows, end = max(1, L // 2), [], len(seq)
   while end >= 2:
     window = seq[max(0, end - L - 1):end]
-    earliest = end - stride < 2
+    earliest = end <= L or end - stride < 2
     targets = list(range(max(1, end - L), end))           # indices in seq of the window's targets
     weight = [1.0 if earliest or t >= end - stride else 0.0 for t in targets]
     rows.append((tuple(left_pad(window[:-1], L)), tuple(left_pad(window[1:], L)), tuple(left_pad(weight, L))))
+    if earliest:
+      break
     end -= stride
   return rows
 
@@ -232,6 +250,23 @@ def test_sequence_mode_scores_every_transition_once():
   targets = sorted(got["pos"][got["weight"] > 0].tolist())
   expected = sorted(np.concatenate([items[a + 1:b] for a, b in zip(offsets[:-1], offsets[1:]) if b - a >= 2]).tolist())
   assert targets == expected
+
+
+@pytest.mark.parametrize("L, stride", [(10, None), (10, 3), (10, 9), (50, None)])
+def test_sequence_windows_are_as_few_as_cover_every_item(L, stride):
+  inter = random_inter(num_users=60, num_items=400, per_user=130, seed=2)
+  items, offsets = user_sequences(inter)
+  counts = np.diff(offsets)
+  sampler = SequenceSampler(inter, max_len=L, batch_size=16, mode="sequence", stride=stride)
+  per_user = np.bincount(sampler.row_user, minlength=len(counts))
+  step = sampler.stride
+  fewest = np.where(counts <= L, 1, 1 + np.ceil((counts - L) / step)).astype(int)   # the earliest ends within L
+  np.testing.assert_array_equal(per_user[counts >= 2], fewest[counts >= 2])
+  got = collect(sampler)
+  tail = np.concatenate([got["seq"][:, 1:], got["pos"][:, -1:]], axis=1)   # window[1:], a masked-item model's input
+  for user in np.flatnonzero(counts >= 2):
+    seen = np.unique(tail[got["user"] == user])
+    assert set(items[offsets[user]:offsets[user + 1]].tolist()) <= set(seen.tolist())   # the first item too
 
 
 def test_sequence_sampler_determinism_and_errors():

@@ -120,14 +120,14 @@ def test_padded_table_shows_the_model_its_real_rows():
 
 
 def test_cpu_devices_must_be_positive():
-  from recjax import experiment
   from recjax.config import apply_overrides, default_config
 
-  for bad in ("0", "-2"):
-    with pytest.raises(ConfigError, match="cpu_devices: expected a positive integer or None, got"):
-      experiment.default_device_count(apply_overrides(default_config("bpr"), [f"cpu_devices={bad}"]))
-  with pytest.raises(ConfigError, match="cpu_devices expects int"):
-    apply_overrides(default_config("bpr"), ["cpu_devices='two'"])
+  for model in ("bpr", "sasrec"):   # default 1, default None
+    for bad in ("0", "-2"):
+      with pytest.raises(ConfigError, match="cpu_devices must be a positive count, got"):
+        apply_overrides(default_config(model), [f"cpu_devices={bad}"])
+    with pytest.raises(ConfigError, match="cpu_devices expects int"):
+      apply_overrides(default_config(model), ["cpu_devices='two'"])
 
 
 def test_mesh_errors_are_clear():

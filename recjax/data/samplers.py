@@ -116,9 +116,10 @@ class SequenceSampler:
     (window[1:], 0 = none), `neg [B, L, n]` (drawn where weight is 1, or with `negatives_for="items"`
     for every real item of window[1:], as masked-item models score any of them; 0 elsewhere),
     `user [B]`, `weight [B, L]`: 1 on the targets
-    no later window scores (its newest `stride` ones; all of them in a user's earliest window), so
-    every training transition is a target exactly once per epoch with at least L - stride items
-    of context (a user with at most L+1 items is one row, as in the paper).
+    no later window scores (its newest `stride` ones; all of them in a user's earliest window, the
+    first to end within the user's first L items), so every training transition is a target exactly
+    once per epoch with at least L - stride items of context, and every item is in some window[1:]
+    (a user with at most L items is one row, as in the paper).
   mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
     i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
     `neg [B, n]`, `user [B]`, `weight [B]`; sum over users of (n_u - 1) rows.
@@ -140,7 +141,12 @@ class SequenceSampler:
       raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
     if mode == "sequence":
       users = np.flatnonzero(counts >= 2)
-      per_user = (counts[users] - 2) // self.stride + 1             # windows with >= 1 target
+      # Windows end at the last item and every `stride` before it, down to the first that ends within the
+      # first L items (its window[0] is padding, so window[1:], what a masked-item model reads, holds the
+      # user's first item), unless that one would hold no target.
+      n = counts[users]
+      per_user = 1 + np.maximum(0, -(-(n - max_len) // self.stride))
+      per_user -= (per_user > 1) & (n - (per_user - 1) * self.stride < 2)
       self.row_user = np.repeat(users, per_user).astype(np.int32)
       back = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
       self.row_end = offsets[self.row_user + 1] - back * self.stride   # exclusive CSR end
@@ -233,14 +239,17 @@ class NegativeSampler:
     self.excluded = np.zeros(train.num_items, bool)
     if exclude_items is not None:
       self.excluded[np.asarray(exclude_items, np.int64)] = True
+    # The items a negative can be: q > 0 (popularity: items with training rows) and not excluded.
+    drawable = (probs > 0) & ~self.excluded
+    self.drawable = np.flatnonzero(drawable).astype(np.int32)
     self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
-    per_user = np.bincount(self.keys // self.num_items, minlength=train.num_users)
-    samplable = self.num_items - 1 - int(self.excluded[1:].sum())
-    full = np.flatnonzero(per_user >= samplable)
+    per_user = np.bincount(self.keys // self.num_items, weights=drawable[self.keys % self.num_items],
+                           minlength=train.num_users)
+    full = np.flatnonzero(per_user >= len(self.drawable))
     if len(full):
-      excluded = " not excluded" if samplable < self.num_items - 1 else ""
       raise DataError(train.name or "train", f"user {int(full[0])} ({train.user_vocab[full[0]]}) has interacted "
-                      f"with all {samplable} items{excluded}: no negative item can be sampled")
+                      f"with all {len(self.drawable)} items a negative can be ({distribution} proposal, exclusions "
+                      "left out): no negative item can be sampled")
 
   def sample(self, rng: np.random.Generator, user: np.ndarray, num: int) -> np.ndarray:
     """`num` negatives for each of `user` (int [m]); int32 [m, num]."""
@@ -249,16 +258,19 @@ class NegativeSampler:
     todo = np.flatnonzero(self.is_positive(flat_user, neg))
     rounds = 0
     while len(todo):                                            # only collisions are redrawn
-      # A user holding nearly all popular items could stall popularity draws: go uniform after 50 rounds.
+      # A user holding nearly all popular items could stall popularity draws: after 50 rounds, draw uniformly
+      # among the items the proposal can give (never one whose q is 0, which log-Q corrections would blow up).
       neg[todo] = self.draw(rng, len(todo), uniform=rounds >= 50)
       todo = todo[self.is_positive(flat_user[todo], neg[todo])]
       rounds += 1
     return neg.reshape(len(user), num)
 
   def draw(self, rng: np.random.Generator, size: int, uniform: bool = False) -> np.ndarray:
-    """int32 [size] items from the proposal (or uniform), positives not yet rejected."""
-    if self.cdf is None or uniform:
+    """int32 [size] items from the proposal (or uniformly from its support), positives not yet rejected."""
+    if self.cdf is None:
       return rng.integers(1, self.num_items, size=size).astype(np.int32)
+    if uniform:
+      return self.drawable[rng.integers(0, len(self.drawable), size=size)]
     at = np.searchsorted(self.cdf, rng.random(size) * self.cdf[-1], side="right")
     return np.clip(at, 1, self.num_items - 1).astype(np.int32)
 
