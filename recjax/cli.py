@@ -112,6 +112,34 @@ def _train_config(args) -> dict:
   return config
 
 
+def _given_keys(args) -> list[str]:
+  """The config keys the command line names: MODEL, --dataset, --protocol, --seed, --set and --config keys."""
+  from recjax.config import flatten, load_config_file
+
+  keys = ["model.name"] + [key for key, flag in (("dataset", args.dataset), ("protocol", args.protocol),
+                                                 ("seed", args.seed)) if flag is not None]
+  keys += [item.partition("=")[0].strip() for item in args.set]
+  return keys + ([key for key, _ in flatten(load_config_file(args.config))] if args.config else [])
+
+
+def _resumed_config(args, config: dict, saved: dict, out: Path) -> dict:
+  """The saved config of the run in `out`, with the flags a resumed run may change: --epochs (the total, to
+  train longer) and --data-dir (the data moved). Any other flag that differs from the saved run is an error."""
+  def value(cfg, dotted):
+    for part in dotted.split("."):
+      cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+  differ = [f"{key} ({value(saved, key)!r} saved, {value(config, key)!r} given)" for key in _given_keys(args)
+            if value(config, key) != value(saved, key)]
+  if differ:
+    raise ConfigError(f"--resume continues the run saved in {out / 'config.json'}; these flags differ from it: "
+                      f"{'; '.join(differ)}. Drop them (only --epochs and --data-dir may change) or choose another "
+                      "--out")
+  return {**saved, **{key: config[key] for key, flag in (("epochs", args.epochs), ("data_dir", args.data_dir))
+                      if flag is not None}}
+
+
 def cmd_train(args) -> int:
   from recjax import experiment
   from recjax.train import distributed
@@ -122,7 +150,7 @@ def cmd_train(args) -> int:
     saved = experiment.saved_config(out)
     if saved is None:
       raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
-    config = saved
+    config = _resumed_config(args, config, saved, out)
   elif (out / "metrics.json").exists() or (out / "checkpoints").exists():
     raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)   # after the checks: a barrier

@@ -229,7 +229,7 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | list[
   """A copy of `config` with overrides applied: a mapping (nested dicts allowed) or `key=value` strings."""
   config = copy.deepcopy(config)
   if isinstance(overrides, Mapping):
-    for key, value in _flatten(overrides):
+    for key, value in flatten(overrides):
       set_key(config, key, value, source)
     return config
   for item in overrides:
@@ -240,10 +240,11 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | list[
   return config
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = ""):
+def flatten(mapping: Mapping[str, Any], prefix: str = ""):
+  """(dotted key, value) of every leaf of a nested mapping (an empty dict is a leaf)."""
   for key, value in mapping.items():
     if isinstance(value, Mapping) and value:
-      yield from _flatten(value, f"{prefix}{key}.")
+      yield from flatten(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
 

@@ -25,12 +25,13 @@ from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
 from recjax.data.interactions import Interactions
-from recjax.errors import ConfigError, DataError
+from recjax.errors import ConfigError, DataError, TrainingError
 from recjax.eval import classification, protocols, ranking
 from recjax.models.multidomain import param_group
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer
 from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
+from recjax.train.logging import json_line
 from recjax.train.mesh import (
   batch_sharding,
   check_divisible,
@@ -315,6 +316,12 @@ def init_params(exp: Experiment, rng: jax.Array):
   return pad_tables(params, exp.mesh, shard_min_bytes(exp.config)) if exp.mesh else params
 
 
+def initial_params(exp: Experiment, rng: jax.Array):
+  """The parameters training starts from: `init_params`, then NeuMF's pretrained towers (`pretrain.*`) and a
+  finished run's parameters (`finetune.from_run`) copied in when the config names them."""
+  return finetune_init(exp, pretrained_init(exp, init_params(exp, rng)))
+
+
 def shard_min_bytes(config: dict[str, Any]) -> int:
   return int(config["shard_tables_mb"] * (1 << 20))
 
@@ -325,7 +332,7 @@ def init_state(exp: Experiment, optimizer, rng: jax.Array):
   alike), the rest replicated, so a table too big for one device is never whole on one."""
   key = jax.random.fold_in(rng, 1)
   if any(pretrain_runs(exp.config).values()) or exp.config["finetune"]["from_run"]:   # restored on the host, placed
-    params = finetune_init(exp, pretrained_init(exp, init_params(exp, rng)))
+    params = initial_params(exp, rng)
     make = lambda: create_train_state(params, optimizer, key)  # noqa: E731
   else:
     make = lambda: create_train_state(init_params(exp, rng), optimizer, key)  # noqa: E731
@@ -535,9 +542,9 @@ def finetune_init(exp: Experiment, params):
 def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
   """Best parameters of a run folder (Pop has none: counted again from the split)."""
   rng = jax.random.PRNGKey(exp.config["seed"])
+  if exp.kind == "popularity" or exp.config["epochs"] == 0:   # nothing trained: what `train` evaluated
+    return initial_params(exp, rng)
   params = init_params(exp, rng)
-  if exp.kind == "popularity" or exp.config["epochs"] == 0:
-    return params
   template = create_train_state(params, run_optimizer(exp, rng), rng)
   with Checkpointer(Path(run_dir) / "checkpoints") as checkpoints:
     restored = checkpoints.restore_best(template)
@@ -631,16 +638,8 @@ def write_json(path: Path, obj: Any) -> None:
   if jax.process_index() != 0:   # a multi-host run writes its files once
     return
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+  tmp.write_text(json_line(obj, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, path)
-
-
-def _json_default(obj):
-  if isinstance(obj, (np.integer, np.floating)):
-    return obj.item()
-  if isinstance(obj, (tuple, np.ndarray)):
-    return list(obj)
-  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, resume: bool = False,
@@ -655,7 +654,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
   if exp.kind == "popularity" or config["epochs"] == 0:
-    params = pretrained_init(exp, init_params(exp, rng))
+    params = initial_params(exp, rng)
     start = time.perf_counter()
     best_params, best_valid, epochs_run, train_s, eval_s = params, valid_eval(params), 0, [], []
     eval_s.append(time.perf_counter() - start)
@@ -670,6 +669,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
                  keep=config["keep_checkpoints"], log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run
     train_s, eval_s = result.train_epoch_s, result.eval_s
+    if best_params is None:
+      raise TrainingError(f"no evaluation gave a finite {exp.valid_metric} (the model diverged?): no epoch to "
+                          f"test; see {out / 'log.jsonl' if out else 'the log'}")
 
   start = time.perf_counter()
   test = test_eval(best_params)

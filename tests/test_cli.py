@@ -116,6 +116,18 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_earlier_checkpoints(tmp_pat
   assert json.loads((out / "config.json").read_text())["learning_rate"] == 1e38
 
 
+def test_a_run_whose_every_evaluation_is_nan_stops_with_a_clear_error(tmp_path, capsys):
+  out = tmp_path / "diverged"
+  code = run_cli("train", "deepfm", "--epochs", "1", "--set", "batch_size=200000", "--set", "learning_rate=1e30",
+                 "--out", out)
+  assert code == 2
+  assert "no evaluation gave a finite auc" in capsys.readouterr().err
+  def strict(constant):
+    raise ValueError(f"non-standard JSON constant {constant}")
+  rows = [json.loads(line, parse_constant=strict) for line in (out / "log.jsonl").read_text().splitlines()]
+  assert rows[-1]["valid"] == {"auc": None, "gauc": None, "logloss": None}   # NaN written as null
+
+
 def test_config_overrides_are_checked():
   config = default_config("sasrec")
   assert apply_overrides(config, ["model.dim=16", "epochs=3"])["model"]["dim"] == 16
@@ -203,6 +215,20 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
   rows = lambda out: [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}  # noqa: E731
                       for line in (out / "log.jsonl").read_text().splitlines()]
   assert rows(killed) == rows(whole)
+
+
+def test_resume_refuses_flags_that_differ_from_the_saved_run_but_may_train_longer(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert run_cli("train", "bpr", "--epochs", "2", "--set", "batch_size=512", "--out", out) == 0
+  capsys.readouterr()
+  for args, message in [(["bpr", "--set", "learning_rate=0.5"], "learning_rate (0.001 saved, 0.5 given)"),
+                        (["sasrec"], "model.name ('bpr' saved, 'sasrec' given)"), (["bpr", "--seed", "3"], "seed")]:
+    assert run_cli("train", *args, "--out", out, "--resume") == 2
+    assert message in capsys.readouterr().err
+  assert read_metrics(out)["epochs_run"] == 2                   # nothing changed by the refusals
+  assert run_cli("train", "bpr", "--set", "batch_size=512", "--epochs", "3", "--out", out, "--resume") == 0
+  assert read_metrics(out)["epochs_run"] == 3
+  assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
 def test_recommend_needs_a_positive_k(capsys):

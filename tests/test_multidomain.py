@@ -54,14 +54,18 @@ def test_run_reports_every_domain_and_task(small_multidomain, tmp_path):
 
 def test_one_model_per_domain_and_frozen_fine_tuning(small_multidomain, tmp_path):
   source = tmp_path / "all"
-  train(_config("mmoe"), source, log=lambda line: None)
+  trained = train(_config("mmoe"), source, log=lambda line: None)
+  # 0 epochs from a finished run: the run's parameters, in train and in a later evaluate alike
+  copied = _config("mmoe", {"epochs": 0, "finetune.from_run": str(source)})
+  assert train(copied, tmp_path / "copy", log=lambda line: None)["test"] == pytest.approx(trained["test"])
+  from recjax.experiment import build, make_evaluator
+  exp = build(copied)
+  assert make_evaluator(exp, "test")(restore_best_params(exp, tmp_path / "copy")) == pytest.approx(trained["test"])
   only = train(_config("domain_mlp", {"domain.only": "d2"}), tmp_path / "d2", log=lambda line: None)
   assert only["domain_sizes"]["d2"] == {"train": 480, "valid": 60, "test": 60}
   assert only["domain_sizes"]["d0"]["test"] == 0 and "auc/d0" not in only["test"]
   tuned = _config("mmoe", {"domain.only": "d3", "finetune.from_run": str(source), "finetune.trainable": "domain"})
   train(tuned, tmp_path / "tuned", log=lambda line: None)
-  from recjax.experiment import build
-
   before = traverse_util.flatten_dict(restore_best_params(build(_config("mmoe")), source)["params"])
   after = traverse_util.flatten_dict(restore_best_params(build(tuned), tmp_path / "tuned")["params"])
   moved = {param_group(path) for path in before if not np.array_equal(before[path], after[path])}

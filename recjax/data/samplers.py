@@ -116,10 +116,12 @@ class SequenceSampler:
     (window[1:], 0 = none), `neg [B, L, n]` (drawn where weight is 1, or with `negatives_for="items"`
     for every real item of window[1:], as masked-item models score any of them; 0 elsewhere),
     `user [B]`, `weight [B, L]`: 1 on the targets
-    no later window scores (its newest `stride` ones; all of them in a user's earliest window, the
-    first to end within the user's first L items), so every training transition is a target exactly
-    once per epoch with at least L - stride items of context, and every item is in some window[1:]
-    (a user with at most L items is one row, as in the paper).
+    no later window scores (its newest `stride` ones; all of them in a user's earliest window, which
+    ends within the user's first stride + 1 items), so every training transition is a target exactly
+    once per epoch with at least L - stride items of context, scored from the window's newest `stride`
+    positions as evaluation scores from the newest (a user with at most stride + 1 items is one row;
+    fewer, longer windows scored SASRec 7-10% lower on ml-100k, `benchmarks/RESULTS.md`); with
+    stride < L every item is in some window[1:], which a masked-item model reads.
   mode "prefix" (RecBole's augmentation, the same rows it trains on): one row per (user, position
     i >= 1): `seq [B, L]` (the up to L items before item i, left-padded), `pos [B]` (item i),
     `neg [B, n]`, `user [B]`, `weight [B]`; sum over users of (n_u - 1) rows.
@@ -141,12 +143,7 @@ class SequenceSampler:
       raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
     if mode == "sequence":
       users = np.flatnonzero(counts >= 2)
-      # Windows end at the last item and every `stride` before it, down to the first that ends within the
-      # first L items (its window[0] is padding, so window[1:], what a masked-item model reads, holds the
-      # user's first item), unless that one would hold no target.
-      n = counts[users]
-      per_user = 1 + np.maximum(0, -(-(n - max_len) // self.stride))
-      per_user -= (per_user > 1) & (n - (per_user - 1) * self.stride < 2)
+      per_user = (counts[users] - 2) // self.stride + 1             # windows with >= 1 target
       self.row_user = np.repeat(users, per_user).astype(np.int32)
       back = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
       self.row_end = offsets[self.row_user + 1] - back * self.stride   # exclusive CSR end

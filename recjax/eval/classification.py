@@ -261,6 +261,9 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
       return regression_metrics(names, out[rows], target[rows])
     report = {}
     for name in names:
+      if name in ("auc", "gauc") and np.isnan(out[rows]).any():   # a diverged model: no order to measure
+        report[name] = float("nan")
+        continue
       try:
         report.update(binary_metrics((name,), out[rows], target[rows], users[rows]))
       except ValueError:   # AUC / GAUC of rows (or of every user's rows) holding one class: undefined

@@ -13,6 +13,7 @@ the same total time).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def _abstract(tree):
 
 
 def _save(manager: ocp.CheckpointManager, epoch: int, state, meta: dict) -> None:
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  # A copy: an asynchronous save serialises `meta` later, after the caller may have changed its dict.
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta)))
   manager.save(epoch, args=args, force=True)
 
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -18,6 +21,20 @@ def _read_rows(path: Path) -> list[dict]:
     except json.JSONDecodeError:
       continue
   return rows
+
+
+def json_line(obj, **kwargs) -> str:
+  """Strict JSON of `obj` (numpy scalars and arrays as numbers and lists) with every non-finite float written
+  as null: a diverged metric reads as "none", and any JSON parser reads the file (Python writes NaN)."""
+  def plain(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+      x = x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+      return None
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+  return json.dumps(plain(obj), allow_nan=False, **kwargs)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -43,11 +60,11 @@ class JsonlLogger:
       rows = _read_rows(self.path)
       if last_epoch is not None:
         rows = [r for r in rows if r.get("epoch", -1) <= last_epoch]
-      _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+      _write_atomic(self.path, "".join(json_line(r) + "\n" for r in rows))
     self._file = open(self.path, "a" if append else "w")
 
   def write(self, row: dict) -> None:
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write(json_line(row) + "\n")
     self._file.flush()
 
   def close(self) -> None:
