@@ -113,7 +113,7 @@ def pairwise_loss_fn(model: nn.Module, *, loss: str = "bpr", l2_weight: float = 
   scores: s_pos = <u, q_pos>, s_neg = <u, q_neg_j>, with rows gathered from `item_repr()` (no
   matmul against every item). With `l2_weight = lambda`, adds
   lambda * weighted_mean_b( (1/2)(||u_b||^2 + ||q_pos_b||^2 + sum_j ||q_neg_bj||^2) )
-  on the rows used by the batch (the usual BPR regulariser). A model with `ego_tables()` (LightGCN)
+  on the rows used by the batch (the usual BPR regulariser). A model with `ego_tables()` (LightGCN, GMF)
   has the term on those tables' rows of the batch's users, positives and negatives instead (the
   LightGCN paper's regulariser, on E^(0)).
 

@@ -151,6 +151,16 @@ def test_ngcf_matches_numpy_forward_and_has_checked_gradients():
   check_param_grads(lambda q: jnp.sum(jnp.sin(jnp.concatenate(model.apply(q, method="ranking_tables")))), params)
 
 
+def test_ngcf_gradients_stay_finite_when_a_row_is_all_zero():
+  # An edgeless node (padding, user 4, item 5) whose whole row message dropout removed, with the biases at
+  # their initial 0, gives an all-zero row to normalise: its gradient must be finite (0), as torch's.
+  model, params = make("ngcf", small_train(), dim=4, hidden_sizes=(2, 2), message_dropout=0.5)
+  loss = jax.jit(jax.grad(lambda p, key: jnp.sum(jnp.concatenate(
+      model.apply(p, True, method="ranking_tables", rngs={"dropout": key})))))
+  for seed in range(20):
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(loss(params, jax.random.key(seed)))), seed
+
+
 def test_ngcf_dropout_only_in_training():
   train = small_train()
   model, params = make("ngcf", train, dim=4, hidden_sizes=(4,), message_dropout=0.5, node_dropout=0.5)

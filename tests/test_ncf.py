@@ -134,6 +134,18 @@ def test_tower_and_pairwise_loss_grads():
       params)
 
 
+def test_gmf_l2_regularises_its_embedding_rows():
+  # With l2_weight, the term is on P and Q's rows of the batch (not [p*w ; b] and [q ; 1]).
+  model, params = make("gmf", seed=5)
+  batch = {"user": jnp.array([1, 2]), "pos": jnp.array([3, 4]), "neg": jnp.array([[5], [6]]),
+           "weight": jnp.array([1.0, 1.0])}
+  _, parts = tasks.pairwise_loss_fn(model, loss="bpr", l2_weight=0.5)(params, batch, _key(0))
+  tables = params["params"]["gmf"]
+  p, q = np.asarray(tables["user"]["embedding"]), np.asarray(tables["item"]["embedding"])
+  rows = [0.5 * (np.sum(p[u] ** 2) + np.sum(q[i] ** 2) + np.sum(q[j] ** 2)) for u, i, j in ((1, 3, 5), (2, 4, 6))]
+  np.testing.assert_allclose(parts["l2"], np.mean(rows), rtol=1e-5)
+
+
 def test_pairwise_loss_scores_positive_and_negatives_through_score_items():
   model, params = make("neumf", seed=4, dropout=0.0)
   users, pos, neg = np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8]), np.array([[9, 10], [11, 12], [1, 2], [3, 4]])

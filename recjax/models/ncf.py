@@ -170,6 +170,11 @@ class GMF(nn.Module):
     bias = jnp.broadcast_to(self.output.bias, (p.shape[0], 1))
     return jnp.concatenate([p * self.output.kernel[:, 0], bias], axis=-1)
 
+  def ego_tables(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The embedding tables P `[U, d]` and Q `[N, d]`: what `l2_weight` regularises (not the output layer
+    folded into `user_repr`, nor the constant 1 of `item_repr`)."""
+    return self.gmf.user.embedding, self.gmf.item.embedding
+
   def item_repr(self) -> jnp.ndarray:
     """[q_i ; 1] `[N, d + 1]` (row 0 = padding)."""
     q = self.gmf.item.embedding

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout, dropout
-from recjax.nn.embedding import embedding_table
+from recjax.nn.embedding import embedding_table, l2_normalize
 from recjax.nn.graph import Graph, GraphTowers, propagate, split_nodes
 
 XAVIER_NORMAL = initializers.variance_scaling(1.0, "fan_avg", "normal")   # torch's xavier_normal_, untruncated
@@ -48,11 +48,6 @@ class BiInteraction(nn.Module):
     side = propagate(self.graph, emb, weight)                          # [U+I, d_in]
     dense = lambda name: nn.Dense(self.features, kernel_init=XAVIER_NORMAL, bias_init=initializers.zeros, name=name)
     return dense("sum")(emb + side) + dense("bi")(side * emb)
-
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(||x||_2, eps) along the last axis (torch's `F.normalize`)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class NGCF(GraphTowers):

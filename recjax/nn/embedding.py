@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
@@ -92,3 +93,9 @@ def embedding_table(
   return Embed(
     num_embeddings=num_embeddings, features=features, embedding_init=init_fn, param_dtype=param_dtype, name=name
   )
+
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize); written with the squared
+  norm so that a zero row (an item without text, an edgeless node) has a finite gradient, not NaN."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))

