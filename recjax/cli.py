@@ -1,4 +1,4 @@
-"""The `recjax` command: train, evaluate, recommend, and data {info, download, export}.
+"""The `recjax` command: train, evaluate, recommend, and data {info, download, export, text}.
 
 Errors from bad input (RecjaxError) print as one line `recjax: error: ...` and exit with status 2.
 """
