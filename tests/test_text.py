@@ -179,6 +179,29 @@ def test_bad_checkpoint_directories_say_what_is_wrong(tmp_path, tiny_checkpoint)
   (tmp_path / "config.json").write_text(json.dumps({**TINY.to_hf(), "position_embedding_type": "relative_key"}))
   with pytest.raises(DataError, match="absolute positions"):
     text.load_text_encoder(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({**TINY.to_hf(), "model_type": "roberta"}))   # other positions
+  with pytest.raises(DataError, match="model_type 'roberta'"):
+    text.load_text_encoder(tmp_path)
+
+
+def test_sentence_transformers_modules_this_encoder_does_not_compute_are_refused(tmp_path, tiny_checkpoint):
+  import shutil
+
+  directory = shutil.copytree(tiny_checkpoint[0], tmp_path / "ckpt")
+  (directory / "1_Pooling").mkdir(exist_ok=True)
+  modules = [{"type": f"sentence_transformers.models.{kind}"} for kind in ("Transformer", "Pooling", "Normalize")]
+  (directory / "modules.json").write_text(json.dumps(modules))
+  pooling = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}
+  (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+  assert text.load_text_encoder(directory).pooling == "mean"
+  (directory / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode_max_tokens": True}))
+  with pytest.raises(DataError, match="pooling modes .*max_tokens.*only mean or \\[CLS\\] pooling, alone"):
+    text.load_text_encoder(directory)
+  (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+  dense = modules[:2] + [{"type": "sentence_transformers.models.Dense"}] + modules[2:]
+  (directory / "modules.json").write_text(json.dumps(dense))
+  with pytest.raises(DataError, match="modules \\['Dense'\\] are not supported"):
+    text.load_text_encoder(directory)
 
 
 # --- the real all-MiniLM-L6-v2 --------------------------------------------------------------------
@@ -247,9 +270,10 @@ def test_item_text_vectors_are_cached_by_checkpoint_and_text(tmp_path, tiny_chec
   monkeypatch.undo()
   titles = item_text.item_text_vectors(inter, str(tiny_checkpoint[0]), ["movie_title"], cache=tmp_path)
   assert titles.path != first.path   # other texts, another entry
-  first.path.write_bytes(b"damaged")
-  np.testing.assert_array_equal(item_text.item_text_vectors(inter, str(tiny_checkpoint[0]), cache=tmp_path).vectors,
-                                first.vectors)
+  for damage in (b"damaged", b""):   # a damaged or empty entry is encoded again
+    first.path.write_bytes(damage)
+    np.testing.assert_array_equal(
+        item_text.item_text_vectors(inter, str(tiny_checkpoint[0]), cache=tmp_path).vectors, first.vectors)
 
 
 # --- text-aware item towers -----------------------------------------------------------------------

@@ -134,6 +134,6 @@ def _load_cached(path: Path, rows: int) -> np.ndarray | None:
     return None
   try:
     vectors = np.load(path)
-  except (ValueError, OSError):   # a damaged entry is encoded again
+  except (ValueError, OSError, EOFError):   # a damaged (or empty) entry is encoded again
     return None
   return vectors if vectors.ndim == 2 and len(vectors) == rows and vectors.dtype == np.float32 else None

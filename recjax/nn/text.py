@@ -67,10 +67,10 @@ class BertConfig:
   @classmethod
   def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> BertConfig:
     """From a Hugging Face `config.json` dict; DataError for an architecture this encoder is not."""
-    if hf.get("model_type", "bert") not in ("bert", "roberta") or hf.get("position_embedding_type",
-                                                                       "absolute") != "absolute":
+    # RoBERTa is refused too: its positions start after the padding id, where this encoder's start at 0.
+    if hf.get("model_type", "bert") != "bert" or hf.get("position_embedding_type", "absolute") != "absolute":
       raise DataError(where, f"model_type {hf.get('model_type')!r} with {hf.get('position_embedding_type')!r} "
-                      "positions: recjax encodes BERT-family models with absolute positions only")
+                      "positions: recjax encodes BERT models with absolute positions only")
     act = hf.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_new", "relu"):
       raise DataError(where, f"hidden_act {act!r} is not supported (gelu, gelu_new, relu)")
@@ -380,12 +380,16 @@ def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
   max_length = _read_json(st_config).get("max_seq_length") if st_config.is_file() else None
   max_length = min(max_length or config.max_positions, config.max_positions)
   pooling = "mean"
-  if pooling_file.is_file():
-    options = _read_json(pooling_file)
-    pooling = "cls" if options.get("pooling_mode_cls_token") else "mean"
-    if not (options.get("pooling_mode_mean_tokens") or options.get("pooling_mode_cls_token")):
-      raise DataError(pooling_file, "only mean or [CLS] pooling is supported")
-  normalize = (not modules.is_file()) or any(m.get("type", "").endswith("Normalize") for m in _read_json(modules))
+  if pooling_file.is_file():   # one mode only: sentence-transformers concatenates several
+    modes = sorted(key for key, on in _read_json(pooling_file).items() if key.startswith("pooling_mode") and on)
+    if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+      raise DataError(pooling_file, f"pooling modes {modes}: only mean or [CLS] pooling, alone, is supported")
+    pooling = "cls" if modes == ["pooling_mode_cls_token"] else "mean"
+  kinds = [m.get("type", "").rpartition(".")[2] for m in _read_json(modules)] if modules.is_file() else []
+  other = [kind for kind in kinds if kind not in ("Transformer", "Pooling", "Normalize")]
+  if other:   # e.g. a Dense projection after the pooling: its output would not be this encoder's
+    raise DataError(modules, f"modules {other} are not supported (only Transformer, Pooling, Normalize)")
+  normalize = not kinds or "Normalize" in kinds
   return TextEncoder(config, params, TextTokenizer.from_file(path / "tokenizer.json", max_length), pooling, normalize,
                      str(path), checkpoint_fingerprint(path))
 
