@@ -46,7 +46,7 @@ def main(argv=None) -> None:
   step = experiment.make_step(exp, optimizer, sharding)
   test = experiment.make_evaluator(exp, "test")
   batches = experiment.device_batches(exp, sampler)
-  path = []
+  path, reached = [], False
   for epoch in range(args.max_epochs):
     for batch in batches(epoch):
       state, _ = step(state, batch)
@@ -54,12 +54,13 @@ def main(argv=None) -> None:
     path.append(round(value, 4))
     elapsed = time.perf_counter() - start
     print(f"epoch {epoch}: {args.metric} {value:.4f} at {elapsed:.1f}s", file=sys.stderr, flush=True)
-    if value >= args.target:
+    reached = value >= args.target   # on the value itself, not the rounded one in `path`
+    if reached:
       break
   seconds = time.perf_counter() - start
   print(json.dumps({"model": args.model, "dataset": args.dataset, "target": args.target, "metric": args.metric,
-                    "reached": path[-1] >= args.target, "seconds": round(seconds, 2), "epochs": len(path),
-                    "devices": jax.device_count(), "path": path}))
+                    "reached": reached, "seconds": round(seconds, 2), "epochs": len(path),
+                    "devices": exp.mesh.size if exp.mesh else 1, "path": path}))   # the devices it trained on
 
 
 if __name__ == "__main__":
