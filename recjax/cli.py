@@ -88,7 +88,13 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--protocol", default="recbole-general")
   export.add_argument("--seed", type=int, default=2020)
   export.add_argument("--data-dir", default=None)
-  export.add_argument("--out", required=True, help="folder to write NAME/NAME.{train,valid,test}.inter into")
+  export.add_argument("--out", required=True, help="folder to write AS/AS.{train,valid,test}.inter into")
+  export.add_argument("--as", dest="recbole_name", default=None,
+                      help="the dataset name RecBole sees (default NAME; required for ml-100k, which RecBole "
+                           "replaces with its bundled copy)")
+  export.add_argument("--format", choices=("plain", "sequence"), default=None,
+                      help="plain rows, or (history -> next item) rows for sequential models (default: sequence "
+                           "for leave-one-out protocols)")
   export.set_defaults(func=cmd_data_export)
   text = data_sub.add_parser("text", help="encode the items' texts with a BERT-family checkpoint (cached)")
   text.add_argument("name")
@@ -230,12 +236,20 @@ def cmd_data_export(args) -> int:
   from recjax.config import default_config
   from recjax.data.export import export_recbole_split
 
+  name = args.recbole_name or args.name
+  if name in _RECBOLE_BUNDLED:
+    raise ConfigError(f"data export: RecBole reads its own bundled {name} whatever --data-path says; "
+                      f"pass --as with another name (e.g. --as {name}-split)")
   config = default_config("bpr")
   config.update(dataset=args.name, data_dir=args.data_dir, protocol=args.protocol, seed=args.seed)
   exp = experiment.build(config)
-  for path in export_recbole_split(exp.split, Path(args.out), args.name):
+  fmt = args.format or ("sequence" if exp.protocol.split in ("leave_one_out", "leave_last_out") else "plain")
+  for path in export_recbole_split(exp.split, Path(args.out), name, fmt, exp.protocol.max_len):
     print(path)
   return 0
+
+
+_RECBOLE_BUNDLED = ("ml-100k",)   # RecBole 1.2.1's configurator points data_path at its own copy of these
 
 
 def cmd_data_text(args) -> int:

@@ -263,10 +263,17 @@ def test_ml100k_sasrec_prefix_training_runs(data_dir, tmp_path):
 
 
 def test_export_writes_the_identical_split(data_dir, tmp_path, capsys):
-  assert run_cli("data", "export", "ml-100k", "--data-dir", data_dir, "--out", tmp_path) == 0
-  counts = {part: len((tmp_path / "ml-100k" / f"ml-100k.{part}.inter").read_text().splitlines()) - 1
-            for part in ("train", "valid", "test")}
+  assert run_cli("data", "export", "ml-100k", "--data-dir", data_dir, "--out", tmp_path) == 2   # RecBole's own name
+  assert "pass --as" in capsys.readouterr().err
+  assert run_cli("data", "export", "ml-100k", "--as", "mlsplit", "--data-dir", data_dir, "--out", tmp_path) == 0
+  read = lambda name, part: (tmp_path / name / f"{name}.{part}.inter").read_text().splitlines()  # noqa: E731
+  counts = {part: len(read("mlsplit", part)) - 1 for part in ("train", "valid", "test")}
   assert sum(counts.values()) == 100000 and counts["train"] == 80808
+  # sequential protocols: (history -> next item) rows, RecBole's 97,171 training prefixes of ml-100k
+  assert run_cli("data", "export", "ml-100k", "--as", "mlseq", "--protocol", "recbole-sequential",
+                 "--data-dir", data_dir, "--out", tmp_path) == 0
+  assert read("mlseq", "train")[0] == "user_id:token\titem_id_list:token_seq\titem_id:token"
+  assert [len(read("mlseq", part)) - 1 for part in ("train", "valid", "test")] == [97171, 943, 943]
 
 
 def test_evaluate_on_two_host_devices(tmp_path):

@@ -122,6 +122,19 @@ def test_leave_one_out_latest_by_time_with_stable_ties():
   assert split.name == "leave_one_out"
 
 
+def test_sequence_export_rows_follow_the_split():
+  from recjax.data.export import sequence_frames
+
+  inter = from_columns(["a", "a", "a", "a", "b", "b", "c", "c", "c"],
+                       ["i1", "i2", "i3", "i4", "i1", "i2", "i5", "i6", "i7"],
+                       timestamp=[3, 1, 2, 2, 5, 6, 1, 1, 1])
+  frames = sequence_frames(leave_one_out(inter), max_len=2)
+  rows = {part: sorted(map(tuple, frame.to_numpy().tolist())) for part, frame in frames.items()}
+  assert rows["train"] == [("a", "i2", "i3"), ("b", "i1", "i2")]
+  assert rows["valid"] == [("a", "i2 i3", "i4"), ("c", "i5", "i6")]          # history: the train items
+  assert rows["test"] == [("a", "i3 i4", "i1"), ("c", "i5 i6", "i7")]         # train + valid, the last max_len
+
+
 def test_leave_one_out_counts():
   inter = staircase()
   counts = part_counts(leave_one_out(inter), inter)

@@ -1,7 +1,17 @@
 """Write a Split as RecBole benchmark files so the peer trains and tests on the identical split.
 
 RecBole reads them with `--set "benchmark_filename=['train','valid','test']"` and
-`--data-path OUT` for dataset NAME: `OUT/NAME/NAME.{train,valid,test}.inter`.
+`--data-path OUT` for dataset NAME: `OUT/NAME/NAME.{train,valid,test}.inter`. RecBole 1.2.1 replaces the
+data path of a dataset it bundles (ml-100k) with its own copy, so such a split is written under another name.
+
+Two formats:
+- "plain" (general and context-aware models): the part's rows, `user_id`, `item_id`, `rating`, `timestamp`.
+- "sequence" (sequential models): with benchmark files RecBole's SequentialDataset builds no histories, it
+  reads them: one row per (history -> next item), `user_id:token`, `item_id_list:token_seq` (the up to
+  `max_len` earlier items, oldest first), `item_id:token`. Train rows are the prefixes inside train; a valid
+  row's history is the user's train items, a test row's train + valid, as recjax's leave-one-out evaluates.
+  RecBole then needs `--set "load_col={'inter': ['user_id', 'item_id', 'item_id_list']}"
+  --set "alias_of_item_id=['item_id_list']"`.
 """
 from __future__ import annotations
 
@@ -24,15 +34,41 @@ def interactions_frame(inter: Interactions) -> pd.DataFrame:
   return pd.DataFrame(frame)
 
 
-def export_recbole_split(split: Split, out_dir: Path, name: str) -> list[Path]:
-  """Write `out_dir/name/name.{train,valid,test}.inter`; returns the paths written."""
+FORMATS = ("plain", "sequence")
+PARTS = ("train", "valid", "test")
+
+
+def sequence_frames(split: Split, max_len: int) -> dict[str, pd.DataFrame]:
+  """Per part, the (history -> next item) rows RecBole's sequential models read from benchmark files."""
+  parts = [getattr(split, part) for part in PARTS]
+  whole = parts[0].concat(parts[1]).concat(parts[2])
+  part = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+  time = whole.timestamp if whole.timestamp is not None else np.arange(len(whole), dtype=float)
+  order = np.lexsort((np.arange(len(whole)), part, time, whole.user))      # by user, time, part, file order
+  user, item, part = whole.user[order], whole.item[order], part[order]
+  first = np.r_[True, user[1:] != user[:-1]]                                # a user's first item: no history
+  start = np.maximum.accumulate(np.where(first, np.arange(len(user)), 0))   # where each row's user begins
+  rows = np.flatnonzero(~first)
+  tokens = whole.item_vocab
+  history = np.array([" ".join(tokens[item[max(start[k], k - max_len):k]]) for k in rows], dtype=object)
+  frame = pd.DataFrame({"user_id:token": whole.user_vocab[user[rows]], "item_id_list:token_seq": history,
+                        "item_id:token": tokens[item[rows]]})
+  return {name: frame[part[rows] == index].reset_index(drop=True) for index, name in enumerate(PARTS)}
+
+
+def export_recbole_split(split: Split, out_dir: Path, name: str, fmt: str = "plain", max_len: int = 50) -> list[Path]:
+  """Write `out_dir/name/name.{train,valid,test}.inter` in format `fmt`; returns the paths written."""
+  if fmt not in FORMATS:
+    raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
   folder = Path(out_dir) / name
   folder.mkdir(parents=True, exist_ok=True)
+  frames = sequence_frames(split, max_len) if fmt == "sequence" else {
+      part: interactions_frame(getattr(split, part)) for part in PARTS}
   paths = []
-  for part in ("train", "valid", "test"):
+  for part in PARTS:
     path = folder / f"{name}.{part}.inter"
     tmp = path.with_suffix(".tmp")
-    interactions_frame(getattr(split, part)).to_csv(tmp, sep="\t", index=False)
+    frames[part].to_csv(tmp, sep="\t", index=False)
     tmp.replace(path)
     paths.append(path)
   return paths

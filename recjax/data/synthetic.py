@@ -91,15 +91,18 @@ def make_synthetic(num_users: int = 1000, num_items: int = 500, dim: int = 8, me
   Args:
     num_users, num_items: real users / items (tables get one more row, for padding).
     dim: latent dimension.
-    mean_length: mean interactions per user (at least 5 each, at most num_items).
+    mean_length: mean interactions per user (each user has at least min(5, mean_length) and never fewer
+      than 3, so leave-one-out gives everyone a valid and a test item; at most num_items).
     markov_weight: weight of the successor transition in the next-item mixture.
     seed: the same seed gives the same data.
   Returns:
     Interactions with timestamps (float64 seconds) and ratings (float32 in 1..5), rows in time order.
   """
+  if num_items < 3:
+    raise ValueError(f"make_synthetic needs at least 3 items (a train, a valid and a test one), got {num_items}")
   truth = planted_structure(num_users, num_items, dim, seed=seed)
   rng = np.random.default_rng([seed, 1])
-  low = max(2, min(5, mean_length))
+  low = max(3, min(5, mean_length))
   lengths = np.minimum(low + rng.poisson(max(mean_length - low, 0), num_users), num_items)
   users = np.argsort(-lengths, kind="stable") + 1                # longest first: active users are a prefix
   lengths = lengths[users - 1]
