@@ -116,7 +116,7 @@ def bench(name: str, args, devices: int) -> dict:
   config = _config(name, args, devices)
   exp = experiment.build(config)
   sampler = experiment.make_sampler(exp)
-  optimizer = experiment.make_optimizer(config)
+  optimizer = experiment.make_optimizer(config, sampler.num_batches)
   state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
   step = experiment.make_step(exp, optimizer, sharding)
   batches, epoch, to_device = [], 0, experiment.device_batches(exp, sampler)

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
   config.update(dataset=args.dataset, data_dir=args.data_dir)
   exp = experiment.build(config)
   sampler = experiment.make_sampler(exp)
-  optimizer = experiment.make_optimizer(config)
+  optimizer = experiment.make_optimizer(config, sampler.num_batches)
   state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
   step = experiment.make_step(exp, optimizer, sharding)
   test = experiment.make_evaluator(exp, "test")

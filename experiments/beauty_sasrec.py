@@ -7,7 +7,11 @@ all items. Hyperparameters: the SASRec paper's for Beauty (Kang & McAuley 2018: 
 negative per position, pre-norm blocks). Reference figures and their sources: `PUBLISHED.md`.
 `--authors-code` follows the authors' code (and its PyTorch port) where it departs from the paper's
 text: item embeddings scaled by sqrt(d), only the attention queries normalised, residuals from the
-normalised input, Xavier-normal initialisation, Adam's b2 = 0.98. `--bert4rec-code` uses the data as
+normalised input, Xavier-normal initialisation, Adam's b2 = 0.98. Not reproduced there: the authors'
+attention has no output projection and drops out only its weights, their feed-forward drops out after the
+inner ReLU too, and their TensorFlow code draws Glorot-uniform weights. Runs stop after 10 evaluations
+without gain (the authors' code trains a fixed 201 epochs), except with `--bert4rec-code`, which trains all
+200 epochs. `--bert4rec-code` uses the data as
 the BERT4Rec authors' code prepares it (protocol `bert4rec-code`): each user's second-to-last item is
 trained on instead of held out, and test is evaluated once, after the last epoch.
 

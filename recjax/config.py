@@ -27,6 +27,11 @@ BASE = {
     "weight_decay": 0.0,
     "adam_b1": 0.9,               # Adam's moment decay rates (adam, optax_adam, adamw; the SASRec authors use b2 0.98)
     "adam_b2": 0.999,
+    "adam_eps": 1e-8,             # Adam's epsilon (BERT's optimizer: 1e-6)
+    "lr_warmup_steps": 0,         # linear warm-up of the learning rate from 0 over this many optimizer steps
+    "lr_decay": "constant",       # constant | linear (to 0 at the last step of `epochs`; BERT's schedule)
+    "grad_clip_norm": None,       # clip the gradient to this global L2 norm (BERT's optimizer: 1.0; BERT4Rec's: 5.0)
+    "decay_biases_and_norms": True,  # weight decay on biases and normalisation scales too (BERT's optimizer: False)
     "loss": "bpr",
     "l2_weight": 0.0,
     "num_negatives": 1,
@@ -175,7 +180,8 @@ _BOUNDS = {
     "epochs": _COUNT, "patience": _COUNT, "batch_size": _POSITIVE, "eval_every": _POSITIVE,
     "keep_checkpoints": _POSITIVE, "grad_accum": _POSITIVE, "eval_budget_mb": _POSITIVE,
     "learning_rate": (lambda v: v > 0, "a rate > 0"), "weight_decay": _WEIGHT, "l2_weight": _WEIGHT,
-    "adam_b1": _DECAY, "adam_b2": _DECAY,
+    "adam_b1": _DECAY, "adam_b2": _DECAY, "adam_eps": (lambda v: v > 0, "a number > 0"), "lr_warmup_steps": _COUNT,
+    "grad_clip_norm": (lambda v: v > 0, "a norm > 0"),
 }
 
 
@@ -187,6 +193,7 @@ _TYPES = {
     "window_stride": int, "devices": int, "cpu_devices": int, "preprocess.min_rating": _NUMBER,
     "text.model": str, "text.fields": _SEQUENCE, "text.cache_dir": str, "domain.rule": str, "domain.only": str,
     "label_columns": _SEQUENCE, "finetune.from_run": str, "pretrain.gmf_run": str, "pretrain.mlp_run": str,
+    "grad_clip_norm": _NUMBER,
 }
 _BOUNDS.update({key: _POSITIVE for key in ("window_stride", "devices", "cpu_devices", "model_parallel")})
 

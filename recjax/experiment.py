@@ -29,7 +29,7 @@ from recjax.errors import ConfigError, DataError, TrainingError
 from recjax.eval import classification, protocols, ranking
 from recjax.models.multidomain import param_group
 from recjax.nn.graph import normalized_adjacency
-from recjax.optim import create_optimizer
+from recjax.optim import create_optimizer, no_decay_on_biases_and_norms, warmup_linear_decay
 from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
 from recjax.train.logging import json_line
 from recjax.train.mesh import (
@@ -500,14 +500,33 @@ def compute_dtype(config: dict[str, Any]):
   return dtypes[config["compute_dtype"]]
 
 
-def make_optimizer(config: dict[str, Any]):
-  return create_optimizer(config["optimizer"], config["learning_rate"], weight_decay=config["weight_decay"],
-                          b1=config["adam_b1"], b2=config["adam_b2"])
+LR_DECAYS = ("constant", "linear")
 
 
-def run_optimizer(exp: Experiment, rng: jax.Array):
+def learning_rate(config: dict[str, Any], steps_per_epoch: int):
+  """The config's learning rate: a float, or with `lr_warmup_steps` / `lr_decay="linear"` a schedule over
+  the run's `epochs * steps_per_epoch` optimizer steps (`recjax.optim.warmup_linear_decay`)."""
+  decay, warmup = config["lr_decay"], config["lr_warmup_steps"]
+  if decay not in LR_DECAYS:
+    raise ConfigError(f"lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+  if decay == "constant" and not warmup:
+    return config["learning_rate"]
+  total = max(1, config["epochs"] * steps_per_epoch) if decay == "linear" else None
+  return warmup_linear_decay(config["learning_rate"], warmup, total)
+
+
+def make_optimizer(config: dict[str, Any], steps_per_epoch: int = 1):
+  """The config's optimizer; `steps_per_epoch` sizes a decaying schedule (it changes no state shape, so a
+  template for restoring may leave it at 1)."""
+  mask = None if config["decay_biases_and_norms"] else no_decay_on_biases_and_norms
+  return create_optimizer(config["optimizer"], learning_rate(config, steps_per_epoch),
+                          weight_decay=config["weight_decay"], b1=config["adam_b1"], b2=config["adam_b2"],
+                          eps=config["adam_eps"], decay_mask=mask, clip_norm=config["grad_clip_norm"])
+
+
+def run_optimizer(exp: Experiment, rng: jax.Array, steps_per_epoch: int = 1):
   """The config's optimizer, restricted to `finetune.trainable` of the model's parameters (`recjax.train.adapt`)."""
-  optimizer = make_optimizer(exp.config)
+  optimizer = make_optimizer(exp.config, steps_per_epoch)
   trainable = exp.config["finetune"]["trainable"]
   if trainable == "all":
     return optimizer
@@ -660,7 +679,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     eval_s.append(time.perf_counter() - start)
   else:
     sampler = make_sampler(exp)
-    optimizer = run_optimizer(exp, rng)
+    optimizer = run_optimizer(exp, rng, sampler.num_batches)
     state, state_sharding = init_state(exp, optimizer, rng)
     step = make_step(exp, optimizer, state_sharding)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,

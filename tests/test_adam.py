@@ -11,7 +11,14 @@ from testutil import rbg_key as _key
 from recjax import tasks
 from recjax.errors import ConfigError
 from recjax.models import BPRMF, SASRec, init_params
-from recjax.optim import OPTIMIZERS, AdamState, adam, create_optimizer
+from recjax.optim import (
+    OPTIMIZERS,
+    AdamState,
+    adam,
+    create_optimizer,
+    no_decay_on_biases_and_norms,
+    warmup_linear_decay,
+)
 
 STEPS = 100
 USER_ONLY = {"params": {"user_embedding": True, "item_embedding": False}}  # a weight-decay mask
@@ -164,3 +171,33 @@ def test_create_optimizer():
   _assert_trees_close(run(create_optimizer("sgd", 0.1)), run(optax.sgd(0.1)))
   with pytest.raises(ConfigError, match="unknown optimizer"):
     create_optimizer("adagrad", 0.1)
+
+
+def test_bert_style_schedule_clipping_eps_and_decay_mask_equal_optax():
+  """BERT's optimizer from these options equals the same thing written with optax's own pieces."""
+  params = {"dense": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([0.3, -0.1])},
+            "norm": {"scale": jnp.array([1.0, 1.5])}, "output_bias": jnp.array([0.2])}
+  schedule = warmup_linear_decay(0.1, warmup_steps=3, decay_steps=10)
+  np.testing.assert_allclose([schedule(t) for t in (0, 1, 3, 5, 10, 12)],
+                             [0.0, 0.1 / 3, 0.1 * 0.7, 0.1 * 0.5, 0.0, 0.0], rtol=1e-6, atol=1e-9)
+  mask = no_decay_on_biases_and_norms(params)
+  assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False}, "output_bias": False}
+  ours = create_optimizer("adamw", schedule, 0.01, eps=1e-6, decay_mask=no_decay_on_biases_and_norms, clip_norm=0.5)
+  reference = optax.chain(optax.clip_by_global_norm(0.5),
+                          optax.adamw(schedule, eps=1e-6, weight_decay=0.01, mask=no_decay_on_biases_and_norms))
+
+  def run(opt, steps=6):
+    update = jax.jit(opt.update)
+    p, state = params, opt.init(params)
+    for step in range(steps):   # large gradients, so that the clipping acts
+      grads = jax.tree.map(lambda x: (step + 1.0) * jnp.ones_like(x) + x, p)
+      updates, state = update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  _assert_trees_close(run(ours), run(reference))
+  unclipped = create_optimizer("adamw", schedule, 0.01, eps=1e-6, decay_mask=no_decay_on_biases_and_norms)
+  assert not np.allclose(run(ours)["dense"]["kernel"], run(unclipped)["dense"]["kernel"])
+  coupled = create_optimizer("adam", 0.1, 0.01, decay_mask=no_decay_on_biases_and_norms)   # L2 where the mask says
+  reference = optax.chain(optax.add_decayed_weights(0.01, no_decay_on_biases_and_norms), optax.adam(0.1))
+  _assert_trees_close(run(coupled), run(reference))

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from testutil import host_devices_env
 
@@ -229,6 +230,23 @@ def test_resume_refuses_flags_that_differ_from_the_saved_run_but_may_train_longe
   assert run_cli("train", "bpr", "--set", "batch_size=512", "--epochs", "3", "--out", out, "--resume") == 0
   assert read_metrics(out)["epochs_run"] == 3
   assert json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
+def test_learning_rate_schedule_options_train(tmp_path, capsys):
+  from recjax.experiment import learning_rate
+
+  config = apply_overrides(default_config("bpr"), ["epochs=4", "lr_warmup_steps=2", "lr_decay='linear'"])
+  schedule = learning_rate(config, steps_per_epoch=5)          # 20 optimizer steps in all
+  np.testing.assert_allclose([schedule(0), schedule(1), schedule(10), schedule(20)], [0.0, 5e-4, 5e-4, 0.0],
+                             atol=1e-9)
+  assert learning_rate(default_config("bpr"), 5) == 1e-3      # constant by default: a float
+  with pytest.raises(ConfigError, match="lr_decay must be one of"):
+    learning_rate(apply_overrides(config, ["lr_decay='cosine'"]), 5)
+  out = tmp_path / "bert_style"
+  assert run_cli("train", "bpr", "--epochs", "2", "--out", out, "--set", "optimizer='adamw'", "--set",
+                 "weight_decay=0.01", "--set", "lr_decay='linear'", "--set", "lr_warmup_steps=3", "--set",
+                 "grad_clip_norm=1.0", "--set", "adam_eps=1e-6", "--set", "decay_biases_and_norms=False") == 0
+  assert read_metrics(out)["test"]["ndcg@10"] > 0
 
 
 def test_recommend_needs_a_positive_k(capsys):
