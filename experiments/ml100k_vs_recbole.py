@@ -11,7 +11,10 @@ Each side uses RecBole's preset for the model's family and RecBole's default hyp
   LogLoss on the labelled rows, valid AUC, RecBole's ml-100k field set.
 All stop after 10 evaluations without gain. The RecBole figures are runs of
 `../shared/peers/recbole/run.py MODEL ml-100k` (sequential ones with `--set train_neg_sample_args=None`)
-on the 2-core CPU machine, recorded in `../shared/peers/recbole/results/ml-100k.jsonl`.
+on the 2-core CPU machine, recorded in `../shared/peers/recbole/results/ml-100k.jsonl` (BERT4Rec's and Caser's
+one-epoch runs in `timing.jsonl` there; DeepFM's and DCN-v2's side-by-side runs in `benchmarks/RESULTS.md`,
+third session). recjax's defaults are RecBole's hyperparameters; where a model departs from RecBole's code
+(Caser's regulariser and output layer, LightGCN's squared L2) its docstring says so.
 
     python experiments/ml100k_vs_recbole.py gru4rec --data-dir ../shared/data
     python experiments/ml100k_vs_recbole.py issue4 --data-dir ../shared/data    # LightGCN ... DCN-v2 in turn
