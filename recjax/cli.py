@@ -131,13 +131,10 @@ def _given_keys(args) -> list[str]:
 def _resumed_config(args, config: dict, saved: dict, out: Path) -> dict:
   """The saved config of the run in `out`, with the flags a resumed run may change: --epochs (the total, to
   train longer) and --data-dir (the data moved). Any other flag that differs from the saved run is an error."""
-  def value(cfg, dotted):
-    for part in dotted.split("."):
-      cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg
+  from recjax.config import dotted
 
-  differ = [f"{key} ({value(saved, key)!r} saved, {value(config, key)!r} given)" for key in _given_keys(args)
-            if value(config, key) != value(saved, key)]
+  differ = [f"{key} ({dotted(saved, key)!r} saved, {dotted(config, key)!r} given)" for key in _given_keys(args)
+            if dotted(config, key) != dotted(saved, key)]
   if differ:
     raise ConfigError(f"--resume continues the run saved in {out / 'config.json'}; these flags differ from it: "
                       f"{'; '.join(differ)}. Drop them (only --epochs and --data-dir may change) or choose another "

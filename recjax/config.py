@@ -247,6 +247,13 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | list[
   return config
 
 
+def dotted(config: Mapping[str, Any], key: str) -> Any:
+  """`config["a"]["b"]` for key "a.b" (None where a level is missing)."""
+  for part in key.split("."):
+    config = config.get(part) if isinstance(config, Mapping) else None
+  return config
+
+
 def flatten(mapping: Mapping[str, Any], prefix: str = ""):
   """(dotted key, value) of every leaf of a nested mapping (an empty dict is a leaf)."""
   for key, value in mapping.items():

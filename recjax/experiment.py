@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
-from recjax.config import MODEL_DEFAULTS, default_config, merged
+from recjax.config import MODEL_DEFAULTS, default_config, dotted, merged
 from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
@@ -544,7 +544,7 @@ def finetune_init(exp: Experiment, params):
   if config is None:
     raise ConfigError(f"finetune.from_run: no recjax run at {source} (no config.json)")
   for key in ("model.name", *_SAME_DATA_KEYS, "domain.rule", "label_columns"):
-    ours, theirs = _dotted(exp.config, key), _dotted(config, key)
+    ours, theirs = dotted(exp.config, key), dotted(config, key)
     if _as_list(ours) != _as_list(theirs):
       raise ConfigError(f"finetune.from_run: {source} has {key}={theirs!r}, this run {ours!r} (fine-tuning continues "
                         "a run of the same model on the same data)")
@@ -582,19 +582,12 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     saved = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON ({e})") from e
-  name = _dotted(saved, "model.name")
+  name = dotted(saved, "model.name")
   return merged(default_config(name), saved) if name in MODEL_DEFAULTS else saved
 
 
 # Keys a pretraining run must share with the run it initialises (same data, same split).
 _SAME_DATA_KEYS = ("dataset", "protocol", "preprocess", "seed")
-
-
-def _dotted(config: dict[str, Any], key: str):
-  """`config["a"]["b"]` for key "a.b" (None where a level is missing)."""
-  for part in key.split("."):
-    config = config.get(part) if isinstance(config, dict) else None
-  return config
 
 
 def _as_list(value):
