@@ -71,7 +71,9 @@ def _sampled_scores(h: jnp.ndarray, items: jnp.ndarray, pos: jnp.ndarray, neg: j
 
 
 def _sampled_loss(name: str, pos_scores, neg_scores, weight, pos=None, neg=None, log_q=None, beta=None):
-  """A loss over (positive, sampled negatives) scores `[...]`, `[..., n]`; ids `pos [...]`, `neg [..., n]`."""
+  """A loss over (positive, sampled negatives) scores `[...]`, `[..., n]`; ids `pos [...]`, `neg [..., n]`.
+  Computed in float32 whatever the scores' dtype (a bfloat16 step's logits)."""
+  pos_scores, neg_scores = pos_scores.astype(jnp.float32), neg_scores.astype(jnp.float32)
   if name == "bpr":
     return losses.bpr(pos_scores, neg_scores, weight)
   if name == "bce":
@@ -99,7 +101,7 @@ def _item_loss(loss: str, h, items, target, neg, weight, log_q, beta, item_mask=
   ("ce"; items where `item_mask [N]` is False are left out of it) or the target against its sampled
   negatives `neg [..., n]` (the other losses)."""
   if loss == "ce":
-    logits = jnp.einsum("...d,nd->...n", h, items)  # [..., N]
+    logits = jnp.einsum("...d,nd->...n", h, items).astype(jnp.float32)  # [..., N]; the softmax in float32
     if item_mask is not None:
       logits = jnp.where(item_mask, logits, jnp.finfo(logits.dtype).min)
     return losses.softmax_ce(logits, target, weight)
@@ -403,7 +405,8 @@ def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
       extra[MODEL_STATE] = jax.lax.stop_gradient(dict(updated))
     else:
       z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
-    y = batch["label"].astype(z.dtype)  # as the logits z
+    z = z.astype(jnp.float32)  # the loss in float32, whatever the compute dtype
+    y = batch["label"].astype(z.dtype)
     if y.shape != z.shape:
       raise ConfigError(f"{type(model).__name__} gives logits of shape {z.shape} for labels of shape {y.shape} "
                         "(one logit per task)")

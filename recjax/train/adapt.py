@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -64,6 +65,18 @@ def merge_pretrained(fresh: dict, pretrained: dict, source: str) -> dict:
                       f"{' ...' if len(unused) > 5 else ''} (model sizes must match)")
   for path, value in old.items():
     if value.shape != new[path].shape:
-      raise ConfigError(f"finetune.from_run: {source} parameter {'/'.join(path)} has shape {value.shape}, "
-                        f"this model {new[path].shape} (model sizes and data must match)")
+      old[path] = _repadded(value, new[path].shape) if path[-1] == "embedding" else None
+      if old[path] is None:
+        raise ConfigError(f"finetune.from_run: {source} parameter {'/'.join(path)} has shape {value.shape}, "
+                          f"this model {new[path].shape} (model sizes and data must match)")
   return traverse_util.unflatten_dict({path: old.get(path, value) for path, value in new.items()})
+
+
+def _repadded(table, shape):
+  """An embedding table stored with another number of zero padding rows (a row-sharded run pads its tables to
+  a multiple of its devices, `recjax.train.mesh.pad_tables`) with `shape`'s rows; None when more than padding
+  differs."""
+  rows = shape[0]
+  if table.shape[1:] != tuple(shape[1:]) or (table.shape[0] > rows and np.any(np.asarray(table[rows:]))):
+    return None
+  return np.pad(np.asarray(table)[:rows], ((0, max(0, rows - table.shape[0])), (0, 0)))
