@@ -174,7 +174,12 @@ def _load_run(run_dir: str, data_dir: str | None):
   if data_dir:
     config["data_dir"] = data_dir
   exp = experiment.build(config)
-  return exp, experiment.restore_best_params(exp, run_dir)
+  try:
+    return exp, experiment.restore_best_params(exp, run_dir)
+  except ValueError as e:   # e.g. tables stored padded for another device layout
+    raise ConfigError(f"--run {run_dir}: {e}; a run with model_parallel > 1 stores its row-sharded tables padded "
+                      "to its device count: evaluate it with the run's devices and model_parallel, or copy its "
+                      "parameters into a run with finetune.from_run (which re-pads them)") from None
 
 
 def cmd_evaluate(args) -> int:

@@ -565,13 +565,8 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
     return initial_params(exp, rng)
   params = init_params(exp, rng)
   template = create_train_state(params, run_optimizer(exp, rng), rng)
-  try:
-    with Checkpointer(Path(run_dir) / "checkpoints") as checkpoints:
-      restored = checkpoints.restore_best(template)
-  except ValueError as e:   # e.g. tables stored padded for another device layout
-    raise DataError(Path(run_dir) / "checkpoints", f"{e}; a run with model_parallel > 1 stores its row-sharded "
-                    "tables padded to its device count: evaluate it with the run's devices and model_parallel, "
-                    "or copy its parameters with finetune.from_run (which re-pads them)") from None
+  with Checkpointer(Path(run_dir) / "checkpoints") as checkpoints:   # ValueError: stored shapes differ
+    restored = checkpoints.restore_best(template)
   if restored is None:
     raise DataError(Path(run_dir) / "checkpoints", "no best checkpoint: the run has not finished an evaluation")
   return restored[0].params

@@ -70,10 +70,16 @@ def _sampled_scores(h: jnp.ndarray, items: jnp.ndarray, pos: jnp.ndarray, neg: j
   return pos_scores, neg_scores, pos_emb, neg_emb
 
 
+def _at_least_float32(x: jnp.ndarray) -> jnp.ndarray:
+  """Scores of a bfloat16 step as float32, so that the loss (logsumexp, weighted means) runs in float32;
+  float64 (gradient checks) stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _sampled_loss(name: str, pos_scores, neg_scores, weight, pos=None, neg=None, log_q=None, beta=None):
   """A loss over (positive, sampled negatives) scores `[...]`, `[..., n]`; ids `pos [...]`, `neg [..., n]`.
-  Computed in float32 whatever the scores' dtype (a bfloat16 step's logits)."""
-  pos_scores, neg_scores = pos_scores.astype(jnp.float32), neg_scores.astype(jnp.float32)
+  Computed in at least float32 whatever the scores' dtype (a bfloat16 step's logits)."""
+  pos_scores, neg_scores = _at_least_float32(pos_scores), _at_least_float32(neg_scores)
   if name == "bpr":
     return losses.bpr(pos_scores, neg_scores, weight)
   if name == "bce":
@@ -101,7 +107,7 @@ def _item_loss(loss: str, h, items, target, neg, weight, log_q, beta, item_mask=
   ("ce"; items where `item_mask [N]` is False are left out of it) or the target against its sampled
   negatives `neg [..., n]` (the other losses)."""
   if loss == "ce":
-    logits = jnp.einsum("...d,nd->...n", h, items).astype(jnp.float32)  # [..., N]; the softmax in float32
+    logits = _at_least_float32(jnp.einsum("...d,nd->...n", h, items))  # [..., N]
     if item_mask is not None:
       logits = jnp.where(item_mask, logits, jnp.finfo(logits.dtype).min)
     return losses.softmax_ce(logits, target, weight)
@@ -405,7 +411,7 @@ def pointwise_loss_fn(model: nn.Module, *, loss: str = "bce") -> LossFn:
       extra[MODEL_STATE] = jax.lax.stop_gradient(dict(updated))
     else:
       z, penalty = model.apply(params, batch, True, method=_logits_and_penalty, rngs={"dropout": rng})
-    z = z.astype(jnp.float32)  # the loss in float32, whatever the compute dtype
+    z = _at_least_float32(z)
     y = batch["label"].astype(z.dtype)
     if y.shape != z.shape:
       raise ConfigError(f"{type(model).__name__} gives logits of shape {z.shape} for labels of shape {y.shape} "
