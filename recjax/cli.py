@@ -107,33 +107,30 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _train_config(args) -> dict:
-  from recjax.config import build_config, set_key
+def _train_config(args) -> tuple[dict, list[str]]:
+  """The run's config from the command line, and the config keys the command line names (MODEL, --dataset,
+  --protocol, --seed, --set and the config file's keys; --epochs and --data-dir apart)."""
+  from recjax.config import build_config, flatten, load_config_file, set_key
 
-  config = build_config(args.model, args.config, args.set, dataset=args.dataset)
+  from_file = load_config_file(args.config) if args.config else {}   # the file runs once
+  config = build_config(args.model, args.config, args.set, dataset=args.dataset, from_file=from_file)
   for key, value in (("data_dir", args.data_dir), ("protocol", args.protocol),
                      ("epochs", args.epochs), ("seed", args.seed)):
     if value is not None:
       set_key(config, key, value, source=f"--{key.replace('_', '-')}")
-  return config
+  given = ["model.name"] + [key for key, flag in (("dataset", args.dataset), ("protocol", args.protocol),
+                                                  ("seed", args.seed)) if flag is not None]
+  given += [item.partition("=")[0].strip() for item in args.set] + [key for key, _ in flatten(from_file)]
+  return config, given
 
 
-def _given_keys(args) -> list[str]:
-  """The config keys the command line names: MODEL, --dataset, --protocol, --seed, --set and --config keys."""
-  from recjax.config import flatten, load_config_file
-
-  keys = ["model.name"] + [key for key, flag in (("dataset", args.dataset), ("protocol", args.protocol),
-                                                 ("seed", args.seed)) if flag is not None]
-  keys += [item.partition("=")[0].strip() for item in args.set]
-  return keys + ([key for key, _ in flatten(load_config_file(args.config))] if args.config else [])
-
-
-def _resumed_config(args, config: dict, saved: dict, out: Path) -> dict:
+def _resumed_config(args, config: dict, given: list[str], saved: dict, out: Path) -> dict:
   """The saved config of the run in `out`, with the flags a resumed run may change: --epochs (the total, to
-  train longer) and --data-dir (the data moved). Any other flag that differs from the saved run is an error."""
+  train longer) and --data-dir (the data moved). Any other `given` key that differs from the saved run is an
+  error."""
   from recjax.config import dotted
 
-  differ = [f"{key} ({dotted(saved, key)!r} saved, {dotted(config, key)!r} given)" for key in _given_keys(args)
+  differ = [f"{key} ({dotted(saved, key)!r} saved, {dotted(config, key)!r} given)" for key in given
             if dotted(config, key) != dotted(saved, key)]
   if differ:
     raise ConfigError(f"--resume continues the run saved in {out / 'config.json'}; these flags differ from it: "
@@ -148,12 +145,12 @@ def cmd_train(args) -> int:
   from recjax.train import distributed
 
   out = Path(args.out or f"runs/{args.model}-{args.dataset or 'synthetic'}")
-  config = _train_config(args)
+  config, given = _train_config(args)
   if args.resume:
     saved = experiment.saved_config(out)
     if saved is None:
       raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
-    config = _resumed_config(args, config, saved, out)
+    config = _resumed_config(args, config, given, saved, out)
   elif (out / "metrics.json").exists() or (out / "checkpoints").exists():
     raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)   # after the checks: a barrier
@@ -233,6 +230,9 @@ def cmd_data_download(args) -> int:
   return 0
 
 
+_RECBOLE_BUNDLED = ("ml-100k",)   # RecBole 1.2.1's configurator points data_path at its own copy of these
+
+
 def cmd_data_export(args) -> int:
   from recjax import experiment
   from recjax.config import default_config
@@ -249,9 +249,6 @@ def cmd_data_export(args) -> int:
   for path in export_recbole_split(exp.split, Path(args.out), name, fmt, exp.protocol.max_len):
     print(path)
   return 0
-
-
-_RECBOLE_BUNDLED = ("ml-100k",)   # RecBole 1.2.1's configurator points data_path at its own copy of these
 
 
 def cmd_data_text(args) -> int:

@@ -175,13 +175,14 @@ _COUNT = (lambda v: v >= 0, "a count >= 0")
 _POSITIVE = (lambda v: v >= 1, "a positive count")
 _WEIGHT = (lambda v: v >= 0, "a weight >= 0")
 _DECAY = (lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
+_ABOVE_ZERO = (lambda v: v > 0, "a number > 0")
 # Numeric keys with a valid range: (test, what a valid value is). Pop's default is 0 epochs (it counts, never trains).
 _BOUNDS = {
-    "epochs": _COUNT, "patience": _COUNT, "batch_size": _POSITIVE, "eval_every": _POSITIVE,
-    "keep_checkpoints": _POSITIVE, "grad_accum": _POSITIVE, "eval_budget_mb": _POSITIVE,
-    "learning_rate": (lambda v: v > 0, "a rate > 0"), "weight_decay": _WEIGHT, "l2_weight": _WEIGHT,
-    "adam_b1": _DECAY, "adam_b2": _DECAY, "adam_eps": (lambda v: v > 0, "a number > 0"), "lr_warmup_steps": _COUNT,
-    "grad_clip_norm": (lambda v: v > 0, "a norm > 0"),
+    "epochs": _COUNT, "patience": _COUNT, "lr_warmup_steps": _COUNT, "weight_decay": _WEIGHT, "l2_weight": _WEIGHT,
+    "adam_b1": _DECAY, "adam_b2": _DECAY, "learning_rate": (_ABOVE_ZERO[0], "a rate > 0"), "adam_eps": _ABOVE_ZERO,
+    "grad_clip_norm": _ABOVE_ZERO,
+    **{key: _POSITIVE for key in ("batch_size", "eval_every", "keep_checkpoints", "grad_accum", "eval_budget_mb",
+                                  "window_stride", "devices", "cpu_devices", "model_parallel")},
 }
 
 
@@ -195,7 +196,6 @@ _TYPES = {
     "label_columns": _SEQUENCE, "finetune.from_run": str, "pretrain.gmf_run": str, "pretrain.mlp_run": str,
     "grad_clip_norm": _NUMBER,
 }
-_BOUNDS.update({key: _POSITIVE for key in ("window_stride", "devices", "cpu_devices", "model_parallel")})
 
 
 def _in_bounds(key: str, value: Any, source: str) -> Any:
@@ -289,10 +289,12 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def build_config(model: str, config_file: str | None = None, overrides: list[str] = (),
-                 dataset: str | None = None) -> dict[str, Any]:
+                 dataset: str | None = None, from_file: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Defaults of `model`, then the dataset's `DATASET_DEFAULTS`, then the config file's overrides,
-  then `--set` strings; `dataset` (a command-line flag) names the dataset over all of them."""
-  from_file = load_config_file(config_file) if config_file else {}
+  then `--set` strings; `dataset` (a command-line flag) names the dataset over all of them. `from_file`:
+  the file's overrides when the caller has already loaded them (the file runs once)."""
+  if from_file is None:
+    from_file = load_config_file(config_file) if config_file else {}
 
   def with_user_overrides(config: dict[str, Any]) -> dict[str, Any]:
     return apply_overrides(apply_overrides(config, from_file, source=config_file or "config"), list(overrides))

@@ -184,6 +184,9 @@ def domain_eval_sets(split: splits.Split, names: tuple[str, ...], protocol: prot
   return sets
 
 
+LR_DECAYS = ("constant", "linear")   # `lr_decay`: see `learning_rate`
+
+
 def _check_choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
   if config[key] not in choices:
     raise ConfigError(f"{key}: expected one of {choices}, got {config[key]!r}")
@@ -193,6 +196,7 @@ def build(config: dict[str, Any]) -> Experiment:
   """Data, split, model and evaluation targets for `config` (no training)."""
   _check_choice(config, "negative_distribution", samplers.DISTRIBUTIONS)   # checked before any data is read
   _check_choice(config, "pair_sampling", samplers.PAIR_SAMPLING)
+  _check_choice(config, "lr_decay", LR_DECAYS)
   compute_dtype(config)
   protocol = protocols.get_protocol(config["protocol"])
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
@@ -500,15 +504,10 @@ def compute_dtype(config: dict[str, Any]):
   return dtypes[config["compute_dtype"]]
 
 
-LR_DECAYS = ("constant", "linear")
-
-
 def learning_rate(config: dict[str, Any], steps_per_epoch: int):
   """The config's learning rate: a float, or with `lr_warmup_steps` / `lr_decay="linear"` a schedule over
   the run's `epochs * steps_per_epoch` optimizer steps (`recjax.optim.warmup_linear_decay`)."""
-  decay, warmup = config["lr_decay"], config["lr_warmup_steps"]
-  if decay not in LR_DECAYS:
-    raise ConfigError(f"lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+  decay, warmup = config["lr_decay"], config["lr_warmup_steps"]   # decay checked by `build`
   if decay == "constant" and not warmup:
     return config["learning_rate"]
   total = max(1, config["epochs"] * steps_per_epoch) if decay == "linear" else None

@@ -240,8 +240,9 @@ def test_learning_rate_schedule_options_train(tmp_path, capsys):
   np.testing.assert_allclose([schedule(0), schedule(1), schedule(10), schedule(20)], [0.0, 5e-4, 5e-4, 0.0],
                              atol=1e-9)
   assert learning_rate(default_config("bpr"), 5) == 1e-3      # constant by default: a float
-  with pytest.raises(ConfigError, match="lr_decay must be one of"):
-    learning_rate(apply_overrides(config, ["lr_decay='cosine'"]), 5)
+  assert run_cli("train", "bpr", "--set", "lr_decay='cosine'", "--out", tmp_path / "bad") == 2
+  assert "lr_decay: expected one of ('constant', 'linear'), got 'cosine'" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()                      # refused before anything is written
   out = tmp_path / "bert_style"
   assert run_cli("train", "bpr", "--epochs", "2", "--out", out, "--set", "optimizer='adamw'", "--set",
                  "weight_decay=0.01", "--set", "lr_decay='linear'", "--set", "lr_warmup_steps=3", "--set",

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recjax.data.interactions import Interactions
+from recjax.data.interactions import Interactions, time_order
+from recjax.data.samplers import windows
 from recjax.data.splits import Split
 
 
@@ -42,15 +43,15 @@ def sequence_frames(split: Split, max_len: int) -> dict[str, pd.DataFrame]:
   """Per part, the (history -> next item) rows RecBole's sequential models read from benchmark files."""
   parts = [getattr(split, part) for part in PARTS]
   whole = parts[0].concat(parts[1]).concat(parts[2])
-  part = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
-  time = whole.timestamp if whole.timestamp is not None else np.arange(len(whole), dtype=float)
-  order = np.lexsort((np.arange(len(whole)), part, time, whole.user))      # by user, time, part, file order
-  user, item, part = whole.user[order], whole.item[order], part[order]
+  order = time_order(whole)                                   # stable: on a time tie train, valid, then test
+  part = np.repeat(np.arange(len(parts)), [len(p) for p in parts])[order]
+  user, item = whole.user[order], whole.item[order]
   first = np.r_[True, user[1:] != user[:-1]]                                # a user's first item: no history
   start = np.maximum.accumulate(np.where(first, np.arange(len(user)), 0))   # where each row's user begins
   rows = np.flatnonzero(~first)
   tokens = whole.item_vocab
-  history = np.array([" ".join(tokens[item[max(start[k], k - max_len):k]]) for k in rows], dtype=object)
+  previous = windows(item, start[rows], rows, max_len)                      # [m, L] left-padded with 0
+  history = np.array([" ".join(tokens[ids[ids > 0]]) for ids in previous], dtype=object)
   frame = pd.DataFrame({"user_id:token": whole.user_vocab[user[rows]], "item_id_list:token_seq": history,
                         "item_id:token": tokens[item[rows]]})
   return {name: frame[part[rows] == index].reset_index(drop=True) for index, name in enumerate(PARTS)}

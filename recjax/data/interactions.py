@@ -154,15 +154,25 @@ def _object_array(values: list) -> np.ndarray:
   return array
 
 
+def pair_keys(inter: Interactions) -> np.ndarray:
+  """int64 `[n]` key of each row's (user, item) pair, `user * num_items + item`: ordered by user, then item."""
+  return inter.user.astype(np.int64) * inter.num_items + inter.item
+
+
+def time_order(inter: Interactions) -> np.ndarray:
+  """Row indices `[n]` sorted by (user, time), stable on ties (file order when no timestamps)."""
+  time = inter.timestamp if inter.timestamp is not None else np.arange(len(inter), dtype=np.float64)
+  return np.lexsort((time, inter.user))
+
+
 def user_sequences(inter: Interactions) -> tuple[np.ndarray, np.ndarray]:
-  """Items of each user in time order (stable on ties; file order when no timestamps).
+  """Items of each user in time order (`time_order`).
 
   Returns:
     (items [n] int32 sorted by (user, time), offsets [num_users+1]) so that user u's sequence is
     items[offsets[u]:offsets[u+1]] (CSR layout; users without rows have empty slices).
   """
-  time = inter.timestamp if inter.timestamp is not None else np.arange(len(inter), dtype=np.float64)
-  order = np.lexsort((time, inter.user))
+  order = time_order(inter)
   counts = np.bincount(inter.user, minlength=inter.num_users)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   return inter.item[order].astype(np.int32), offsets

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from recjax.data.interactions import Interactions
+from recjax.data.interactions import Interactions, pair_keys
 from recjax.errors import ConfigError, DataError
 
 
@@ -38,7 +38,7 @@ def deduplicate(inter: Interactions, keep: str = "last") -> Interactions:
   where = f"deduplicate(keep={keep!r})"
   if len(inter) == 0:
     return check_nonempty(inter, where)
-  key = inter.user.astype(np.int64) * inter.num_items + inter.item
+  key = pair_keys(inter)
   order = np.lexsort((np.arange(len(inter)), _time(inter), key))   # by pair, then time, then row
   change = key[order][1:] != key[order][:-1]                         # [n-1] a new pair starts
   boundary = np.concatenate([[True], change]) if keep == "first" else np.concatenate([change, [True]])

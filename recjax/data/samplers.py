@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from recjax.data.interactions import Interactions, user_sequences
+from recjax.data.interactions import Interactions, pair_keys, user_sequences
 from recjax.errors import DataError
 
 Batch = dict[str, np.ndarray]
@@ -239,7 +239,7 @@ class NegativeSampler:
     # The items a negative can be: q > 0 (popularity: items with training rows) and not excluded.
     drawable = (probs > 0) & ~self.excluded
     self.drawable = np.flatnonzero(drawable).astype(np.int32)
-    self.keys = np.unique(train.user.astype(np.int64) * self.num_items + train.item)
+    self.keys = np.unique(pair_keys(train))
     per_user = np.bincount(self.keys // self.num_items, weights=drawable[self.keys % self.num_items],
                            minlength=train.num_users)
     full = np.flatnonzero(per_user >= len(self.drawable))

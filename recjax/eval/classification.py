@@ -259,9 +259,9 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
   def metrics(rows, out, target) -> dict[str, float]:
     if task != "labeled":
       return regression_metrics(names, out[rows], target[rows])
-    report = {}
+    report, diverged = {}, bool(np.isnan(out[rows]).any())
     for name in names:
-      if name in ("auc", "gauc") and np.isnan(out[rows]).any():   # a diverged model: no order to measure
+      if name in ("auc", "gauc") and diverged:   # a diverged model's scores: no order to measure
         report[name] = float("nan")
         continue
       try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from recjax.data.interactions import Interactions
+from recjax.data.interactions import Interactions, pair_keys
 from recjax.errors import ConfigError
 from recjax.eval.classification import BINARY_METRICS, LOWER_IS_BETTER, REGRESSION_METRICS
 from recjax.eval.metrics import SAMPLED_PREFIX, check_metrics, parse_metric_key
@@ -145,7 +145,7 @@ def item_sets(inter: Interactions, users: np.ndarray) -> tuple[np.ndarray, np.nd
     (items [nnz] int32, offsets [U+1] int64): row r is items[offsets[r]:offsets[r+1]].
   """
   n = inter.num_items
-  keys = np.unique(inter.user.astype(np.int64) * n + inter.item)      # sorted by (user, item)
+  keys = np.unique(pair_keys(inter))                                  # sorted by (user, item)
   row_of = np.full(inter.num_users, -1, np.int64)
   row_of[users] = np.arange(len(users))
   rows = row_of[keys // n]
@@ -210,8 +210,7 @@ def eval_targets(split: Any, phase: str, mask_history: bool, csr: bool = False
   users = np.unique(held_out.user).astype(np.int32)
   positives = padded_item_sets(held_out, users)
   if mask_history:
-    pair = lambda inter: inter.user.astype(np.int64) * inter.num_items + inter.item
-    masked = history.subset(~np.isin(pair(history), pair(held_out)))
+    masked = history.subset(~np.isin(pair_keys(history), pair_keys(held_out)))
     exclude = item_sets(masked, users) if csr else padded_item_sets(masked, users)
   elif csr:
     exclude = np.zeros(0, np.int32), np.zeros(len(users) + 1, np.int64)

@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import sparse
 
-from recjax.data.interactions import Interactions
+from recjax.data.interactions import Interactions, pair_keys
 from recjax.errors import DataError
 
 
@@ -86,7 +86,7 @@ def normalized_adjacency(train: Interactions) -> Graph:
     bad = np.flatnonzero((ids < 1) | (ids >= size))
     if len(bad):
       raise DataError(where, f"graph: {kind} id {int(ids[bad[0]])} (row {int(bad[0])}) outside [1, {size})")
-  keys = np.unique(train.user.astype(np.int64) * num_items + train.item)   # sorted by (user, item)
+  keys = np.unique(pair_keys(train))                                        # sorted by (user, item)
   user, item = (keys // num_items).astype(np.int32), (keys % num_items).astype(np.int32)
   user_degree = np.bincount(user, minlength=num_users).astype(np.float64)
   item_degree = np.bincount(item, minlength=num_items).astype(np.float64)

@@ -69,6 +69,6 @@ def no_decay_on_biases_and_norms(params) -> Any:
   """A weight-decay mask: False on biases and normalisation scales (a leaf named "scale" or whose name
   holds "bias"), True elsewhere; BERT's optimizer excludes the same ("bias", "LayerNorm")."""
   def decays(path, _):
-    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+    name = jax.tree_util.keystr(path[-1:], simple=True)   # the leaf's own key
     return not ("bias" in name or name == "scale")
   return jax.tree_util.tree_map_with_path(decays, params)

@@ -63,12 +63,14 @@ def merge_pretrained(fresh: dict, pretrained: dict, source: str) -> dict:
   if unused:
     raise ConfigError(f"finetune.from_run: {source} has parameters this model lacks: {unused[:5]}"
                       f"{' ...' if len(unused) > 5 else ''} (model sizes must match)")
-  for path, value in old.items():
-    if value.shape != new[path].shape:
-      old[path] = _repadded(value, new[path].shape) if path[-1] == "embedding" else None
-      if old[path] is None:
-        raise ConfigError(f"finetune.from_run: {source} parameter {'/'.join(path)} has shape {value.shape}, "
-                          f"this model {new[path].shape} (model sizes and data must match)")
+  for path, value in list(old.items()):
+    if value.shape == new[path].shape:
+      continue
+    repadded = _repadded(value, new[path].shape) if path[-1] == "embedding" else None
+    if repadded is None:
+      raise ConfigError(f"finetune.from_run: {source} parameter {'/'.join(path)} has shape {value.shape}, "
+                        f"this model {new[path].shape} (model sizes and data must match)")
+    old[path] = repadded
   return traverse_util.unflatten_dict({path: old.get(path, value) for path, value in new.items()})
 
 

@@ -71,8 +71,7 @@ def _is_big_table(path, leaf, mesh: Mesh, shard_min_bytes: int) -> bool:
   """Whether `leaf` is an embedding table (a 2-D flax `embedding` param) of at least `shard_min_bytes`
   on a mesh with a `model` axis: one to split by rows."""
   shape = getattr(leaf, "shape", ())
-  last = path[-1] if path else None
-  name = str(getattr(last, "key", getattr(last, "name", last)))
+  name = jax.tree_util.keystr(path[-1:], simple=True)   # the leaf's own key
   return (axis_size(mesh, MODEL) > 1 and len(shape) == 2 and name == TABLE_LEAF
           and int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize >= shard_min_bytes)
 
