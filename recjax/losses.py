@@ -9,6 +9,7 @@ finite even where w = 0, so gradients never meet 0 * inf.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -184,6 +185,110 @@ def softmax_ce(logits: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray) ->
   log_norm = jax.nn.logsumexp(jnp.where(not_padding, logits, -jnp.inf), axis=-1)  # [...]
   target_logit = jnp.take_along_axis(logits, target[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [...]
   return weighted_mean(log_norm - target_logit, weight)
+
+
+# Logits per chunk of rows in `softmax_ce_rows`: a chunk that stays in a CPU's cache scores ~1.5x faster
+# than one pass over every row; accelerators take all rows at once.
+CE_CHUNK_BYTES = {"cpu": 8 << 20}
+CE_CHUNK_BYTES_DEFAULT = 1 << 30
+
+
+def softmax_ce_rows(h: jnp.ndarray, items: jnp.ndarray, target: jnp.ndarray, weight: jnp.ndarray,
+                    item_mask: jnp.ndarray | None = None, chunk_bytes: int | None = None) -> jnp.ndarray:
+  """`softmax_ce(h @ items.T, target, weight)` without the `[..., N]` scores in memory.
+
+  l = logsumexp_{i >= 1, item_mask_i}(<h, items_i>) - <h, items_target>
+
+  Rows of `h` are scored a chunk at a time (at most `chunk_bytes` of logits; default `CE_CHUNK_BYTES`
+  for the backend), and the gradient is computed together with the loss (a custom VJP), so nothing of
+  size `[..., N]` is kept for the backward pass and no `[..., N]` one-hot is scattered into.
+
+  Args:
+    h: `[..., d]` states (float32, bfloat16 or float64; the softmax runs in at least float32).
+    items: `[N, d]` item rows; row 0 is padding and never a class.
+    target: `[...]` int target item (0 allowed where weight = 0).
+    weight: `[...]`.
+    item_mask: `[N]` bool or None; items where False are left out of the softmax as well (a target is
+      always scored as itself).
+    chunk_bytes: logits per chunk, in bytes.
+
+  Returns:
+    The weighted mean, a scalar. Differentiable in h, items and weight (not in target or item_mask).
+  """
+  if chunk_bytes is None:
+    chunk_bytes = CE_CHUNK_BYTES.get(jax.default_backend(), CE_CHUNK_BYTES_DEFAULT)
+  return _softmax_ce_rows(h, items, target, weight, item_mask, chunk_bytes)
+
+
+def _ce_chunked(h, items, target, weight, item_mask, chunk_bytes: int, grads: bool):
+  """Loss (and, with `grads`, its gradients in h, items and weight) of `softmax_ce_rows`."""
+  d = h.shape[-1]
+  dtype = jnp.promote_types(h.dtype, jnp.float32)
+  rows, tgt, w = h.reshape(-1, d), target.reshape(-1), weight.reshape(-1).astype(dtype)  # [R, d], [R], [R]
+  classes = items[1:]  # [N-1, d]
+  keep = None if item_mask is None else item_mask[1:]
+  num_rows = rows.shape[0]
+  chunks = _chunk_count(num_rows, -(-num_rows * classes.shape[0] * dtype.itemsize // chunk_bytes))
+  size = -(-num_rows // chunks)  # rows per chunk
+  pad = chunks * size - num_rows
+  if pad:  # weight 0, target 0: no loss, no gradient
+    rows, tgt, w = jnp.pad(rows, ((0, pad), (0, 0))), jnp.pad(tgt, (0, pad)), jnp.pad(w, (0, pad))
+  # Chunk j holds rows i * chunks + j: a batch split over devices along its rows splits every chunk alike.
+  xs = (rows.reshape(size, chunks, d).swapaxes(0, 1), tgt.reshape(size, chunks).T, w.reshape(size, chunks).T)
+  total_weight = jnp.maximum(jnp.sum(w), EPS)
+
+  def chunk(grad_items, x):
+    h_c, t_c, w_c = x  # [C, d], [C], [C]
+    logits = jnp.matmul(h_c, classes.T, preferred_element_type=dtype)  # [C, N-1]
+    if keep is not None:
+      logits = jnp.where(keep, logits, -jnp.inf)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)  # [C]
+    target_rows = jnp.take(items, t_c, axis=0)  # [C, d]
+    per_row = log_norm - jnp.einsum("cd,cd->c", h_c, target_rows, preferred_element_type=dtype)  # [C]
+    if not grads:
+      return grad_items, (per_row, None)
+    scale = (w_c / total_weight)[:, None]  # [C, 1]: dL / dl
+    probs = (jnp.exp(logits - log_norm[:, None]) * scale).astype(h.dtype)  # [C, N-1]
+    grad_h = jnp.matmul(probs, classes, preferred_element_type=dtype) - scale * target_rows  # [C, d]
+    grad_classes = jnp.matmul(probs.T, h_c, preferred_element_type=dtype)  # [N-1, d]
+    grad_items = grad_items.at[1:].add(grad_classes).at[t_c].add(-scale * h_c)
+    return grad_items, (per_row, grad_h)
+
+  grad_items, (per_row, grad_h) = jax.lax.scan(chunk, jnp.zeros(items.shape, dtype), xs)
+  per_row = per_row.T.reshape(-1)[:num_rows]  # [R]
+  loss = jnp.sum(w[:num_rows] * per_row) / total_weight
+  if not grads:
+    return loss
+  grad_h = grad_h.swapaxes(0, 1).reshape(-1, d)[:num_rows].reshape(h.shape)
+  # L = sum(w l) / max(sum(w), eps): dL/dw = (l - L [sum(w) > eps]) / max(sum(w), eps)
+  grad_w = (per_row - jnp.where(jnp.sum(w) > EPS, loss, 0.0)) / total_weight
+  return loss, (grad_h, grad_items, grad_w.reshape(weight.shape))
+
+
+def _chunk_count(num_rows: int, wanted: int) -> int:
+  """At least `wanted` chunks; a divisor of `num_rows` when one is at most twice `wanted`, so that no
+  padding rows are added (padding a device-split batch's rows would gather them onto every device)."""
+  wanted = max(1, min(wanted, num_rows))
+  return next((n for n in range(wanted, min(2 * wanted, num_rows) + 1) if num_rows % n == 0), wanted)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _softmax_ce_rows(h, items, target, weight, item_mask, chunk_bytes):
+  return _ce_chunked(h, items, target, weight, item_mask, chunk_bytes, grads=False)
+
+
+def _softmax_ce_rows_fwd(h, items, target, weight, item_mask, chunk_bytes):
+  loss, (grad_h, grad_items, grad_w) = _ce_chunked(h, items, target, weight, item_mask, chunk_bytes, grads=True)
+  grad_w = grad_w.astype(weight.dtype) if jnp.issubdtype(weight.dtype, jnp.inexact) else None
+  return loss, (grad_h.astype(h.dtype), grad_items.astype(items.dtype), grad_w)
+
+
+def _softmax_ce_rows_bwd(chunk_bytes, grads, g):
+  grad_h, grad_items, grad_w = ((g * x).astype(x.dtype) if x is not None else None for x in grads)
+  return grad_h, grad_items, None, grad_w, None
+
+
+_softmax_ce_rows.defvjp(_softmax_ce_rows_fwd, _softmax_ce_rows_bwd)
 
 
 def l2(*arrays: jnp.ndarray) -> jnp.ndarray:

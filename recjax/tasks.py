@@ -107,10 +107,7 @@ def _item_loss(loss: str, h, items, target, neg, weight, log_q, beta, item_mask=
   ("ce"; items where `item_mask [N]` is False are left out of it) or the target against its sampled
   negatives `neg [..., n]` (the other losses)."""
   if loss == "ce":
-    logits = _at_least_float32(jnp.einsum("...d,nd->...n", h, items))  # [..., N]
-    if item_mask is not None:
-      logits = jnp.where(item_mask, logits, jnp.finfo(logits.dtype).min)
-    return losses.softmax_ce(logits, target, weight)
+    return losses.softmax_ce_rows(h, items, target, weight, item_mask)  # no [..., N] scores kept
   pos_scores, neg_scores, _, _ = _sampled_scores(h, items, target, neg)
   return _sampled_loss(loss, pos_scores, neg_scores, weight, target, neg, log_q, beta)
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 from testutil import rbg_key as _key
 
 from recjax import losses, tasks
@@ -95,6 +96,63 @@ def test_softmax_ce_matches_numpy_and_excludes_padding(shape):
   bumped = logits.copy()
   bumped[..., 0] = 50.0  # the padding logit does not matter
   np.testing.assert_allclose(SOFTMAX_CE(bumped, target, weight)[0], ref, rtol=1e-5)
+
+
+def np_softmax_ce_rows_grads(h, items, target, weight, item_mask):
+  """Loss and its gradients in h, items and weight of the full softmax over items[1:] where item_mask."""
+  h, items, weight = (np.asarray(a, np.float64) for a in (h, items, weight))
+  keep = np.asarray(item_mask).copy()
+  keep[0] = False
+  logits = np.where(keep, h @ items.T, -np.inf)  # [R, N]
+  top = logits.max(-1, keepdims=True)
+  log_norm = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+  per_row = log_norm - np.sum(h * items[target], -1)
+  total = max(weight.sum(), losses.EPS)
+  loss = np.sum(weight * per_row) / total
+  scale = (weight / total)[:, None]
+  probs = np.exp(logits - log_norm[:, None]) * scale  # dL/dlogits of the softmax part
+  grad_h = probs @ items - scale * items[target]
+  grad_items = probs.T @ h
+  np.add.at(grad_items, target, -scale * h)
+  return loss, grad_h, grad_items, (per_row - loss) / total
+
+
+# Chunk sizes in bytes: one chunk, chunks that divide the rows, chunks that need padding rows, one row each.
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 4 * 11 * 4, 4 * 11 * 5, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_ce_rows_matches_numpy_values_and_gradients(chunk_bytes, masked):
+  rows, num_items, dim = 12, 12, 5
+  h = RNG.normal(size=(rows, dim)).astype(np.float32)
+  items = RNG.normal(size=(num_items, dim)).astype(np.float32)
+  target = RNG.integers(1, num_items, size=rows)
+  weight = (RNG.random(rows) > 0.3).astype(np.float32) * RNG.random(rows).astype(np.float32)
+  item_mask = RNG.random(num_items) > 0.3 if masked else np.ones(num_items, bool)
+  item_mask[target] = True
+  loss_fn = lambda h, items, weight: losses.softmax_ce_rows(  # noqa: E731
+    h, items, target, weight, jnp.asarray(item_mask) if masked else None, chunk_bytes=chunk_bytes)
+  value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))(h, items, weight)
+  ref = np_softmax_ce_rows_grads(h, items, target, weight, item_mask)
+  np.testing.assert_allclose(value, ref[0], rtol=1e-5)
+  for got, want in zip(grads, ref[1:]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # the same loss as the plain softmax over the [R, N] scores, for any leading shape
+  plain = losses.softmax_ce(np.where(item_mask, h @ items.T, np.finfo(np.float32).min), target, weight)
+  np.testing.assert_allclose(loss_fn(h.reshape(3, 4, dim), items, weight.reshape(3, 4)), plain, rtol=1e-5)
+
+
+def test_softmax_ce_rows_gradients_check_in_float64():
+  with jax.enable_x64(True):
+    h, items = RNG.normal(size=(4, 3, 5)), RNG.normal(size=(9, 5))
+    target, weight = RNG.integers(1, 9, size=(4, 3)), RNG.random((4, 3))
+    check_grads(lambda h, items, weight: losses.softmax_ce_rows(h, items, target, weight, chunk_bytes=64),
+                (h, items, weight), order=1, modes=["rev"])
+
+
+def test_softmax_ce_rows_chunks_divide_the_rows_when_they_can():
+  assert losses._chunk_count(20480, 17) == 20   # 1,024 rows each, no padding
+  assert losses._chunk_count(7, 2) == 2          # 7 is prime: no divisor within 2x, so padded
+  assert losses._chunk_count(5, 9) == 5          # never more chunks than rows
+  assert losses._chunk_count(0, 1) == 1
 
 
 def test_zero_weight_rows_are_ignored():
@@ -409,4 +467,6 @@ def test_losses_of_bfloat16_scores_are_computed_in_float32():
   target = jnp.array([1, 2, 3, 4, 5, 6])
   ce = tasks._item_loss("ce", h, items, target, None, weight, None, None)
   assert ce.dtype == jnp.float32
-  np.testing.assert_allclose(ce, losses.softmax_ce((h @ items.T).astype(jnp.float32), target, weight), rtol=1e-6)
+  # the scores too: products of the bfloat16 values summed in float32, not rounded to bfloat16
+  scores = h.astype(jnp.float32) @ items.astype(jnp.float32).T
+  np.testing.assert_allclose(ce, losses.softmax_ce(scores, target, weight), rtol=1e-6)

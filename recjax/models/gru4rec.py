@@ -23,7 +23,7 @@ Differences from RecBole 1.2.1:
     at 0, so the initial model is RecBole's, but they are trained.
   - RecBole xavier-initialises only the first layer's weights (`weight_*_l0`; deeper layers keep
     PyTorch's U(-1/sqrt(H), 1/sqrt(H))); here every layer gets the xavier init.
-  - the padding row E_0 gets no gradient: padded steps are discarded and `losses.softmax_ce`
+  - the padding row E_0 gets no gradient: padded steps are discarded and `losses.softmax_ce_rows`
     leaves item 0 out of the softmax. RecBole's `padding_idx=0` stops the input gradient, but its
     CE loss keeps item 0 among the classes, so there E_0 is trained as an output row.
 The paper's GRU4Rec (session-parallel mini-batches, one-hot or embedded inputs, BPR / TOP1 losses
