@@ -117,11 +117,12 @@ def np_softmax_ce_rows_grads(h, items, target, weight, item_mask):
   return loss, grad_h, grad_items, (per_row - loss) / total
 
 
-# Chunk sizes in bytes: one chunk, chunks that divide the rows, chunks that need padding rows, one row each.
-@pytest.mark.parametrize("chunk_bytes", [1 << 30, 4 * 11 * 4, 4 * 11 * 5, 1])
+# Logit bytes per chunk (a row of 11 classes is 44 bytes) for 13 rows: one chunk; 4 chunks of 4 rows and
+# 2 of 7 (13 is prime: both padded with weight-0 rows); 13 chunks of one row.
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 44 * 4, 44 * 7, 1])
 @pytest.mark.parametrize("masked", [False, True])
 def test_softmax_ce_rows_matches_numpy_values_and_gradients(chunk_bytes, masked):
-  rows, num_items, dim = 12, 12, 5
+  rows, num_items, dim = 13, 12, 5
   h = RNG.normal(size=(rows, dim)).astype(np.float32)
   items = RNG.normal(size=(num_items, dim)).astype(np.float32)
   target = RNG.integers(1, num_items, size=rows)
@@ -129,7 +130,7 @@ def test_softmax_ce_rows_matches_numpy_values_and_gradients(chunk_bytes, masked)
   item_mask = RNG.random(num_items) > 0.3 if masked else np.ones(num_items, bool)
   item_mask[target] = True
   loss_fn = lambda h, items, weight: losses.softmax_ce_rows(  # noqa: E731
-    h, items, target, weight, jnp.asarray(item_mask) if masked else None, chunk_bytes=chunk_bytes)
+    h, items, target, weight, jnp.asarray(item_mask) if masked else None, chunk_bytes=chunk_bytes, min_chunk_rows=1)
   value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))(h, items, weight)
   ref = np_softmax_ce_rows_grads(h, items, target, weight, item_mask)
   np.testing.assert_allclose(value, ref[0], rtol=1e-5)
@@ -137,15 +138,16 @@ def test_softmax_ce_rows_matches_numpy_values_and_gradients(chunk_bytes, masked)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   # the same loss as the plain softmax over the [R, N] scores, for any leading shape
   plain = losses.softmax_ce(np.where(item_mask, h @ items.T, np.finfo(np.float32).min), target, weight)
-  np.testing.assert_allclose(loss_fn(h.reshape(3, 4, dim), items, weight.reshape(3, 4)), plain, rtol=1e-5)
+  np.testing.assert_allclose(loss_fn(h.reshape(1, rows, dim), items, weight.reshape(1, rows)), plain, rtol=1e-5)
 
 
 def test_softmax_ce_rows_gradients_check_in_float64():
   with jax.enable_x64(True):
     h, items = RNG.normal(size=(4, 3, 5)), RNG.normal(size=(9, 5))
     target, weight = RNG.integers(1, 9, size=(4, 3)), RNG.random((4, 3))
-    check_grads(lambda h, items, weight: losses.softmax_ce_rows(h, items, target, weight, chunk_bytes=64),
-                (h, items, weight), order=1, modes=["rev"])
+    loss_fn = lambda h, items, weight: losses.softmax_ce_rows(  # noqa: E731
+      h, items, target, weight, chunk_bytes=64, min_chunk_rows=1)
+    check_grads(loss_fn, (h, items, weight), order=1, modes=["rev"])
 
 
 def test_softmax_ce_rows_chunks_divide_the_rows_when_they_can():
