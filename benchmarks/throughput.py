@@ -115,10 +115,7 @@ def _config(name: str, args, devices: int) -> dict:
 def bench(name: str, args, devices: int) -> dict:
   config = _config(name, args, devices)
   exp = experiment.build(config)
-  sampler = experiment.make_sampler(exp)
-  optimizer = experiment.make_optimizer(config, sampler.num_batches)
-  state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
-  step = experiment.make_step(exp, optimizer, sharding)
+  sampler, state, step = experiment.training_setup(exp, jax.random.PRNGKey(config["seed"]))
   batches, epoch, to_device = [], 0, experiment.device_batches(exp, sampler)
   while len(batches) < args.warmup + args.steps + 1:   # on device before timing starts
     batches.extend(to_device(epoch))

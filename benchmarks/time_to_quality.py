@@ -40,10 +40,7 @@ def main(argv=None) -> None:
   config = apply_overrides(default_config(args.model), args.set)
   config.update(dataset=args.dataset, data_dir=args.data_dir)
   exp = experiment.build(config)
-  sampler = experiment.make_sampler(exp)
-  optimizer = experiment.make_optimizer(config, sampler.num_batches)
-  state, sharding = experiment.init_state(exp, optimizer, jax.random.PRNGKey(config["seed"]))
-  step = experiment.make_step(exp, optimizer, sharding)
+  sampler, state, step = experiment.training_setup(exp, jax.random.PRNGKey(config["seed"]))
   test = experiment.make_evaluator(exp, "test")
   batches = experiment.device_batches(exp, sampler)
   path, reached = [], False

@@ -496,6 +496,15 @@ def make_step(exp: Experiment, optimizer, state_sharding=None):
                          constants=exp.constants)
 
 
+def training_setup(exp: Experiment, rng: jax.Array):
+  """What a training loop needs: `(sampler, state, step)`, the run's batch sampler, its initial train state
+  on the run's devices and its jitted step, the optimizer's schedule sized to the sampler's epochs."""
+  sampler = make_sampler(exp)
+  optimizer = run_optimizer(exp, rng, sampler.num_batches)
+  state, state_sharding = init_state(exp, optimizer, rng)
+  return sampler, state, make_step(exp, optimizer, state_sharding)
+
+
 def compute_dtype(config: dict[str, Any]):
   """The step's forward/backward dtype (`compute_dtype`: "float32" or "bfloat16"; master weights stay float32)."""
   dtypes = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -670,10 +679,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     best_params, best_valid, epochs_run, train_s, eval_s = params, valid_eval(params), 0, [], []
     eval_s.append(time.perf_counter() - start)
   else:
-    sampler = make_sampler(exp)
-    optimizer = run_optimizer(exp, rng, sampler.num_batches)
-    state, state_sharding = init_state(exp, optimizer, rng)
-    step = make_step(exp, optimizer, state_sharding)
+    sampler, state, step = training_setup(exp, rng)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=eval_interval(config, exp.protocol), valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,

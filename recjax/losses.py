@@ -241,7 +241,8 @@ def _ce_chunked(h, items, target, weight, item_mask, rows_per_chunk: int, grads:
     rows, tgt, w = jnp.pad(rows, ((0, pad), (0, 0))), jnp.pad(tgt, (0, pad)), jnp.pad(w, (0, pad))
   # Chunk j holds rows i * chunks + j: a batch split over devices along its rows splits every chunk alike.
   xs = (rows.reshape(size, chunks, d).swapaxes(0, 1), tgt.reshape(size, chunks).T, w.reshape(size, chunks).T)
-  total_weight = jnp.maximum(jnp.sum(w), EPS)
+  weight_sum = jnp.sum(w)
+  total_weight = jnp.maximum(weight_sum, EPS)
 
   def chunk(grad_items, x):
     h_c, t_c, w_c = x  # [C, d], [C], [C]
@@ -267,7 +268,7 @@ def _ce_chunked(h, items, target, weight, item_mask, rows_per_chunk: int, grads:
     return loss
   grad_h = grad_h.swapaxes(0, 1).reshape(-1, d)[:num_rows].reshape(h.shape)
   # L = sum(w l) / max(sum(w), eps): dL/dw = (l - L [sum(w) > eps]) / max(sum(w), eps)
-  grad_w = (per_row - jnp.where(jnp.sum(w) > EPS, loss, 0.0)) / total_weight
+  grad_w = (per_row - jnp.where(weight_sum > EPS, loss, 0.0)) / total_weight
   return loss, (grad_h, grad_items, grad_w.reshape(weight.shape))
 
 
