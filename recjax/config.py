@@ -96,9 +96,11 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # NCF (He et al. 2017) as RecBole's NeuMF: BCE on one uniform negative per positive. A NeuMF run can
     # start from finished GMF and NCF-MLP runs (same data and sizes): pretrain.gmf_run / pretrain.mlp_run
     # name their folders, output layer [alpha w_gmf ; (1 - alpha) w_mlp] (the paper: alpha 0.5, then SGD).
-    "gmf": {"loss": "bce"},
-    "ncf_mlp": {"loss": "bce"},
-    "neumf": {"loss": "bce", "pretrain": {"gmf_run": None, "mlp_run": None, "alpha": 0.5}},
+    # RecBole's train_batch_size (2048) counts a pointwise model's negatives too: 1,024 positives and their
+    # 1,024 negatives a step, so recjax's batch_size (positives) is 1,024 for the same steps.
+    "gmf": {"loss": "bce", "batch_size": 1024},
+    "ncf_mlp": {"loss": "bce", "batch_size": 1024},
+    "neumf": {"loss": "bce", "batch_size": 1024, "pretrain": {"gmf_run": None, "mlp_run": None, "alpha": 0.5}},
     # Feature-field models (recjax.models.ctr): hyperparameters RecBole 1.2.1's, run defaults its context-aware preset.
     "deepfm": _CONTEXT,
     "dcnv2": _CONTEXT,
