@@ -425,6 +425,12 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   per_domain = {key.split("/", 1)[1]: sets for key, sets in exp.eval_sets.items() if key.startswith(f"{phase}/")}
 
   negatives = {}   # sampled protocol: each evaluation set's negatives, fixed by the seed, drawn once per run
+  if protocol.sampled:
+    for name, data in exp.eval_sets.items():
+      if data["positives"].shape[1] > 1 and (data["positives"][:, 1] > 0).any():
+        raise ConfigError(f"protocol {protocol.name!r}: the sampled protocol ranks one held-out item per user, but "
+                          f"{name!r} holds out several for some users (split {protocol.split!r}); use a leave-one-out "
+                          "split or sampled=None")
 
   def sampled_negatives(name: str, data) -> np.ndarray:
     if name not in negatives:

@@ -174,12 +174,14 @@ def check_eval_collectives() -> dict:
 
 
 def check_merged_topk() -> dict:
-  """merged_full_ranking_topk vs full_ranking_topk on scores with many ties, exclusions, and k above
-  the number of rankable items."""
+  """merged_full_ranking_topk vs full_ranking_topk on scores with many ties, NaN and -inf, exclusions,
+  and k above the number of rankable items."""
   rng = np.random.default_rng(0)
   out = {}
   for num_items, k, model_axis in ((37, 10, 4), (37, 40, 2), (9, 12, 4), (64, 5, 2)):
     scores = rng.integers(0, 4, (8, num_items)).astype(np.float32)          # ties everywhere
+    scores[rng.random(scores.shape) < 0.1] = np.nan                         # non-finite scores rank last
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
     exclude = rng.integers(0, num_items, (8, 5)).astype(np.int32)
     mesh = make_mesh(4, model_axis)
     expected = ranking.full_ranking_topk(jnp.asarray(scores), jnp.asarray(exclude), k)

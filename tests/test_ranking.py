@@ -69,6 +69,18 @@ def test_topk_matches_stable_argsort_with_ties_and_masking(k):
     assert not (set(got[u].tolist()) & set(exclude[u].tolist()) - {0})
 
 
+def test_nan_and_minus_inf_scores_rank_last_never_behind_masked_items():
+  scores, _, exclude = random_problem(4, ties=False)
+  rng = np.random.default_rng(4)
+  scores[rng.random(scores.shape) < 0.2] = np.nan
+  scores[rng.random(scores.shape) < 0.2] = -np.inf
+  lowest = np.finfo(np.float32).min     # the reference: every non-finite score ties at the bottom
+  want = ref_topk(np.where(np.isfinite(scores), scores, lowest), exclude, 39)
+  got = np.asarray(jax.jit(R.full_ranking_topk, static_argnums=2)(scores, exclude, 39))
+  np.testing.assert_array_equal(got, want)
+  assert (got[:, :30] > 0).all()                                # >= 30 unmasked items a row: no gap mid-list
+
+
 def test_hits_from_topk_ignores_padding():
   topk = jnp.array([[3, 0, 5], [0, 0, 0]])
   positives = jnp.array([[5, 0], [0, 0]])
@@ -276,6 +288,24 @@ def test_a_runs_sampled_evaluation_draws_its_negatives_once(monkeypatch):
                               metrics=exp.protocol.metrics, seed=config["seed"], item_counts=counts)
   assert direct == pytest.approx({k: v for k, v in first.items() if k.startswith("sampled_")}, rel=1e-6)
   assert len(draws) == 2
+
+
+def test_sampled_protocol_refuses_several_held_out_items_per_user(monkeypatch):
+  """The sampled protocol ranks one target against its negatives; with a ratio split a user's other held-out
+  items could be drawn as negatives, so such a protocol is refused by name rather than half evaluated."""
+  import dataclasses
+
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+
+  ratio_sampled = dataclasses.replace(P.get_protocol("bert4rec-sampled"), name="ratio-sampled", split="random_ratio",
+                                      ratios=(0.8, 0.1, 0.1))
+  monkeypatch.setitem(P.PRESETS, "ratio-sampled", ratio_sampled)
+  config = apply_overrides(default_config("pop"), ["protocol='ratio-sampled'"])
+  config.update(dataset="synthetic")
+  exp = experiment.build(config)
+  with pytest.raises(ConfigError, match="'ratio-sampled'.*one held-out item per user.*'valid'"):
+    experiment.make_evaluator(exp, "valid")
 
 
 def test_sampled_negatives_are_never_history_items_nor_unseen_items():

@@ -33,20 +33,31 @@ DEFAULT_METRICS = ("recall", "mrr", "ndcg", "hit", "precision")
 
 # ----------------------------------------------------------------------------- device functions
 
+def _mask_scores(scores: Array, mask: Array) -> Array:
+  """Scores for `lax.top_k`: masked entries -inf, the rest clamped to the lowest finite float or above.
+
+  `lax.top_k` sorts NaN above every number, and a real -inf would tie with the masked entries; so a NaN
+  or -inf score becomes the lowest finite value and ranks last among the unmasked items, never ahead
+  of them and never behind a masked one.
+  """
+  lowest = jnp.finfo(scores.dtype).min
+  return jnp.where(mask, -jnp.inf, jnp.maximum(jnp.nan_to_num(scores, nan=lowest), lowest))
+
+
 def full_ranking_topk(scores: Array, exclude: Array, k: int) -> Array:
   """Top-k item ids per user with item 0 and the excluded items never recommended.
 
   Args:
     scores: [U, N] scores over the item table (column 0 = padding).
     exclude: [U, H] int item ids to mask, 0-padded.
-    k: list length. With fewer than k unmasked items the list is padded with 0 (no item).
+    k: list length. With fewer than k unmasked items the list is padded with 0 (no item). A NaN
+      or -inf score ranks last among the unmasked items (`_mask_scores`).
   Returns:
     [U, k] int32 item ids, best first; 0 marks an empty rank (never a hit).
   """
   u, n = scores.shape
   mask = jnp.zeros((u, n), bool).at[jnp.arange(u)[:, None], exclude].set(True).at[:, 0].set(True)
-  masked = jnp.where(mask, -jnp.inf, scores)
-  _, ids = jax.lax.top_k(masked, min(k, n - 1))
+  _, ids = jax.lax.top_k(_mask_scores(scores, mask), min(k, n - 1))
   ids = jnp.where(jnp.take_along_axis(mask, ids, axis=1), 0, ids)   # fewer unmasked items than k
   return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
 
@@ -95,7 +106,7 @@ def merged_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Arr
     local = jnp.where((exclude > 0) & (exclude >= offset) & (exclude < offset + width), exclude - offset, width)
     rows = jnp.arange(scores.shape[0])[:, None]
     mask = jnp.zeros(scores.shape, bool).at[rows, local].set(True, mode="drop") | (ids == 0) | (ids >= num_items)
-    values, top = jax.lax.top_k(jnp.where(mask, -jnp.inf, scores), min(k, width))
+    values, top = jax.lax.top_k(_mask_scores(scores, mask), min(k, width))
     top_ids = jnp.where(jnp.take_along_axis(mask, top, axis=1), 0, top + offset)
     values = jax.lax.all_gather(values, "model", axis=1, tiled=True)       # [u, slices * k'] in id order
     top_ids = jax.lax.all_gather(top_ids, "model", axis=1, tiled=True)
