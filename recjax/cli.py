@@ -235,7 +235,7 @@ _RECBOLE_BUNDLED = ("ml-100k",)   # RecBole 1.2.1's configurator points data_pat
 
 def cmd_data_export(args) -> int:
   from recjax import experiment
-  from recjax.config import default_config
+  from recjax.config import default_config, set_key
   from recjax.data.export import export_recbole_split
 
   name = args.recbole_name or args.name
@@ -243,7 +243,8 @@ def cmd_data_export(args) -> int:
     raise ConfigError(f"data export: RecBole reads its own bundled {name} whatever --data-path says; "
                       f"pass --as with another name (e.g. --as {name}-split)")
   config = default_config("bpr")
-  config.update(dataset=args.name, data_dir=args.data_dir, protocol=args.protocol, seed=args.seed)
+  config.update(dataset=args.name, data_dir=args.data_dir, protocol=args.protocol)
+  set_key(config, "seed", args.seed, source="--seed")
   exp = experiment.build(config)
   fmt = args.format or ("sequence" if exp.protocol.split in ("leave_one_out", "leave_last_out") else "plain")
   for path in export_recbole_split(exp.split, Path(args.out), name, fmt, exp.protocol.max_len):

@@ -180,11 +180,11 @@ _DECAY = (lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
 _ABOVE_ZERO = (lambda v: v > 0, "a number > 0")
 # Numeric keys with a valid range: (test, what a valid value is). Pop's default is 0 epochs (it counts, never trains).
 _BOUNDS = {
-    "epochs": _COUNT, "patience": _COUNT, "lr_warmup_steps": _COUNT, "weight_decay": _WEIGHT, "l2_weight": _WEIGHT,
-    "adam_b1": _DECAY, "adam_b2": _DECAY, "learning_rate": (_ABOVE_ZERO[0], "a rate > 0"), "adam_eps": _ABOVE_ZERO,
-    "grad_clip_norm": _ABOVE_ZERO,
-    **{key: _POSITIVE for key in ("batch_size", "eval_every", "keep_checkpoints", "grad_accum", "eval_budget_mb",
-                                  "window_stride", "devices", "cpu_devices", "model_parallel")},
+    "epochs": _COUNT, "patience": _COUNT, "seed": _COUNT, "lr_warmup_steps": _COUNT, "weight_decay": _WEIGHT,
+    "l2_weight": _WEIGHT, "adam_b1": _DECAY, "adam_b2": _DECAY, "learning_rate": (_ABOVE_ZERO[0], "a rate > 0"),
+    "adam_eps": _ABOVE_ZERO, "grad_clip_norm": _ABOVE_ZERO,
+    **{key: _POSITIVE for key in ("batch_size", "num_negatives", "eval_every", "keep_checkpoints", "grad_accum",
+                                  "eval_budget_mb", "window_stride", "devices", "cpu_devices", "model_parallel")},
 }
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
-from recjax.config import MODEL_DEFAULTS, default_config, dotted, merged
+from recjax.config import BASE, MODEL_DEFAULTS, default_config, dotted, merged
 from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
@@ -201,6 +201,10 @@ def build(config: dict[str, Any]) -> Experiment:
   protocol = protocols.get_protocol(config["protocol"])
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
     dataclasses.replace(protocol, valid_metric=config["valid_metric"].replace("/", ":").partition(":")[0])
+  preprocessing = sorted(key for key, value in config["preprocess"].items() if value != BASE["preprocess"][key])
+  if protocol.split == "given" and preprocessing:   # filtering would change the split the protocol compares on
+    raise ConfigError(f"protocol {protocol.name!r} evaluates the dataset's given split as it is: "
+                      f"preprocess.{', preprocess.'.join(preprocessing)} cannot apply to it")
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
   parts = [getattr(split, part) for part in splits.PARTS]
@@ -673,9 +677,11 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   """Train and test one config; returns (and writes to `out_dir/metrics.json`) the results dict."""
   exp = build(config)
   out = Path(out_dir) if out_dir else None
+  save_config = (lambda *_: write_json(out / "config.json", config)) if out else None
   if out:
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config)
+    if not resume:   # a resumed run's config is rewritten once its checkpoint has restored (after an epoch)
+      save_config()
   rng = jax.random.PRNGKey(config["seed"])
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
@@ -689,7 +695,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=eval_interval(config, exp.protocol), valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,
-                 keep=config["keep_checkpoints"], log=log)
+                 keep=config["keep_checkpoints"], on_epoch=save_config if resume else None, log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run
     train_s, eval_s = result.train_epoch_s, result.eval_s
     if best_params is None:
@@ -710,5 +716,6 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     sizes = {phase: domains.domain_sizes(getattr(exp.split, phase), exp.domains) for phase in splits.PARTS}
     metrics["domain_sizes"] = {name: {phase: sizes[phase][name] for phase in sizes} for name in exp.domains}
   if out:
+    save_config()
     write_json(out / "metrics.json", metrics)
   return metrics

@@ -83,6 +83,12 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "learning_rate=-0.001"], "learning_rate must be a rate > 0"),
     (["train", "bpr", "--set", "patience=-1"], "patience must be a count >= 0"),
     (["train", "sasrec", "--set", "adam_b2=1.0"], "adam_b2 must be a decay rate in [0, 1)"),
+    (["train", "bpr", "--seed", "-1"], "--seed: seed must be a count >= 0, got -1"),
+    (["train", "bpr", "--set", "num_negatives=0"], "num_negatives must be a positive count, got 0"),
+    (["train", "bpr", "--set", "model.dim=0"], "model.dim: model 'bpr' needs a value >= 1, got 0"),
+    (["train", "ncf_mlp", "--set", "model.hidden=(64, 0)"], "model.hidden: model 'ncf_mlp' needs widths >= 1"),
+    (["train", "lightgcn", "--protocol", "lightgcn", "--set", "preprocess.user_core=5"],
+     "protocol 'lightgcn' evaluates the dataset's given split as it is: preprocess.user_core cannot apply"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
   assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2
@@ -230,6 +236,31 @@ def test_resume_refuses_flags_that_differ_from_the_saved_run_but_may_train_longe
   assert run_cli("train", "bpr", "--set", "batch_size=512", "--epochs", "3", "--out", out, "--resume") == 0
   assert read_metrics(out)["epochs_run"] == 3
   assert json.loads((out / "config.json").read_text())["epochs"] == 3
+
+
+def _write_inter(data_dir: Path, users: int) -> Path:
+  """A small ml-100k-shaped `.inter` file: `users` users with 12 of 30 items each."""
+  rows = [f"{u}\t{(u * 7 + j) % 30 + 1}\t{1 + (u + j) % 5}\t{1000 * u + j}"
+          for u in range(1, users + 1) for j in range(12)]
+  (data_dir / "ml-100k").mkdir(parents=True)
+  text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "\n".join(rows) + "\n"
+  (data_dir / "ml-100k" / "ml-100k.inter").write_text(text)
+  return data_dir
+
+
+def test_resume_on_other_data_is_refused_and_keeps_the_run(tmp_path, capsys):
+  small, large = _write_inter(tmp_path / "small", 20), _write_inter(tmp_path / "large", 35)
+  out = tmp_path / "run"
+  args = ["train", "bpr", "--dataset", "ml-100k", "--set", "model.dim=8", "--out", out]
+  assert run_cli(*args, "--data-dir", small, "--epochs", "1") == 0
+  saved = (out / "config.json").read_text()
+  capsys.readouterr()
+  assert run_cli(*args, "--data-dir", large, "--epochs", "2", "--resume") == 2
+  err = capsys.readouterr().err
+  assert "does not fit this run" in err and "user_embedding" in err, err
+  assert (out / "config.json").read_text() == saved             # the failed resume changed nothing
+  assert run_cli(*args, "--data-dir", small, "--epochs", "2", "--resume") == 0
+  assert read_metrics(out)["epochs_run"] == 2
 
 
 def test_learning_rate_schedule_options_train(tmp_path, capsys):

@@ -124,12 +124,30 @@ def create_model(name: str, /, *, num_users: int, num_items: int, **kwargs) -> n
   if unknown:
     allowed = sorted(k for k in fields if k not in _SIZE_FIELDS)
     raise ConfigError(f"model {name!r} got unknown hyperparameter(s) {unknown}; it takes {allowed}")
+  _check_sizes(name, kwargs)
   missing = sorted(k for k, f in fields.items() if k not in kwargs and k not in _SIZE_FIELDS
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
   if missing:   # data-derived constants (a graph, feature tables): recjax.experiment.build supplies them
     raise ConfigError(f"model {name!r} needs {missing}, built from the training data (see recjax.experiment.build)")
   sizes = {"num_users": num_users, "num_items": num_items}
   return cls(**{k: v for k, v in sizes.items() if k in fields}, **hashable_hparams(kwargs))
+
+
+# Integer hyperparameters that must be at least 1; any other integer (a layer count, `max_scored`, `adapter_dim`:
+# 0 means none or all) must be at least 0, and every entry of a layer-width tuple at least 1.
+_POSITIVE_HPARAMS = frozenset({"dim", "ffn_dim", "hidden_size", "max_len", "mf_dim", "mlp_dim", "num_heads",
+                               "num_experts", "num_domains", "num_tasks", "num_levels"})
+
+
+def _check_sizes(name: str, hparams: dict) -> None:
+  """ConfigError naming `model.KEY` for a negative integer hyperparameter, or a zero size or layer width."""
+  for key, value in hparams.items():
+    widths = isinstance(value, (list, tuple))
+    ints = [v for v in (value if widths else (value,)) if isinstance(v, int) and not isinstance(v, bool)]
+    low = 1 if widths or key in _POSITIVE_HPARAMS else 0
+    if any(v < low for v in ints):
+      raise ConfigError(f"model.{key}: model {name!r} needs {'widths' if widths else 'a value'} >= {low}, "
+                        f"got {value!r}")
 
 
 def hashable_hparams(hparams: dict) -> dict:

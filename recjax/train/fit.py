@@ -105,7 +105,11 @@ def _describe(row: dict, improved: bool) -> str:
 
 def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
   """Restores `(state, book, best_params)` from `ckpt`, or returns the inputs if it is empty."""
-  restored = ckpt.restore_latest(state)
+  try:
+    restored = ckpt.restore_latest(state)
+  except ValueError as e:   # a stored shape differs from this run's
+    raise TrainingError(f"resume: the checkpoint in {ckpt.directory} does not fit this run: {e} (was it trained on "
+                        "other data, e.g. another --data-dir, or with another model size?)") from None
   if restored is None:
     log(f"resume: no checkpoint in {ckpt.directory}, starting from epoch 0")
     return state, _fresh_book(), None
