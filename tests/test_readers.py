@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recjax.data import readers
-from recjax.data.interactions import PAD_TOKEN
+from recjax.data.interactions import PAD_TOKEN, from_columns
 from recjax.errors import DataError
 
 
@@ -89,6 +89,10 @@ def test_read_atomic_without_optional_files(tmp_path):
     ("user_id:token\titem_id:token\ttimestamp:float\nu\ti\t1e400\n", 2, "'1e400' is not a finite number"),
     ("user_id:token\titem_id:token\ttimestamp:float\nu\ti\t5\nu\ti\tinf\n", 3, "'inf' is not a number"),
     ("user_id:token\titem_id:token\trating:float\nu\ti\tTrue\nu\ti\tFalse\n", 2, "'True' is not a number"),
+    ("user_id:token\titem_id:token\trating:float\nu\ti\t4\nu\ti\t1e39\n", 3, "'1e39' is out of float32 range"),
+    ("user_id:token\titem_id:token\trating:float\nu\ti\t4\nu\ti\t\u0663\n", 3, "'\u0663' is not a number"),
+    ("user_id:token\titem_id:token\tnote:token\nu\ti\tab\rcd\nu\ti\tx\n", 2, "carriage return"),
+    ("user_id:token\titem_id:token\nu\ti\nu\ti\r\r\n", 3, "carriage return"),
     ("user_id:token\titem_id:token\n\ti\n", 2, "'user_id': missing value"),
     ("", 1, "empty"),
     ("user_id:token\titem_id:token\n", 1, "no data lines"),
@@ -106,6 +110,13 @@ def test_read_atomic_bad_inter(tmp_path, text, line, message):
     ("item_id:token\temb:float_seq\ni\t1 x\n", 2, "'1 x' is not a number"),
     ("item_id:token\tp:float\ni\t1\nj\tcheap\n", 3, "'cheap' is not a number"),
     ("item_id:token\tp:float\ni\t1\ni\t2\n", 3, "appears twice"),
+    ("item_id:token\tp:float\n10\t1\n   \n20\t2\n10\t3\n", 5, "'10' appears twice"),
+    ("item_id:token\tp:float\ni\t1\nj\t-1e39\n", 3, "'-1e39' is out of float32 range"),
+    ("item_id:token\tp:float\ni\t0\nj\tTrue\nk\t\nl\tfalse\n", 3, "'True' is not a number"),
+    ("item_id:token\tp:float\ni\tTrue\nk\t\nl\tfalse\n", 2, "'True' is not a number"),
+    ("item_id:token\temb:float_seq\ni\t1 2\nj\t1 nan\n", 3, "'1 nan' is not a number"),
+    ("item_id:token\temb:float_seq\ni\t1 inf\n", 2, "'1 inf' is not a number"),
+    ("item_id:token\temb:float_seq\ni\t1 2\nj\t\nk\t1e39 0\n", 4, "'1e39 0' is out of float32 range"),
     ("title:token\nx\n", 1, "missing column 'item_id'"),
 ])
 def test_read_atomic_bad_item_file(tmp_path, text, line, message):
@@ -114,6 +125,15 @@ def test_read_atomic_bad_item_file(tmp_path, text, line, message):
   with raises_at("toy.item", line) as info:
     readers.read_atomic(tmp_path, "toy")
   assert message in str(info.value)
+
+
+def test_read_atomic_float_column_of_0_and_1_beside_the_words_true_false(tmp_path):
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\tlabel:float\tnote:token\nu\t10\t1\ttrue\nu\t20\t0\tx\n")
+  write(tmp_path / "toy.item", "item_id:token\tmovie_title:token_seq\tprice:float\n10\tTrue Lies\t1\n20\tHeat\t0\n")
+  inter = readers.read_atomic(tmp_path, "toy")
+  assert inter.columns["label"].tolist() == [1.0, 0.0]
+  assert inter.item_features["price"][1:].tolist() == [1.0, 0.0]
+  assert inter.item_features["movie_title"][1] == ("True", "Lies")
 
 
 def test_read_atomic_missing_inter(tmp_path):
@@ -182,6 +202,7 @@ def test_read_movielens_csv(tmp_path):
     ("ml-20m", "ratings.csv", "user,movie,rating,timestamp\n1,2,3,4\n", 1, "expected header"),
     ("ml-32m", "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,x\n", 3, "'x' is not a number"),
     ("ml-1m", "ratings.dat", "", 1, "file is empty"),
+    ("ml-100k", "u.data", "1\t2\t3\t4\n1\t3\t4e38\t5\n", 2, "'4e38' is out of float32 range"),
     ("ml-20m", "movies.csv", 'movieId,title,genres\n1,"A (1995)",Drama\n2,B (1996)\n', 3, "expected 3 fields"),
 ])
 def test_read_movielens_errors(tmp_path, variant, file, text, line, message):
@@ -225,6 +246,23 @@ def test_read_table_errors(tmp_path):
       readers.read_table(write(tmp_path / "log.csv", text), user_col="uid", item_col="iid", rating_col="stars"
                          if "stars" in text else None, timestamp_col="when" if "when" in text else None)
     assert message in str(info.value)
+
+
+def test_read_table_names_the_bad_value_of_a_timestamp_or_rating(tmp_path):
+  for text, line, message in [("u,i,t\n1,2,100\n1,3,abc\n", 3, "'abc' is not a number or a date"),
+                              ("u,i,t\n1,2,1600000000\n1,3,\n", 3, "column 't': missing value"),
+                              ("u,i,r\n1,2,5\n1,3,1e39\n", 3, "column 'r': '1e39' is out of float32 range")]:
+    with raises_at("log.csv", line) as info:
+      readers.read_table(write(tmp_path / "log.csv", text), user_col="u", item_col="i",
+                         timestamp_col="t" if "t\n" in text else None, rating_col="r" if "r\n" in text else None)
+    assert message in str(info.value)
+  path = write(tmp_path / "log.csv", "u,i,t\n1,2,86400\n1,3,1970-01-03\n")   # numbers are seconds, dates converted
+  assert readers.read_table(path, user_col="u", item_col="i", timestamp_col="t").timestamp.tolist() == [86400, 172800]
+
+
+def test_from_columns_refuses_a_rating_beyond_float32():
+  with pytest.raises(ValueError, match="'rating'.*out of float32 range"):
+    from_columns(["u"], ["i"], rating=[1e39])
 
 
 def test_read_table_dates_of_several_formats(tmp_path):

@@ -125,10 +125,26 @@ def from_columns(user_raw, item_raw, *, timestamp=None, rating=None, columns=Non
   return Interactions(
       user=user, item=item, user_vocab=user_vocab, item_vocab=item_vocab,
       timestamp=None if timestamp is None else np.asarray(timestamp, np.float64),
-      rating=None if rating is None else np.asarray(rating, np.float32),
+      rating=None if rating is None else _float32(rating, "rating", name),
       user_features=align_features(user_features or {}, user_vocab),
       item_features=align_features(item_features or {}, item_vocab),
       columns={k: np.asarray(v) for k, v in (columns or {}).items()}, name=name)
+
+
+def float32_overflow(values: np.ndarray) -> np.ndarray:
+  """bool [n]: which finite float64 values become inf as float32 (beyond its range, about 3.4e38)."""
+  values = np.asarray(values, np.float64)
+  with np.errstate(over="ignore"):
+    return np.isinf(values.astype(np.float32)) & np.isfinite(values)
+
+
+def _float32(values, column: str, name: str) -> np.ndarray:
+  """float32 copy of `values`; a value beyond the float32 range is a ValueError rather than a silent inf."""
+  values = np.asarray(values, np.float64)
+  bad = float32_overflow(values)
+  if bad.any():
+    raise ValueError(f"{name or 'interactions'}: column {column!r}: {float(values[bad][0])!r} is out of float32 range")
+  return values.astype(np.float32)
 
 
 def align_features(features: Mapping[str, Mapping[str, object]], vocab: np.ndarray) -> dict[str, np.ndarray]:
@@ -138,7 +154,7 @@ def align_features(features: Mapping[str, Mapping[str, object]], vocab: np.ndarr
     values = [by_token.get(tok) for tok in vocab]
     sample = next((v for v in values if v is not None), None)
     if isinstance(sample, (float, np.floating)):
-      out[feature] = np.array([np.nan if v is None else v for v in values], np.float32)
+      out[feature] = _float32([np.nan if v is None else v for v in values], feature, "features")
     elif isinstance(sample, tuple):
       out[feature] = _object_array([() if v is None else v for v in values])
     elif isinstance(sample, np.ndarray):

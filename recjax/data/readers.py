@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recjax.data.interactions import Interactions, build_vocab, from_columns
+from recjax.data.interactions import Interactions, build_vocab, float32_overflow, from_columns
 from recjax.errors import ConfigError, DataError
 
 _SUB = "\x1f"   # stands in for multi-character separators such as "::"
@@ -35,6 +35,7 @@ class _Field:
   name: str
   kind: str                 # token | token_seq | float | float_seq
   required: bool = False    # an empty value is an error
+  float32: bool = False     # kept as float32 (rating, features): a value beyond its range is an error
 
 
 # ----------------------------------------------------------------------------- generic parsing
@@ -55,18 +56,18 @@ def _read_text(path: Path) -> str:
 
 
 # A number as the C parser reads one (ASCII digits; Python's float() also takes "nan", "1_000", other scripts' digits).
-_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
-
-
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
 _BOOL_WORD = re.compile(r"(?i)\b(true|false)\b")
 
 
-def _check_number(value: str) -> str | None:
-  """Why one raw number is invalid (not a decimal number, or not finite), or None."""
+def _check_number(value: str, float32: bool = False) -> str | None:
+  """Why one raw number is invalid (not a decimal number, not finite, beyond float32 when kept so), or None."""
   if not _NUMBER.fullmatch(value):
-    return f"{value!r} is not a number"
+    return "is not a number"
   if not np.isfinite(float(value)):
-    return f"{value!r} is not a finite number"
+    return "is not a finite number"
+  if float32 and float32_overflow(np.array([float(value)]))[0]:
+    return "is out of float32 range"
   return None
 
 
@@ -75,10 +76,22 @@ def _check_value(field: _Field, value: str) -> str | None:
   if value == "":
     return "missing value" if field.required else None
   if field.kind == "float":
-    return _check_number(value)
-  if field.kind == "float_seq":
-    return f"{value!r} is not a number" if any(map(_check_number, value.split())) else None
-  return None
+    why = _check_number(value, field.float32)
+  elif field.kind == "float_seq":   # kept as float32
+    why = next(filter(None, (_check_number(v, float32=True) for v in value.split())), None)
+  else:
+    return None
+  return why and f"{value!r} {why}"
+
+
+def _blank(line: str, sep: str) -> bool:
+  """Whether pandas skips the line: spaces and tabs only, the separator excluded (a lone tab is two empty fields)."""
+  return line.strip(" \t".replace(sep, "")) == ""
+
+
+def _lone_cr(text: str, start: int) -> bool:
+  """Whether a carriage return that ends no line follows `start`: pandas would break the line there."""
+  return text.find("\r", start) >= 0 and text.count("\r", start) > text.count("\r\n", start) + text.endswith("\r")
 
 
 def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, quoted: bool,
@@ -86,8 +99,10 @@ def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, 
   """Slow path, only on bad input: the first offending line as a DataError."""
   display_sep = "::" if sep == _SUB else sep
   for number, line in enumerate(text.split("\n")[header:], start=header + 1):
-    line = line.rstrip("\r")
-    if line == "":
+    line = line.removesuffix("\r")
+    if "\r" in line:
+      return DataError(path, "carriage return (\\r) inside the line: it would be read as a line break", line=number)
+    if _blank(line, sep):
       continue
     values = next(csv.reader([line], delimiter=sep)) if quoted else line.split(sep)
     if len(values) != len(fields):
@@ -116,13 +131,11 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
     raise DataError(path, "no data lines after the header" if header else "file is empty", line=max(header, 1))
   kinds = {i: np.float64 if f.kind == "float" else str for i, f in enumerate(fields)}
   try:
-    df = pd.read_csv(
-        io.StringIO(text), sep=sep, header=None, skiprows=header, dtype=kinds, keep_default_na=False,
-        na_values={i: [""] for i, f in enumerate(fields) if f.kind == "float"}, engine="c",
-        quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, skip_blank_lines=True)
+    df = _read_csv(text, sep, header, quoted, dtype=kinds,
+                   na_values={i: [""] for i, f in enumerate(fields) if f.kind == "float"})
   except (ValueError, TypeError, pd.errors.ParserError) as exc:
     raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
-  ok = df.shape[1] == len(fields)
+  ok = df.shape[1] == len(fields) and not _lone_cr(text, start)
   # No row has too many fields (else pandas raised), so equal totals mean every row is complete. Quoted
   # fields may hold the separator, so there each row is counted (quoted files are small: movies.csv).
   if quoted:
@@ -134,7 +147,9 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
       ok = not (df[i].isna().any() if f.kind == "float" else (df[i] == "").any())
     if ok and f.kind == "float":   # "inf", "1e400" are read, and a column of only True/False as 1/0: not data
       x = df[i].to_numpy(np.float64)
-      ok = not np.isinf(x).any() and not (np.isin(x, (0.0, 1.0)).all() and _BOOL_WORD.search(text, start))
+      ok = not np.isinf(x).any() and not (f.float32 and float32_overflow(x).any())
+      if ok and ((x == 0) | (x == 1) | np.isnan(x)).all() and _BOOL_WORD.search(text, start):
+        ok = not _bool_words(text, sep, header, quoted, i)
   if not ok:
     raise _locate(path, text, fields, sep, header, quoted, "inconsistent fields")
   try:
@@ -143,29 +158,43 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
     raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
 
 
+def _read_csv(text: str, sep: str, header: int, quoted: bool, **kwargs) -> pd.DataFrame:
+  return pd.read_csv(io.StringIO(text), sep=sep, header=None, skiprows=header, keep_default_na=False, engine="c",
+                     quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, skip_blank_lines=True, **kwargs)
+
+
+def _bool_words(text: str, sep: str, header: int, quoted: bool, column: int) -> bool:
+  """Whether a column read as float holds the words True/False, which pandas reads as 1/0."""
+  raw = _read_csv(text, sep, header, quoted, usecols=[column], dtype=str)[column]
+  return raw.str.lower().isin(("true", "false")).any()
+
+
 def _convert(column: pd.Series, kind: str) -> np.ndarray:
   if kind == "float":
     return column.to_numpy(np.float64)
   if kind == "token_seq":
     return _object_array([tuple(v.split()) for v in column])
-  if kind == "float_seq":
-    return _object_array([np.array(v.split(), np.float32) for v in column])
+  if kind == "float_seq":   # numbers as the float columns take them: no "nan", "inf", "1_000"; float32 range
+    x = pd.to_numeric(pd.Series(" ".join(column).split(), dtype=object)).to_numpy(np.float64)
+    if not np.isfinite(x).all() or float32_overflow(x).any():
+      raise ValueError("a float_seq value is not finite or beyond float32")
+    return _object_array(np.split(x.astype(np.float32), np.cumsum(column.str.split().str.len())[:-1]))
   return column.to_numpy(object)
 
 
-def _row_lines(text: str, header: int) -> np.ndarray:
-  """1-based line numbers of the non-blank lines after the header (error messages only)."""
+def _row_lines(text: str, header: int, sep: str) -> np.ndarray:
+  """1-based line numbers of the lines pandas reads as rows, after the header (error messages only)."""
   lines = text.split("\n")
-  return np.array([i + 1 for i in range(header, len(lines)) if lines[i].rstrip("\r") != ""])
+  return np.array([i + 1 for i in range(header, len(lines)) if not _blank(lines[i].removesuffix("\r"), sep)])
 
 
-def _features(path: Path, text: str, columns: dict[str, np.ndarray], key: str, header: int) -> dict:
+def _features(path: Path, text: str, columns: dict[str, np.ndarray], key: str, header: int, sep: str) -> dict:
   """{feature: {raw id: value}} from parsed columns; a repeated id is a DataError."""
   keys = columns.pop(key)
   uniq, first = np.unique(keys.astype(str), return_index=True)
   if len(uniq) != len(keys):
     dup = np.setdiff1d(np.arange(len(keys)), first)[0]
-    raise DataError(path, f"{key} {str(keys[dup])!r} appears twice", line=int(_row_lines(text, header)[dup]))
+    raise DataError(path, f"{key} {str(keys[dup])!r} appears twice", line=int(_row_lines(text, header, sep)[dup]))
   return {name: dict(zip(keys, values)) for name, values in columns.items()}
 
 
@@ -189,11 +218,11 @@ def _atomic_header(path: Path, text: str, inter: bool) -> list[_Field]:
       raise DataError(path, f"header field {name!r} appears twice", line=1)
     seen.add(name)
     if inter and name in _INTER_FIELDS:   # the mapped fields are read with their own meaning
-      fields.append(_Field(name, _INTER_FIELDS[name], required=True))
+      fields.append(_Field(name, _INTER_FIELDS[name], required=True, float32=name == "rating"))
     elif name in ("user_id", "item_id"):  # ids are tokens whatever the declared type, to match the .inter's
       fields.append(_Field(name, "token", required=True))
-    else:
-      fields.append(_Field(name, kind))
+    else:                                 # features are float32, other .inter columns float64
+      fields.append(_Field(name, kind, float32=not inter))
   return fields
 
 
@@ -222,7 +251,7 @@ def read_atomic(directory: str | Path, name: str) -> Interactions:
     path = directory / f"{name}.{kind}"
     if path.exists():
       text, feat_cols = _read_atomic_file(path, (f"{kind}_id",), inter=False)
-      feats[kind] = _features(path, text, feat_cols, f"{kind}_id", header=1)
+      feats[kind] = _features(path, text, feat_cols, f"{kind}_id", header=1, sep="\t")
   extra = {k: v for k, v in cols.items() if k not in _INTER_FIELDS}
   return from_columns(cols["user_id"], cols["item_id"], timestamp=cols.get("timestamp"), rating=cols.get("rating"),
                       columns=extra, user_features=feats.get("user"), item_features=feats.get("item"), name=name)
@@ -234,7 +263,7 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
                  "War", "Western")
 _RATING_FIELDS = [_Field("user_id", "token", True), _Field("item_id", "token", True),
-                  _Field("rating", "float", True), _Field("timestamp", "float", True)]
+                  _Field("rating", "float", True, float32=True), _Field("timestamp", "float", True)]
 
 
 def _tokens(*names: str) -> list[_Field]:
@@ -250,7 +279,7 @@ def _ml100k_items(path: Path) -> dict:
   cols = {"item_id": cols["item_id"], "movie_title": cols["movie_title"],
           "release_year": _object_array([d[-4:] for d in cols["release_date"]]),
           "genres": _object_array([tuple(names[row]) for row in flags])}
-  return _features(path, text, cols, "item_id", header=0)
+  return _features(path, text, cols, "item_id", header=0, sep="|")
 
 
 def _movies(path: Path, sep: str, header: int, quoted: bool) -> dict:
@@ -262,7 +291,7 @@ def _movies(path: Path, sep: str, header: int, quoted: bool) -> dict:
   genres = [() if g in ("", "(no genres listed)") else tuple(g.split("|")) for g in cols["genres"]]
   cols = {"item_id": cols["item_id"], "movie_title": cols["movie_title"],
           "release_year": years.to_numpy(object), "genres": _object_array(genres)}
-  return _features(path, text, cols, "item_id", header=header)
+  return _features(path, text, cols, "item_id", header=header, sep=sep)
 
 
 def _users(path: Path, sep: str, names: tuple[str, ...]) -> dict | None:
@@ -270,7 +299,7 @@ def _users(path: Path, sep: str, names: tuple[str, ...]) -> dict | None:
   if not path.exists():
     return None
   text = _read_text(path)
-  return _features(path, text, _parse_table(path, text, _tokens("user_id", *names), sep), "user_id", 0)
+  return _features(path, text, _parse_table(path, text, _tokens("user_id", *names), sep), "user_id", 0, sep)
 
 
 def _check_csv_header(path: Path, text: str, expected: tuple[str, ...]) -> None:
@@ -360,21 +389,26 @@ def _row_error(path: Path, lines: np.ndarray | None, bad: np.ndarray, message: s
 
 
 def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: bool) -> np.ndarray:
-  """float64 [n] of a column; with `dates`, date strings / datetimes become seconds since the epoch."""
+  """float64 [n] of a column; with `dates`, values that are not numbers (date strings, datetimes) become seconds
+  since the epoch. Without `dates` (ratings, kept as float32), values beyond the float32 range are errors."""
   if dates and pd.api.types.is_datetime64_any_dtype(values):
     values = values.dt.tz_localize(None) if values.dt.tz is not None else values
     return (values - pd.Timestamp(0)).dt.total_seconds().to_numpy(np.float64)
-  number = pd.to_numeric(values, errors="coerce")
-  bad = ~np.isfinite(number.to_numpy(np.float64))   # not a number, or "inf"
+  x = pd.to_numeric(values, errors="coerce").to_numpy(np.float64, copy=True)
+  bad = ~np.isfinite(x)   # not a number, or "inf"
   if bad.any() and dates:
-    when = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")   # each value's own format
-    bad = when.isna().to_numpy()
-    if not bad.any():
-      return (when - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
+    when = pd.to_datetime(values[bad], errors="coerce", utc=True, format="mixed")   # each value's own format
+    x[bad] = (when - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)   # NaT -> NaN
+    bad = ~np.isfinite(x)
   if bad.any():
+    value = values[bad].iloc[0]
     what = "a number or a date" if dates else "a number"
-    raise _row_error(path, lines, bad, f"column {values.name!r}: {values[bad].iloc[0]!r} is not {what}")
-  return number.to_numpy(np.float64)
+    raise _row_error(path, lines, bad, f"column {values.name!r}: " +
+                     ("missing value" if value == "" else f"{value!r} is not {what}"))
+  over = np.zeros_like(bad) if dates else float32_overflow(x)
+  if over.any():
+    raise _row_error(path, lines, over, f"column {values.name!r}: {values[over].iloc[0]!r} is out of float32 range")
+  return x
 
 
 def read_table(path: str | Path, *, user_col: str, item_col: str, timestamp_col: str | None = None,
@@ -383,7 +417,7 @@ def read_table(path: str | Path, *, user_col: str, item_col: str, timestamp_col:
   """Interactions from a CSV/TSV (with a header line) or Parquet file, by column mapping.
 
   `sep` defaults to tab for .tsv/.tab and comma otherwise. Timestamps may be numbers or
-  date strings (-> seconds since the epoch). Extra columns are kept in `columns`, as float64
+  date strings (-> seconds since the epoch), value by value. Extra columns are kept in `columns`, as float64
   when every value is numeric, else as str.
   """
   path = Path(path)
