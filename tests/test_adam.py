@@ -182,6 +182,10 @@ def test_bert_style_schedule_clipping_eps_and_decay_mask_equal_optax():
                              [0.0, 0.1 / 3, 0.1 * 0.7, 0.1 * 0.5, 0.0, 0.0], rtol=1e-6, atol=1e-9)
   mask = no_decay_on_biases_and_norms(params)
   assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False}, "output_bias": False}
+  star_norm = {"gamma": 1.0, "beta": 0.0, "domain_gamma": 1.0, "domain_beta": 0.0, "domain_kernel": 1.0}
+  star_mask = no_decay_on_biases_and_norms({"pn": star_norm})["pn"]     # STAR's partitioned normalisation
+  assert star_mask == {"gamma": False, "beta": False, "domain_gamma": False, "domain_beta": False,
+                       "domain_kernel": True}
   ours = create_optimizer("adamw", schedule, 0.01, eps=1e-6, decay_mask=no_decay_on_biases_and_norms, clip_norm=0.5)
   reference = optax.chain(optax.clip_by_global_norm(0.5),
                           optax.adamw(schedule, eps=1e-6, weight_decay=0.01, mask=no_decay_on_biases_and_norms))

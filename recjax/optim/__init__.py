@@ -65,10 +65,14 @@ def warmup_linear_decay(learning_rate: float, warmup_steps: int, decay_steps: in
   return schedule
 
 
+_NORM_PARAMS = frozenset({"scale", "gamma", "beta", "domain_gamma", "domain_beta"})
+
+
 def no_decay_on_biases_and_norms(params) -> Any:
-  """A weight-decay mask: False on biases and normalisation scales (a leaf named "scale" or whose name
-  holds "bias"), True elsewhere; BERT's optimizer excludes the same ("bias", "LayerNorm")."""
+  """A weight-decay mask: False on biases and normalisation parameters (a leaf whose name holds "bias", or
+  named "scale", or STAR's partitioned normalisation "gamma", "beta", "domain_gamma", "domain_beta"), True
+  elsewhere; BERT's optimizer excludes the same ("bias", "LayerNorm")."""
   def decays(path, _):
     name = jax.tree_util.keystr(path[-1:], simple=True)   # the leaf's own key
-    return not ("bias" in name or name == "scale")
+    return not ("bias" in name or name in _NORM_PARAMS)
   return jax.tree_util.tree_map_with_path(decays, params)
