@@ -201,10 +201,11 @@ def build(config: dict[str, Any]) -> Experiment:
   protocol = protocols.get_protocol(config["protocol"])
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
     dataclasses.replace(protocol, valid_metric=config["valid_metric"].replace("/", ":").partition(":")[0])
-  preprocessing = sorted(key for key, value in config["preprocess"].items() if value != BASE["preprocess"][key])
-  if protocol.split == "given" and preprocessing:   # filtering would change the split the protocol compares on
-    raise ConfigError(f"protocol {protocol.name!r} evaluates the dataset's given split as it is: "
-                      f"preprocess.{', preprocess.'.join(preprocessing)} cannot apply to it")
+  if protocol.split == "given":   # filtering would change the split the protocol compares on
+    preprocessing = sorted(key for key, value in config["preprocess"].items() if value != BASE["preprocess"][key])
+    if preprocessing:
+      raise ConfigError(f"protocol {protocol.name!r} evaluates the dataset's given split as it is: "
+                        f"preprocess.{', preprocess.'.join(preprocessing)} cannot apply to it")
   loaded = load_dataset(config["dataset"], resolve_data_dir(config["data_dir"]))
   split = make_split(loaded, protocol, config)
   parts = [getattr(split, part) for part in splits.PARTS]
@@ -429,8 +430,8 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
   per_domain = {key.split("/", 1)[1]: sets for key, sets in exp.eval_sets.items() if key.startswith(f"{phase}/")}
 
   negatives = {}   # sampled protocol: each evaluation set's negatives, fixed by the seed, drawn once per run
-  if protocol.sampled:
-    for name, data in exp.eval_sets.items():
+  if protocol.sampled:   # it ranks `positives[:, 0]` against the negatives
+    for name, data in [(phase, exp.eval_sets[phase]), *per_domain.items()]:
       if data["positives"].shape[1] > 1 and (data["positives"][:, 1] > 0).any():
         raise ConfigError(f"protocol {protocol.name!r}: the sampled protocol ranks one held-out item per user, but "
                           f"{name!r} holds out several for some users (split {protocol.split!r}); use a leave-one-out "

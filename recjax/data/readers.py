@@ -175,10 +175,11 @@ def _convert(column: pd.Series, kind: str) -> np.ndarray:
   if kind == "token_seq":
     return _object_array([tuple(v.split()) for v in column])
   if kind == "float_seq":   # numbers as the float columns take them: no "nan", "inf", "1_000"; float32 range
-    x = pd.to_numeric(pd.Series(" ".join(column).split(), dtype=object)).to_numpy(np.float64)
+    parts = column.str.split()
+    x = pd.to_numeric(parts.explode().dropna()).to_numpy(np.float64)   # an empty list explodes to one NaN
     if not np.isfinite(x).all() or float32_overflow(x).any():
       raise ValueError("a float_seq value is not finite or beyond float32")
-    return _object_array(np.split(x.astype(np.float32), np.cumsum(column.str.split().str.len())[:-1]))
+    return _object_array(np.split(x.astype(np.float32), np.cumsum(parts.str.len())[:-1]))
   return column.to_numpy(object)
 
 
@@ -405,9 +406,10 @@ def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: boo
     what = "a number or a date" if dates else "a number"
     raise _row_error(path, lines, bad, f"column {values.name!r}: " +
                      ("missing value" if value == "" else f"{value!r} is not {what}"))
-  over = np.zeros_like(bad) if dates else float32_overflow(x)
-  if over.any():
-    raise _row_error(path, lines, over, f"column {values.name!r}: {values[over].iloc[0]!r} is out of float32 range")
+  if not dates:   # a rating, kept as float32
+    over = float32_overflow(x)
+    if over.any():
+      raise _row_error(path, lines, over, f"column {values.name!r}: {values[over].iloc[0]!r} is out of float32 range")
   return x
 
 

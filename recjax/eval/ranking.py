@@ -41,7 +41,7 @@ def _mask_scores(scores: Array, mask: Array) -> Array:
   of them and never behind a masked one.
   """
   lowest = jnp.finfo(scores.dtype).min
-  return jnp.where(mask, -jnp.inf, jnp.maximum(jnp.nan_to_num(scores, nan=lowest), lowest))
+  return jnp.where(mask, -jnp.inf, jnp.nan_to_num(scores, nan=lowest, neginf=lowest, posinf=jnp.inf))
 
 
 def full_ranking_topk(scores: Array, exclude: Array, k: int) -> Array:
