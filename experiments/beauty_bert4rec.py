@@ -9,7 +9,7 @@ decoupled weight decay 0.01 except on biases and LayerNorm, 100 warm-up steps th
 gradients clipped to global norm 5. Their data adds one last-item-masked copy of each sequence to ten
 randomly masked ones, so 1/11 of the rows hide only the newest item (`last_ratio`). Not reproduced: their
 optimizer's Adam has no bias correction, and they mask exactly min(30, round(0.6 n)) items of a sequence
-where recjax hides each with probability 0.6;
+where recjax hides each with probability 0.6 and scores the newest 30 hidden (`max_scored`);
 full-softmax Cloze loss over all 54,542 items, which wants an accelerator. Reference figures and
 their sources: `PUBLISHED.md`. `--bert4rec-code`: the data as the authors' code prepares it (protocol
 `bert4rec-code`: each user's second-to-last item trained on, test evaluated once after the last epoch).
@@ -33,7 +33,7 @@ CONFIG = {
     "optimizer": "adamw", "adam_eps": 1e-6, "decay_biases_and_norms": False, "lr_warmup_steps": 100,
     "lr_decay": "linear", "grad_clip_norm": 5.0, "epochs": 2600, "patience": 20, "eval_every": 10,
     "model": {"dim": 64, "num_blocks": 2, "num_heads": 2, "ffn_dim": 256, "dropout": 0.5, "attn_dropout": 0.2,
-              "mask_ratio": 0.6, "last_ratio": 1 / 11},
+              "mask_ratio": 0.6, "last_ratio": 1 / 11, "max_scored": 30},   # 30: their max_predictions_per_seq
 }
 VARIANTS = {   # flags: each one's overrides on top of CONFIG
     # The data as the authors' code prepares it: the valid item trained on, test evaluated once at the end.

@@ -9,9 +9,9 @@ code's (3 layers, d = 64, Adam 1e-3, batch 2048, L2 1e-4 on the ego embeddings o
 with one uniform negative, up to 1000 epochs). As in the authors' PyTorch code, each of an epoch's
 810,128 training pairs draws a user uniformly, then one of the user's items (`pair_sampling=users`;
 RecBole and recjax's default draw each training pair once), and the tables start N(0, 0.1^2)
-(recjax's LightGCN default is RecBole's xavier-uniform). The GPU run of 2026-11-22 (Recall@20
-0.1767, `benchmarks/RESULTS.md`) predates the user-uniform sampling. On the 2-core CPU an epoch
-takes minutes (docs/architecture.md): run it in parts with `--epochs N --resume`.
+(recjax's LightGCN default is RecBole's xavier-uniform). On one H100 (2026-11-24) it stopped after
+epoch 509 at Recall@20 0.1796 / NDCG@20 0.1536 (best at 449; 459 s wall; `benchmarks/RESULTS.md`). On the
+2-core CPU an epoch takes about a minute: run it in parts with `--epochs N --resume`.
 
     python experiments/gowalla_lightgcn.py --data-dir ../shared/data [--epochs N] [--resume]
 """

@@ -25,6 +25,10 @@ def pytest_configure(config):
   not change (`test_models` checks an init bit for bit against the default level), while compiles, which
   are much of the suite's time, get cheaper: 4-14% less CPU time on samples of test files, alternated.
 
+  Matrix products run at full float32 precision (`JAX_DEFAULT_MATMUL_PRECISION=highest`, unless set): the
+  tests compare with float64 numpy references, and on a GPU JAX's default precision multiplies float32 in
+  TF32 (about 1e-3 relative), which failed a dozen of them on an H100. On the CPU the two are the same.
+
   Workers and subprocesses also start under the malloc the `recjax` command would re-run itself with
   (`recjax.launch`: tcmalloc when installed), so they run as users' commands do, and faster."""
   global _OWN_CACHE
@@ -38,7 +42,10 @@ def pytest_configure(config):
     _OWN_CACHE = tempfile.mkdtemp(prefix="recjax-tests-xla-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
   import jax
+
+  jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
