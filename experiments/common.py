@@ -6,7 +6,8 @@ A script names a model, a dataset, config overrides and the reference figures it
   metric      reference   recjax   ratio
 
 Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key),
-`--resume` (continue an interrupted run in `--out`; `--epochs` is the total, counting earlier epochs).
+`--resume` (continue an interrupted run in `--out`; `--epochs` is the total, counting earlier epochs). As with
+`recjax train`, a second run into a folder that holds one, or a resume with other settings, is refused.
 """
 from __future__ import annotations
 

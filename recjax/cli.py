@@ -151,8 +151,7 @@ def cmd_train(args) -> int:
     if saved is None:
       raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
     config = _resumed_config(args, config, given, saved, out)
-  elif (out / "metrics.json").exists() or (out / "checkpoints").exists():
-    raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+  experiment.check_run_folder(config, out, args.resume)   # here too: before the barrier below
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)   # after the checks: a barrier
   metrics = experiment.train(config, out, resume=args.resume)
   cold = {"cold": metrics["cold"]} if "cold" in metrics else {}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
-from recjax.config import BASE, MODEL_DEFAULTS, default_config, dotted, merged
+from recjax.config import BASE, MODEL_DEFAULTS, default_config, dotted, flatten, merged
 from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
@@ -673,11 +673,38 @@ def write_json(path: Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+# What a resumed run may change: `epochs` (the total: train longer) and `data_dir` (the data moved).
+RESUMABLE_KEYS = ("epochs", "data_dir")
+
+
+def check_run_folder(config: dict[str, Any], out: Path, resume: bool) -> None:
+  """Refuses, before anything is written, what would mix two runs in `out` (ConfigError): a new run where one
+  already is (`metrics.json` or `checkpoints/`), or a resumed one whose config differs from the saved run's
+  in a key other than RESUMABLE_KEYS. Resuming where nothing was saved starts the run afresh."""
+  if not resume:
+    if (out / "metrics.json").exists() or (out / "checkpoints").exists():
+      raise ConfigError(f"{out} already holds a run; resume it (--resume) or choose another output folder")
+    return
+  saved = saved_config(out)
+  if saved is None:
+    return
+  given = dict(flatten(json.loads(json_line(config))))   # as config.json holds it: tuples as lists
+  kept = dict(flatten(saved))
+  differ = [f"{key} ({kept.get(key)!r} saved, {given.get(key)!r} given)" for key in sorted(given.keys() | kept.keys())
+            if key not in RESUMABLE_KEYS and given.get(key) != kept.get(key)]
+  if differ:
+    raise ConfigError(f"resume: the run saved in {out / 'config.json'} had another config: {'; '.join(differ)}. "
+                      f"Only {' and '.join(RESUMABLE_KEYS)} may change when a run resumes.")
+
+
 def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, resume: bool = False,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Train and test one config; returns (and writes to `out_dir/metrics.json`) the results dict."""
-  exp = build(config)
+  """Train and test one config; returns (and writes to `out_dir/metrics.json`) the results dict.
+  `check_run_folder` guards `out_dir` first."""
   out = Path(out_dir) if out_dir else None
+  if out:
+    check_run_folder(config, out, resume)
+  exp = build(config)
   save_config = (lambda *_: write_json(out / "config.json", config)) if out else None
   if out:
     out.mkdir(parents=True, exist_ok=True)

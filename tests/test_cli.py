@@ -238,6 +238,25 @@ def test_resume_refuses_flags_that_differ_from_the_saved_run_but_may_train_longe
   assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
+def test_library_train_guards_its_run_folder_as_the_command_does(tmp_path):
+  """`experiment.train` (the experiment scripts' path) refuses a second run into a run's folder and a resume
+  with another config before it writes anything; it resumes with more epochs and a moved data folder."""
+  from recjax import experiment
+
+  out = tmp_path / "run"
+  config = apply_overrides(build_config("bpr"), ["epochs=1", "model.dim=8"])
+  experiment.train(config, out, log=lambda line: None)
+  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  with pytest.raises(ConfigError, match="already holds a run"):
+    experiment.train(config, out, log=lambda line: None)
+  with pytest.raises(ConfigError, match=r"learning_rate \(0.001 saved, 0.5 given\); model.dim \(8 saved, 4 given\)"):
+    experiment.train(apply_overrides(config, ["learning_rate=0.5", "model.dim=4", "epochs=2"]), out, resume=True)
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files     # nothing written by either
+  resumed = experiment.train({**config, "epochs": 2, "data_dir": str(tmp_path)}, out, resume=True,
+                             log=lambda line: None)
+  assert resumed["epochs_run"] == 2
+
+
 def _write_inter(data_dir: Path, users: int) -> Path:
   """A small ml-100k-shaped `.inter` file: `users` users with 12 of 30 items each."""
   rows = [f"{u}\t{(u * 7 + j) % 30 + 1}\t{1 + (u + j) % 5}\t{1000 * u + j}"
