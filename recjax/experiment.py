@@ -199,6 +199,17 @@ def build(config: dict[str, Any]) -> Experiment:
   _check_choice(config, "lr_decay", LR_DECAYS)
   compute_dtype(config)
   protocol = protocols.get_protocol(config["protocol"])
+  name = config["model"]["name"]
+  multi_task = getattr(models.MODELS.get(name), "multidomain", False)   # logits per domain and task; no ranking
+  if multi_task and (protocol.task == "ranking" or config["training"] != "labeled"):
+    labelled = sorted(p.name for p in protocols.PRESETS.values() if p.task == "labeled")
+    raise ConfigError(f"model {name!r} predicts labels per domain and task and does not score items: it needs "
+                      f"a labelled protocol ({labelled}) and training='labeled', not protocol {protocol.name!r} "
+                      f"with training={config['training']!r}")
+  if len(config["label_columns"] or ()) > 1 and not multi_task:
+    raise ConfigError(f"label_columns {list(config['label_columns'])}: several tasks need a multi-task model "
+                      f"({sorted(n for n, m in models.MODELS.items() if getattr(m, 'multidomain', False))}); "
+                      f"{name!r} predicts one label")
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
     dataclasses.replace(protocol, valid_metric=config["valid_metric"].replace("/", ":").partition(":")[0])
   if protocol.split == "given":   # filtering would change the split the protocol compares on
@@ -214,10 +225,10 @@ def build(config: dict[str, Any]) -> Experiment:
   if config["domain"]["only"] is not None:
     split = domains.only_domain(split, config["domain"]["only"]) if names else _need_domains("domain.only")
   splits.check_split(split)
+  _check_metric_scope(config["valid_metric"], names, config["label_columns"])
   hparams = {k: v for k, v in config["model"].items() if k != "name"}
-  name = config["model"]["name"]
   kind = models.model_kind(name)
-  if getattr(models.MODELS[name], "multidomain", False):   # heads per domain and task, from the data
+  if multi_task:   # heads per domain and task, from the data
     hparams.update(num_domains=len(names) if names else _need_domains(f"model {name!r}"),
                    num_tasks=len(config["label_columns"] or ()) or 1)
   if getattr(models.MODELS[name], "needs_features", False):   # feature fields of the training split
@@ -247,6 +258,18 @@ def build(config: dict[str, Any]) -> Experiment:
     eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
                  for phase, rows in (("valid", data.valid), ("test", data.test))}
   return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data, domains=names)
+
+
+def _check_metric_scope(valid_metric: str | None, domains: tuple[str, ...] | None, tasks) -> None:
+  """The domain and task a `valid_metric` of the form `metric[:task][/domain]` names are the run's."""
+  head, _, domain = (valid_metric or "").partition("/")
+  task = head.partition(":")[2]
+  if domain and domain not in (domains or ()):
+    raise ConfigError(f"valid_metric {valid_metric!r}: this run has no domain {domain!r} "
+                      f"(domains: {list(domains) if domains else 'none; set domain.rule'})")
+  if task and task not in (tasks or ()):
+    raise ConfigError(f"valid_metric {valid_metric!r}: this run has no task {task!r} "
+                      f"(tasks, the label_columns: {list(tasks) if tasks else 'none'})")
 
 
 def _need_domains(what: str):

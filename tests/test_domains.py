@@ -166,6 +166,9 @@ def test_labeled_report_per_task_and_domain_against_numpy():
         assert report[f"auc:{task}/{name}"] == pytest.approx(_auc_reference(z, y))
   assert "auc:like/c" not in report                                     # undefined there, not invented
   assert report["auc"] == pytest.approx((report["auc:click"] + report["auc:like"]) / 2)
+  for name in "ab":   # per domain too: the mean over the tasks where the metric is defined
+    assert report[f"auc/{name}"] == pytest.approx((report[f"auc:click/{name}"] + report[f"auc:like/{name}"]) / 2)
+  assert report["auc/c"] == pytest.approx(report["auc:click/c"])
   single = classification.labeled_report(("auc",), logits[:, 0], labels[:, 0], users)
   assert single == {"auc": pytest.approx(report["auc:click"])}
 

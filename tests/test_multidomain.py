@@ -82,6 +82,18 @@ def test_errors_name_the_missing_piece(small_multidomain, tmp_path):
     train(_config("star", {"domain.only": "d9"}), tmp_path / "b")
   with pytest.raises(ConfigError, match="leaves nothing to train"):
     train(_config("domain_mlp", {"finetune.trainable": "adapters"}), tmp_path / "c")
+  # refused before training: a ranking protocol or pair training for a model that only predicts labels, a
+  # one-label model for two tasks, a valid_metric of a domain or task the run does not have
+  for model, overrides, message in [("mmoe", {"protocol": "recbole-general"}, "does not score items"),
+                                    ("mmoe", {"training": "pairs"}, "training='labeled', not protocol 'multidomain'"),
+                                    ("deepfm", {}, "several tasks need a multi-task model"),
+                                    ("mmoe", {"valid_metric": "auc/d9"}, "no domain 'd9'"),
+                                    ("mmoe", {"valid_metric": "auc:view/d2"}, "no task 'view'")]:
+    with pytest.raises(ConfigError, match=message):
+      train(_config(model, overrides), tmp_path / "d", log=lambda line: None)
+  assert not (tmp_path / "d").exists()
+  assert train(_config("mmoe", {"valid_metric": "auc/d2", "epochs": 1}), tmp_path / "e",
+               log=lambda line: None)["valid"]["auc/d2"] > 0
 
 
 def test_a_plain_ctr_model_is_reported_per_domain_on_ml100k(data_dir, tmp_path):

@@ -248,9 +248,10 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
     domain, domains: each row's domain id `[n]` and the domain names, to report every domain too.
 
   Returns:
-    `{name}` overall (with T tasks: the mean over tasks), `{name}:{task}` per task (T > 1), and
-    `{name}/{domain}` / `{name}:{task}/{domain}` per domain. Where AUC or GAUC is undefined (the rows,
-    or every user's rows, of a domain hold one class) the key is left out; the other metrics are reported.
+    `{name}` overall, `{name}:{task}` per task (T > 1), and `{name}/{domain}` / `{name}:{task}/{domain}`
+    per domain; with T tasks `{name}` and `{name}/{domain}` are the means over the tasks. Where AUC or GAUC
+    is undefined (the rows, or every user's rows, of a domain hold one class) the key is left out; the other
+    metrics are reported.
   """
   outputs, targets = np.asarray(outputs), np.asarray(targets)
   columns = [(None, outputs, targets)] if outputs.ndim == 1 else [
@@ -280,11 +281,12 @@ def labeled_report(names, outputs: np.ndarray, targets: np.ndarray, users: np.nd
       rows = np.flatnonzero(domain == d)
       if len(rows):
         report.update({f"{m}{suffix}/{domain_name}": v for m, v in metrics(rows, out, target).items()})
-  if len(columns) > 1:   # the mean over the tasks where the metric is defined
+  if len(columns) > 1:   # the mean over the tasks where the metric is defined, overall and per domain
     for m in names:
-      values = [report[f"{m}:{name}"] for name, _, _ in columns if f"{m}:{name}" in report]
-      if values:
-        report[m] = float(np.mean(values))
+      for where in ("", *(f"/{d}" for d in domains or ())):
+        values = [report[key] for key in (f"{m}:{name}{where}" for name, _, _ in columns) if key in report]
+        if values:
+          report[f"{m}{where}"] = float(np.mean(values))
   return report
 
 
