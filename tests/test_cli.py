@@ -306,6 +306,66 @@ def test_recommend_needs_a_positive_k(capsys):
   assert info.value.code == 2 and "--k: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
+def test_recommend_leaves_out_every_seen_item(tmp_path, capsys):
+  """Seen = any part of the split, the cold-start hold-out, and rows preprocessing dropped; with --k above
+  what is left, only the unseen items are printed (no padding id), and stderr says so."""
+  data = _write_inter(tmp_path / "data", 20)          # user u has items (7u + j) % 30 + 1, j < 12, rated 1..5
+  raw = [line.split("\t") for line in (data / "ml-100k" / "ml-100k.inter").read_text().splitlines()[1:]]
+  for protocol, sets in [("recbole-general", ["preprocess.min_rating=3"]), ("cold-start", [])]:
+    out = tmp_path / protocol
+    args = sum((["--set", s] for s in sets), [])
+    assert run_cli("train", "pop", "--dataset", "ml-100k", "--data-dir", data, "--protocol", protocol, *args,
+                   "--out", out) == 0
+    capsys.readouterr()
+    assert run_cli("recommend", "--run", out, "--user", "5", "--k", "100") == 0
+    printed = capsys.readouterr()
+    items = {line.split()[1] for line in printed.out.strip().splitlines()}
+    seen = {item for user, item, _, _ in raw if user == "5"}
+    assert len(seen) == 12 and not items & seen and "[PAD]" not in items, (protocol, items & seen)
+    assert "fewer than --k 100" in printed.err
+    if protocol == "recbole-general":   # every unseen item that survived the filter
+      assert len(items) == len({item for _, item, rating, _ in raw if float(rating) >= 3} - seen)
+
+
+def test_evaluate_only_reads_the_run_folder(tmp_path, capsys):
+  out = tmp_path / "bpr"
+  assert run_cli("train", "bpr", "--epochs", "1", "--set", "model.dim=8", "--out", out) == 0
+  in_flight = out / "checkpoints" / "latest" / "1.orbax-checkpoint-tmp-1700000000"   # a save under way
+  in_flight.mkdir()
+  assert run_cli("evaluate", "--run", out) == 0 and in_flight.is_dir()
+  config_only = tmp_path / "config_only"
+  config_only.mkdir()
+  (config_only / "config.json").write_bytes((out / "config.json").read_bytes())
+  capsys.readouterr()
+  assert run_cli("evaluate", "--run", config_only) == 2
+  assert "no best checkpoint" in capsys.readouterr().err
+  assert [p.name for p in config_only.iterdir()] == ["config.json"]     # nothing created there
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]", "not a recjax run config"), ('{"model": {"name": "nosuch"}}', "got 'nosuch'"),
+    ('{"model": {"name": "bpr", "dim": "eight"}}', "model.dim"), ('{"model": {"name": "bpr"}, "seed": "x"}', "seed")])
+def test_a_malformed_run_config_is_one_error_naming_the_file(tmp_path, capsys, text, message):
+  (tmp_path / "config.json").write_text(text)
+  assert run_cli("evaluate", "--run", tmp_path) == 2
+  err = capsys.readouterr().err
+  assert str(tmp_path / "config.json") in err and message in err, err
+
+
+def test_data_commands_refuse_bad_paths_and_sizes(tmp_path, capsys):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  assert run_cli("data", "export", "synthetic", "--out", a_file) == 2
+  assert "Not a directory" in capsys.readouterr().err
+  assert run_cli("data", "export", "synthetic", "--as", "a/b", "--out", tmp_path / "x") == 2
+  assert "a dataset name, not a path" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run_cli("data", "text", "ml-100k", "--batch-size", "0")
+  assert "--batch-size: expected an integer >= 1" in capsys.readouterr().err
+  assert run_cli("data", "export", "synthetic", "--protocol", "recbole-context", "--out", tmp_path / "ctx") == 0
+  assert (tmp_path / "ctx" / "synthetic" / "synthetic.test.inter").is_file()
+
+
 def test_ml100k_train_recommend_info(data_dir, tmp_path, capsys):
   out = tmp_path / "ml"
   assert run_cli("train", "bpr", "--dataset", "ml-100k", "--data-dir", data_dir, "--epochs", "2",

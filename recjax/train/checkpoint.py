@@ -21,12 +21,13 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _manager(directory: Path, keep: int, asynchronous: bool) -> ocp.CheckpointManager:
+def _manager(directory: Path, keep: int, asynchronous: bool, read_only: bool = False) -> ocp.CheckpointManager:
   # Each manager names its own barriers: in a multi-host run the latest and best managers both
   # synchronise the processes, and shared barrier names would collide.
   multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                         cleanup_tmp_directories=True, multiprocessing_options=multiprocessing)
+                                         cleanup_tmp_directories=not read_only, create=not read_only,
+                                         read_only=read_only, multiprocessing_options=multiprocessing)
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -83,14 +84,16 @@ class Checkpointer:
     directory: created if missing.
     keep: how many of the newest epochs `save_latest` keeps.
     asynchronous: write in the background (default: unless the backend is the CPU; see the module doc).
+    read_only: for restoring from a run that may still be training (`recjax evaluate`): nothing is created,
+      written or cleaned up, the unfinished save of a running process included.
   """
 
-  def __init__(self, directory, keep: int = 3, asynchronous: bool | None = None):
+  def __init__(self, directory, keep: int = 3, asynchronous: bool | None = None, read_only: bool = False):
     self.directory = Path(directory).absolute()
     if asynchronous is None:
       asynchronous = jax.default_backend() != "cpu"
-    self._latest = _manager(self.directory / "latest", keep, asynchronous)
-    self._best = _manager(self.directory / "best", 1, asynchronous)
+    self._latest = _manager(self.directory / "latest", keep, asynchronous, read_only)
+    self._best = _manager(self.directory / "best", 1, asynchronous, read_only)
 
   def latest_epochs(self) -> list[int]:
     self._latest.wait_until_finished()
