@@ -340,6 +340,10 @@ def test_evaluate_only_reads_the_run_folder(tmp_path, capsys):
   assert run_cli("evaluate", "--run", config_only) == 2
   assert "no best checkpoint" in capsys.readouterr().err
   assert [p.name for p in config_only.iterdir()] == ["config.json"]     # nothing created there
+  for metadata in (out / "checkpoints" / "best").glob("*/state/_METADATA"):   # a damaged checkpoint
+    metadata.unlink()
+  assert run_cli("evaluate", "--run", out) == 2
+  assert "the checkpoint has no readable state" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [

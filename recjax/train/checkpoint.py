@@ -14,22 +14,33 @@ the same total time).
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from recjax.errors import DataError
+
 
 def _manager(directory: Path, keep: int, asynchronous: bool, read_only: bool = False) -> ocp.CheckpointManager:
   # Each manager names its own barriers: in a multi-host run the latest and best managers both
   # synchronise the processes, and shared barrier names would collide.
   multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                         cleanup_tmp_directories=not read_only, create=not read_only,
-                                         read_only=read_only, multiprocessing_options=multiprocessing)
+  # Read-only: nothing created, nothing cleaned up (a running process's unfinished save stays), nothing saved.
+  writing = {"save_interval_steps": 0} if read_only else {"max_to_keep": keep, "cleanup_tmp_directories": True}
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous, create=not read_only,
+                                         read_only=read_only, multiprocessing_options=multiprocessing, **writing)
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+  absl = logging.getLogger("absl")
+  level = absl.level
+  if read_only:   # orbax warns that a read-only manager is read-only
+    absl.setLevel(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+  finally:
+    absl.setLevel(level)
 
 
 def _abstract(tree):
@@ -52,13 +63,12 @@ def _leaf_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def _check_shapes(manager: ocp.CheckpointManager, epoch: int, template) -> None:
-  """ValueError naming the first stored array whose shape differs from `template`'s.
+def _check_shapes(stored, template) -> None:
+  """ValueError naming the first array of the stored `state` metadata whose shape differs from `template`'s.
 
   Checked from the metadata, before any array is read: a mismatch found mid-restore leaves
   orbax's pending reads to fail noisily.
   """
-  stored = manager.item_metadata(epoch)["state"]
   stored = {_leaf_name(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(stored.tree)[0]}
   for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
     name = _leaf_name(path)
@@ -71,10 +81,26 @@ def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] 
   epoch = manager.latest_step()
   if epoch is None:
     return None
-  _check_shapes(manager, epoch, template)
+  folder = Path(manager.directory) / str(epoch)
+  try:
+    stored = manager.item_metadata(epoch)["state"]
+  except Exception as e:   # orbax and tensorstore raise many kinds of error for damaged files
+    raise _unreadable(folder, e) from e
+  if stored is None:
+    raise DataError(folder, "the checkpoint has no readable state (files missing?)")
+  _check_shapes(stored, template)
   args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore())
-  out = manager.restore(epoch, args=args)
+  try:
+    out = manager.restore(epoch, args=args)
+  except Exception as e:
+    raise _unreadable(folder, e) from e
   return epoch, out["state"], dict(out["meta"])
+
+
+def _unreadable(folder: Path, error: Exception) -> DataError:
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  return DataError(folder, f"the checkpoint cannot be read ({type(error).__name__}: {first_line[:300]}): its "
+                           "files are damaged or incomplete, or it holds another model's state")
 
 
 class Checkpointer:
