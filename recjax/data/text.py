@@ -120,6 +120,7 @@ def item_text_vectors(inter: Interactions, model: str, fields: Sequence[str] | N
   path = cache_dir(cache) / f"{key[:32]}.npy"
   vectors = _load_cached(path, len(texts))
   if vectors is None:
+    path.parent.mkdir(parents=True, exist_ok=True)   # a cache folder that cannot be made fails before the encoding
     encoder = encoder or text.load_text_encoder(model)
     rows = np.flatnonzero([bool(t) for t in texts])
     vectors = np.zeros((len(texts), encoder.dim), np.float32)
