@@ -182,7 +182,8 @@ _ABOVE_ZERO = (lambda v: v > 0, "a number > 0")
 _BOUNDS = {
     "epochs": _COUNT, "patience": _COUNT, "seed": _COUNT, "lr_warmup_steps": _COUNT, "weight_decay": _WEIGHT,
     "l2_weight": _WEIGHT, "adam_b1": _DECAY, "adam_b2": _DECAY, "learning_rate": (_ABOVE_ZERO[0], "a rate > 0"),
-    "adam_eps": _ABOVE_ZERO, "grad_clip_norm": _ABOVE_ZERO,
+    "adam_eps": _ABOVE_ZERO, "grad_clip_norm": _ABOVE_ZERO, "preprocess.user_core": _COUNT,
+    "preprocess.item_core": _COUNT,
     **{key: _POSITIVE for key in ("batch_size", "num_negatives", "eval_every", "keep_checkpoints", "grad_accum",
                                   "eval_budget_mb", "window_stride", "devices", "cpu_devices", "model_parallel")},
 }

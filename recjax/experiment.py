@@ -243,6 +243,9 @@ def build(config: dict[str, Any]) -> Experiment:
   model = models.create_model(name, num_users=split.train.num_users, num_items=split.train.num_items, **hparams)
   data = build_labeled(config, protocol, split, kind, names)
   if protocol.task == "ranking":
+    if len(split.valid) == 0 and protocol.split not in ("given", "leave_last_out"):   # those have none by design
+      raise DataError(config["dataset"], f"protocol {protocol.name!r} (split {protocol.split!r}) left no valid "
+                      "rows (too few interactions per user?): the model would be selected on test")
     phases = ("test",) if len(split.valid) == 0 else ("valid", "test")
     max_len = history_length(model, protocol)
     eval_sets = {phase: build_eval_set(split, phase, protocol, max_len) for phase in phases}

@@ -70,6 +70,7 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--protocol", "nosuchprotocol"], "unknown protocol"),
     (["train", "bpr", "--set", "loss='hinge'"], "unknown loss 'hinge'"),
     (["train", "bpr", "--set", "preprocess.user_core=100000"], "no interactions left"),
+    (["train", "bpr", "--set", "preprocess.item_core=-1"], "preprocess.item_core must be a count >= 0"),
     (["train", "gru4rec", "--set", "loss='gbce'", "--set", "gbce_t=2.0"], "loss 'gbce'"),
     (["train", "sasrec", "--set", "negative_distribution='zipf'"], "negative_distribution"),
     (["train", "bpr", "--set", "devices=1", "--set", "model_parallel=3"], "model_parallel=3 does not divide"),
@@ -325,6 +326,15 @@ def test_recommend_leaves_out_every_seen_item(tmp_path, capsys):
     assert "fewer than --k 100" in printed.err
     if protocol == "recbole-general":   # every unseen item that survived the filter
       assert len(items) == len({item for _, item, rating, _ in raw if float(rating) >= 3} - seen)
+
+
+def test_a_split_without_valid_rows_is_refused_where_one_is_expected(tmp_path, capsys):
+  data = tmp_path / "data" / "ml-100k"
+  data.mkdir(parents=True)   # every user has 2 rows: an 80/10/10 split per user leaves valid empty
+  rows = [f"{u}\t{(u + j) % 9 + 1}\t4\t{10 * u + j}" for u in range(1, 30) for j in range(2)]
+  (data / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "\n".join(rows))
+  assert run_cli("train", "bpr", "--dataset", "ml-100k", "--data-dir", data.parent, "--out", tmp_path / "run") == 2
+  assert "left no valid rows" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_evaluate_only_reads_the_run_folder(tmp_path, capsys):

@@ -85,6 +85,17 @@ def test_two_ratios_leave_valid_empty():
                                                         recbole_counts(k, [0.8, 0.2])[1]]
 
 
+def test_ratios_must_be_finite_non_negative_numbers():
+  from recjax.errors import ConfigError
+  from recjax.eval.protocols import Protocol
+
+  for ratios in [(float("nan"), 0.5, 0.5), (-0.1, 0.6, 0.5), (0.8, float("inf"), 0.1)]:
+    with pytest.raises(ValueError, match="non-negative"):
+      ratio_counts(np.array([10]), ratios)
+    with pytest.raises(ConfigError, match="ratios must be 3 non-negative shares"):
+      Protocol("x", split="random_ratio", ratios=ratios)
+
+
 def test_temporal_ratio_takes_earliest_for_train():
   inter = staircase()
   split = temporal_ratio(inter)

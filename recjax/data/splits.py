@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -156,7 +157,7 @@ def ratio_counts(n: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
   Returns:
     int64 [G, P] counts, each row summing to n.
   """
-  if len(ratios) not in (2, 3) or min(ratios) < 0 or sum(ratios) <= 0:
+  if len(ratios) not in (2, 3) or not all(math.isfinite(r) and r >= 0 for r in ratios) or sum(ratios) <= 0:
     raise ValueError(f"ratios must be 2 or 3 non-negative numbers with a positive sum, got {list(ratios)}")
   total = sum(float(r) for r in ratios)                          # Python sum, as RecBole
   r = np.array([float(x) / total for x in ratios])

@@ -12,6 +12,7 @@ rows split at random 80/10/10 (`group_by: ~`), each part's rows evaluated as lab
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,8 @@ class Protocol:
                         "here (not given)")
     if self.split not in SPLITS:
       raise ConfigError(f"protocol {self.name!r}: unknown split {self.split!r}; valid: {', '.join(SPLITS)}")
-    if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
+    if len(self.ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in self.ratios) \
+        or abs(sum(self.ratios) - 1) > 1e-6:
       raise ConfigError(f"protocol {self.name!r}: ratios must be 3 non-negative shares summing to 1")
     if self.task not in TASKS:
       raise ConfigError(f"protocol {self.name!r}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
