@@ -127,20 +127,17 @@ def _train_config(args) -> tuple[dict, list[str]]:
   return config, given
 
 
-def _resumed_config(args, config: dict, given: list[str], saved: dict, out: Path) -> dict:
-  """The saved config of the run in `out`, with the flags a resumed run may change: --epochs (the total, to
-  train longer) and --data-dir (the data moved). Any other `given` key that differs from the saved run is an
-  error."""
-  from recjax.config import dotted
+def _resumed_config(args, config: dict, given: list[str], out: Path) -> dict:
+  """The saved config of the run in `out`, with the resumable keys the command gives (RESUMABLE_KEYS: --epochs,
+  the total, to train longer; --data-dir, the data moved). Any other `given` key that differs from the saved
+  run is an error."""
+  from recjax import experiment
 
-  differ = [f"{key} ({dotted(saved, key)!r} saved, {dotted(config, key)!r} given)" for key in given
-            if dotted(config, key) != dotted(saved, key)]
-  if differ:
-    raise ConfigError(f"--resume continues the run saved in {out / 'config.json'}; these flags differ from it: "
-                      f"{'; '.join(differ)}. Drop them (only --epochs and --data-dir may change) or choose another "
-                      "--out")
-  return {**saved, **{key: config[key] for key, flag in (("epochs", args.epochs), ("data_dir", args.data_dir))
-                      if flag is not None}}
+  given = [*given, *(key for key, flag in (("epochs", args.epochs), ("data_dir", args.data_dir)) if flag is not None)]
+  saved = experiment.check_run_folder(config, out, resume=True, keys=given)
+  if saved is None:
+    raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
+  return {**saved, **{key: config[key] for key in experiment.RESUMABLE_KEYS if key in given}}
 
 
 def cmd_train(args) -> int:
@@ -149,12 +146,10 @@ def cmd_train(args) -> int:
 
   out = Path(args.out or f"runs/{args.model}-{args.dataset or 'synthetic'}")
   config, given = _train_config(args)
-  if args.resume:
-    saved = experiment.saved_config(out)
-    if saved is None:
-      raise ConfigError(f"--resume: no run to resume in {out} (no config.json)")
-    config = _resumed_config(args, config, given, saved, out)
-  experiment.check_run_folder(config, out, args.resume)   # here too: before the barrier below
+  if args.resume:   # checked here too, not only in experiment.train: before the barrier below
+    config = _resumed_config(args, config, given, out)
+  else:
+    experiment.check_run_folder(config, out, resume=False)
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)   # after the checks: a barrier
   metrics = experiment.train(config, out, resume=args.resume)
   cold = {"cold": metrics["cold"]} if "cold" in metrics else {}
@@ -194,11 +189,11 @@ def cmd_evaluate(args) -> int:
 def cmd_recommend(args) -> int:
   import jax
 
-  from recjax import tasks
+  from recjax import models, tasks
   from recjax.data import samplers
 
   exp, params = _load_run(args.run, args.data_dir)
-  if getattr(exp.model, "multidomain", False):
+  if models.is_multidomain(exp.config["model"]["name"]):
     raise ConfigError(f"recommend: model {exp.config['model']['name']!r} predicts labels per domain and task; "
                       "it does not score items")
   split = exp.split
@@ -206,7 +201,7 @@ def cmd_recommend(args) -> int:
   user = split.train.user_id(args.user)
   inputs = samplers.eval_inputs(everything, np.array([user]), exp.max_len)
   scores = np.array(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs))[0])
-  unseen = ~_seen_items(exp, everything, args.user)   # recommend only unseen items
+  unseen = ~_seen_items(exp, everything, user, args.user)   # recommend only unseen items
   unseen[0] = False                                   # the padding id
   candidates = np.flatnonzero(unseen)
   top = candidates[np.argsort(-scores[candidates], kind="stable")[:args.k]]
@@ -220,20 +215,19 @@ def cmd_recommend(args) -> int:
   return 0
 
 
-def _seen_items(exp, everything, raw_user: str) -> np.ndarray:
-  """[N] bool: the items `raw_user` interacted with, in any part of the split, held out for cold start, or
-  dropped by the run's preprocessing (a rating under `min_rating` is still a seen item)."""
-  from recjax.config import BASE
+def _seen_items(exp, everything, user: int, raw_user: str) -> np.ndarray:
+  """[N] bool: the items user `user` (raw id `raw_user`) interacted with, in any part of the split, held out for
+  cold start, or dropped by the run's preprocessing (a rating under `min_rating` is still a seen item)."""
   from recjax.data.datasets import load_dataset
+  from recjax.experiment import preprocess_options
 
-  parts = [everything] + ([exp.split.cold] if exp.split.cold is not None else [])
   seen = np.zeros(everything.num_items, bool)
-  for part in parts:
-    seen[part.item[part.user == part.user_id(raw_user)]] = True
-  if exp.config["preprocess"] != BASE["preprocess"]:   # the rows it dropped: read the file again
+  for part in (everything, exp.split.cold):
+    if part is not None:
+      seen[part.item[part.user == user]] = True
+  if preprocess_options(exp.config):   # the rows it dropped: read the file again
     raw = load_dataset(exp.config["dataset"], exp.config["data_dir"]).interactions
-    tokens = raw.item_vocab[raw.item[raw.user == raw.user_id(raw_user)]]
-    seen |= np.isin(everything.item_vocab, tokens)
+    seen |= np.isin(everything.item_vocab, raw.item_vocab[raw.item[raw.user == raw.user_id(raw_user)]])
   return seen
 
 

@@ -200,7 +200,7 @@ def build(config: dict[str, Any]) -> Experiment:
   compute_dtype(config)
   protocol = protocols.get_protocol(config["protocol"])
   name = config["model"]["name"]
-  multi_task = getattr(models.MODELS.get(name), "multidomain", False)   # logits per domain and task; no ranking
+  multi_task = models.is_multidomain(name)   # logits per domain and task; no ranking
   if multi_task and (protocol.task == "ranking" or config["training"] != "labeled"):
     labelled = sorted(p.name for p in protocols.PRESETS.values() if p.task == "labeled")
     raise ConfigError(f"model {name!r} predicts labels per domain and task and does not score items: it needs "
@@ -208,12 +208,12 @@ def build(config: dict[str, Any]) -> Experiment:
                       f"with training={config['training']!r}")
   if len(config["label_columns"] or ()) > 1 and not multi_task:
     raise ConfigError(f"label_columns {list(config['label_columns'])}: several tasks need a multi-task model "
-                      f"({sorted(n for n, m in models.MODELS.items() if getattr(m, 'multidomain', False))}); "
+                      f"({sorted(filter(models.is_multidomain, models.MODELS))}); "
                       f"{name!r} predicts one label")
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
-    dataclasses.replace(protocol, valid_metric=config["valid_metric"].replace("/", ":").partition(":")[0])
+    dataclasses.replace(protocol, valid_metric=_metric_parts(config["valid_metric"])[0])
   if protocol.split == "given":   # filtering would change the split the protocol compares on
-    preprocessing = sorted(key for key, value in config["preprocess"].items() if value != BASE["preprocess"][key])
+    preprocessing = preprocess_options(config)
     if preprocessing:
       raise ConfigError(f"protocol {protocol.name!r} evaluates the dataset's given split as it is: "
                         f"preprocess.{', preprocess.'.join(preprocessing)} cannot apply to it")
@@ -263,10 +263,21 @@ def build(config: dict[str, Any]) -> Experiment:
   return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data, domains=names)
 
 
+def preprocess_options(config: dict[str, Any]) -> list[str]:
+  """The `preprocess` keys `config` sets away from their defaults (none: the data is used as read)."""
+  return sorted(key for key, value in config["preprocess"].items() if value != BASE["preprocess"][key])
+
+
+def _metric_parts(key: str) -> tuple[str, str, str]:
+  """`metric[:task][/domain]` -> (metric, task, domain), "" for a part the key leaves out."""
+  head, _, domain = key.partition("/")
+  metric, _, task = head.partition(":")
+  return metric, task, domain
+
+
 def _check_metric_scope(valid_metric: str | None, domains: tuple[str, ...] | None, tasks) -> None:
   """The domain and task a `valid_metric` of the form `metric[:task][/domain]` names are the run's."""
-  head, _, domain = (valid_metric or "").partition("/")
-  task = head.partition(":")[2]
+  _, task, domain = _metric_parts(valid_metric or "")
   if domain and domain not in (domains or ()):
     raise ConfigError(f"valid_metric {valid_metric!r}: this run has no domain {domain!r} "
                       f"(domains: {list(domains) if domains else 'none; set domain.rule'})")
@@ -610,13 +621,12 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
     return initial_params(exp, rng)
   params = init_params(exp, rng)
   template = create_train_state(params, run_optimizer(exp, rng), rng)
-  folder = Path(run_dir) / "checkpoints"
-  if not (folder / "best").is_dir():
-    raise DataError(folder / "best", "no best checkpoint: the run has not finished an evaluation")
-  with Checkpointer(folder, read_only=True) as checkpoints:   # ValueError: stored shapes differ
-    restored = checkpoints.restore_best(template)
+  folder, restored = Path(run_dir) / "checkpoints", None
+  if (folder / "best").is_dir():   # read-only opens create nothing
+    with Checkpointer(folder, read_only=True) as checkpoints:   # ValueError: stored shapes differ
+      restored = checkpoints.restore_best(template)
   if restored is None:
-    raise DataError(folder, "no best checkpoint: the run has not finished an evaluation")
+    raise DataError(folder / "best", "no best checkpoint: the run has not finished an evaluation")
   return restored[0].params
 
 
@@ -710,24 +720,27 @@ def write_json(path: Path, obj: Any) -> None:
 RESUMABLE_KEYS = ("epochs", "data_dir")
 
 
-def check_run_folder(config: dict[str, Any], out: Path, resume: bool) -> None:
+def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None) -> dict[str, Any] | None:
   """Refuses, before anything is written, what would mix two runs in `out` (ConfigError): a new run where one
   already is (`metrics.json` or `checkpoints/`), or a resumed one whose config differs from the saved run's
-  in a key other than RESUMABLE_KEYS. Resuming where nothing was saved starts the run afresh."""
+  in one of `keys` (dotted; default: every key) other than RESUMABLE_KEYS. Returns the saved config when
+  resuming, None where nothing was saved (the run then starts afresh)."""
   if not resume:
     if (out / "metrics.json").exists() or (out / "checkpoints").exists():
       raise ConfigError(f"{out} already holds a run; resume it (--resume) or choose another output folder")
-    return
+    return None
   saved = saved_config(out)
   if saved is None:
-    return
-  given = dict(flatten(json.loads(json_line(config))))   # as config.json holds it: tuples as lists
-  kept = dict(flatten(saved))
-  differ = [f"{key} ({kept.get(key)!r} saved, {given.get(key)!r} given)" for key in sorted(given.keys() | kept.keys())
-            if key not in RESUMABLE_KEYS and given.get(key) != kept.get(key)]
+    return None
+  given, kept = (json.loads(json_line(c)) for c in (config, saved))   # as config.json holds them: tuples as lists
+  if keys is None:
+    keys = sorted({key for c in (given, kept) for key, _ in flatten(c)})
+  differ = [f"{key} ({dotted(kept, key)!r} saved, {dotted(given, key)!r} given)" for key in keys
+            if key not in RESUMABLE_KEYS and dotted(given, key) != dotted(kept, key)]
   if differ:
     raise ConfigError(f"resume: the run saved in {out / 'config.json'} had another config: {'; '.join(differ)}. "
                       f"Only {' and '.join(RESUMABLE_KEYS)} may change when a run resumes.")
+  return saved
 
 
 def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, resume: bool = False,

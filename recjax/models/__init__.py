@@ -104,6 +104,11 @@ def reads_text(name: str) -> bool:
   return "item_text" in _fields(_model_class(name))
 
 
+def is_multidomain(name: str) -> bool:
+  """Whether model `name` predicts labels per domain and task (recjax.models.multidomain): it scores no items."""
+  return getattr(_model_class(name), "multidomain", False)
+
+
 def model_kind(name: str) -> str:
   """The model's kind: "general" (pair batches), "sequential" (sequence batches), "ctr" (labelled rows)
   or "popularity" (counted)."""
