@@ -65,7 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from recjax import experiment  # noqa: E402
-from recjax.config import apply_overrides, default_config  # noqa: E402
+from recjax.config import build_config  # noqa: E402
 
 PROPAGATION_PASSES = 2     # forward and backward propagation per layer and training step
 
@@ -104,8 +104,8 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
 
 
 def _config(name: str, args, devices: int) -> dict:
-  config = apply_overrides(default_config(name), args.set)
-  config.update(dataset=args.dataset, data_dir=args.data_dir, devices=devices, model_parallel=args.model_parallel,
+  config = build_config(name, overrides=args.set, dataset=args.dataset)   # the dataset's defaults too
+  config.update(data_dir=args.data_dir, devices=devices, model_parallel=args.model_parallel,
                 compute_dtype=args.dtype)
   if args.batch_size:
     config["batch_size"] = args.batch_size
@@ -149,7 +149,9 @@ def bench(name: str, args, devices: int) -> dict:
          "peak_memory_bytes": peak_memory_bytes()}
   if getattr(exp.model, "graph", None) is not None:
     graph = exp.model.graph
-    moved = PROPAGATION_PASSES * graph.num_edges * sum(exp.model.propagation_widths) * 4
+    # bytes a propagated value takes: the compute dtype's, but XLA:CPU's sparse kernel runs in float32
+    value_bytes = 4 if jax.default_backend() == "cpu" else jnp.dtype(args.dtype).itemsize
+    moved = PROPAGATION_PASSES * graph.num_edges * sum(exp.model.propagation_widths) * value_bytes
     row.update(edges=graph.num_edges, propagation_bytes_per_step=moved, achieved_gb_per_s=moved / step_s / 1e9)
   return row
 

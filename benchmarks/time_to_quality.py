@@ -22,7 +22,8 @@ use_all_cpu_cores()  # before jax starts: one host device per core on CPU
 import jax  # noqa: E402
 
 from recjax import experiment
-from recjax.config import apply_overrides, default_config
+from recjax.config import build_config
+from recjax.eval.protocols import higher_is_better
 
 
 def main(argv=None) -> None:
@@ -37,8 +38,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   start = time.perf_counter()
-  config = apply_overrides(default_config(args.model), args.set)
-  config.update(dataset=args.dataset, data_dir=args.data_dir)
+  config = build_config(args.model, overrides=args.set, dataset=args.dataset)
+  config["data_dir"] = args.data_dir
   exp = experiment.build(config)
   sampler, state, step = experiment.training_setup(exp, jax.random.PRNGKey(config["seed"]))
   test = experiment.make_evaluator(exp, "test")
@@ -51,7 +52,8 @@ def main(argv=None) -> None:
     path.append(round(value, 4))
     elapsed = time.perf_counter() - start
     print(f"epoch {epoch}: {args.metric} {value:.4f} at {elapsed:.1f}s", file=sys.stderr, flush=True)
-    reached = value >= args.target   # on the value itself, not the rounded one in `path`
+    # on the value itself, not the rounded one in `path`; logloss, rmse and the like reach it from above
+    reached = value >= args.target if higher_is_better(args.metric) else value <= args.target
     if reached:
       break
   seconds = time.perf_counter() - start

@@ -9,11 +9,11 @@ negative per position, pre-norm blocks). Reference figures and their sources: `P
 text: item embeddings scaled by sqrt(d), only the attention queries normalised, residuals from the
 normalised input, Xavier-normal initialisation, Adam's b2 = 0.98. Not reproduced there: the authors'
 attention has no output projection and drops out only its weights, their feed-forward drops out after the
-inner ReLU too, and their TensorFlow code draws Glorot-uniform weights. Runs stop after 10 evaluations
-without gain (the authors' code trains a fixed 201 epochs), except with `--bert4rec-code`, which trains all
-200 epochs. `--bert4rec-code` uses the data as
-the BERT4Rec authors' code prepares it (protocol `bert4rec-code`): each user's second-to-last item is
-trained on instead of held out, and test is evaluated once, after the last epoch.
+inner ReLU too, and their TensorFlow code draws Glorot-uniform weights. Runs stop when more than 10
+evaluations in a row bring no gain (the authors' code trains a fixed 201 epochs), except with
+`--bert4rec-code`, which trains all 200 epochs. `--bert4rec-code` uses the data as the BERT4Rec authors'
+code prepares it (protocol `bert4rec-code`): each user's second-to-last item is trained on instead of
+held out, and test is evaluated once, after the last epoch.
 
     python experiments/beauty_sasrec.py --data-dir ../shared/data [--authors-code] [--bert4rec-code] [--epochs N]
 """

@@ -1,9 +1,10 @@
 """Cold start on ml-100k: items held out of training entirely, ranked by models that read item text.
 
 Protocol `cold-start`: 20% of the items (drawn with the seed) lose all their interactions; the other
-items are split leave-one-out (the RecBole-sequential preset). `test` ranks every warm item for each
-user's last warm item; `cold` ranks only the held-out items for every user who interacted with one
-(positives: all of that user's held-out items; input: the user's warm history). Rows:
+items are split leave-one-out (the RecBole-sequential preset). `test` ranks every item (held-out ones
+included: a model that scores untrained items high pays for it) for each user's last warm item; `cold`
+ranks only the held-out items for every user who interacted with one (positives: all of that user's
+held-out items; input: the user's warm history). Rows:
   pop            popularity; held-out items have no count, so they are ordered at random (one order
                  for every user: the row is the mean of 20 orders, its spread printed below)
   pop_index      the same, held-out items in id order: ids follow first appearance in the file, which
@@ -70,7 +71,7 @@ def main() -> None:
     args.out = f"{out}/{name}" if out else None
     metrics = common.run(model, "ml-100k", {"protocol": "cold-start", **overrides}, args, f"cold_start/{name}")
     rows.append((name, metrics))
-  print("ml-100k, protocol cold-start: warm test (all warm items) and cold (held-out items only)")
+  print("ml-100k, protocol cold-start: warm test (warm targets, all items ranked) and cold (held-out items only)")
   print(f"{'model':<13}{'warm ndcg@10':>13}{'warm hit@10':>12}{'cold ndcg@10':>13}{'cold hit@10':>12}"
         f"{'cold recall@20':>15}{'epochs':>7}{'s/epoch':>8}")
   for name, m in rows:

@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from recjax.eval.protocols import higher_is_better  # noqa: E402
+
 MULTI = ("shared_bottom", "mmoe", "ple", "star")
 
 
@@ -40,7 +42,8 @@ def _parser():
   p.add_argument("--metrics", nargs="+", default=["auc"],
                  help="the test metrics of the tables (the first task's with several tasks)")
   p.add_argument("--report", action="store_true", help="read the finished runs' metrics.json, train nothing")
-  p.add_argument("--rows", nargs="+", default=["all", "per-domain", *MULTI, "all+adapters", "mmoe+finetune"])
+  rows = ["all", "per-domain", *MULTI, "all+adapters", "mmoe+finetune"]
+  p.add_argument("--rows", nargs="+", default=rows, choices=rows)
   p.add_argument("--json", default=None, help="write the per-seed results here")
   return p
 
@@ -56,7 +59,6 @@ def _config(model: str, args, seed: int, overrides: dict | None = None) -> dict:
                          source="experiments/multidomain.py")
 
 
-LOWER_IS_BETTER = ("logloss", "mse", "rmse", "mae")
 OVERALL = "overall"
 
 
@@ -115,8 +117,10 @@ def print_table(per_seed: dict, sizes: dict, metric: str, title: str) -> None:
     cells = [statistics.mean(per_seed[s][r][metric][d] for s in seeds) if d in per_seed[seeds[0]][r][metric]
              else None for d in (*names, OVERALL)]
     print(f"{r:<16}" + "".join(f"{'-':>12}" if c is None else f"{c:>12.4f}" for c in cells))
-  sign = -1 if metric in LOWER_IS_BETTER else 1
+  sign = 1 if higher_is_better(metric) else -1
   baselines = [r for r in ("all", "per-domain") if r in rows]
+  if not baselines:   # no baseline row asked for: nothing to measure margins against
+    return
   for model in [r for r in rows if r not in baselines]:
     margins = {d: min(sign * per_seed[s][model][metric][d] - max(sign * per_seed[s][b][metric][d] for b in baselines)
                       for s in seeds) for d in names}

@@ -41,7 +41,7 @@ BASE = {
     "pair_sampling": "rows",      # pairs: rows (each row once an epoch) | users (a user uniformly, then an item)
     "window_stride": None,        # sequence training: items between windows (None: max_len // 2)
     "eval_every": 1,
-    "patience": 10,               # evaluations without gain before stopping (RecBole: stopping_step)
+    "patience": 10,               # stop when more evaluations than this in a row bring no gain (RecBole: stopping_step)
     "valid_metric": None,         # None: the protocol's
     "eval_budget_mb": 256,        # device memory for one chunk of [users, items] scores
     "eval_cpu_cache_mb": 32,      # on CPU, the chunk cap for pair-wise scorers (NeuMF...): cache-sized, ~1.6x faster
@@ -158,7 +158,8 @@ def parse_value(text: str) -> Any:
 
 
 def set_key(config: dict[str, Any], dotted: str, value: Any, source: str = "--set") -> None:
-  """Set an existing (possibly nested) key, checking the type against the default's."""
+  """Set an existing (possibly nested) key, checking the type against the default's. A mapping given
+  for a section (`preprocess={'dedup': False}`) sets its keys one by one, each checked."""
   *parents, leaf = dotted.split(".")
   node = config
   for i, part in enumerate(parents):
@@ -170,6 +171,10 @@ def set_key(config: dict[str, Any], dotted: str, value: Any, source: str = "--se
     raise ConfigError(f"{source}: unknown config key {dotted!r}; known here: {known}")
   if dotted == "model.name":
     raise ConfigError(f"{source}: the model is chosen by the command's MODEL argument, not model.name")
+  if isinstance(node[leaf], dict) and isinstance(value, Mapping):
+    for key, item in flatten(value, f"{dotted}."):
+      set_key(config, key, item, source)
+    return
   node[leaf] = _checked(dotted, node[leaf], value, source)
 
 

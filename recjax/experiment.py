@@ -31,7 +31,7 @@ from recjax.models.multidomain import param_group
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer, no_decay_on_biases_and_norms, warmup_linear_decay
 from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
-from recjax.train.logging import json_line
+from recjax.train.logging import json_line, write_atomic
 from recjax.train.mesh import (
   batch_sharding,
   check_divisible,
@@ -211,7 +211,7 @@ def build(config: dict[str, Any]) -> Experiment:
                       f"({sorted(filter(models.is_multidomain, models.MODELS))}); "
                       f"{name!r} predicts one label")
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
-    dataclasses.replace(protocol, valid_metric=_metric_parts(config["valid_metric"])[0])
+    dataclasses.replace(protocol, valid_metric=protocols.metric_parts(config["valid_metric"])[0])
   if protocol.split == "given":   # filtering would change the split the protocol compares on
     preprocessing = preprocess_options(config)
     if preprocessing:
@@ -268,16 +268,9 @@ def preprocess_options(config: dict[str, Any]) -> list[str]:
   return sorted(key for key, value in config["preprocess"].items() if value != BASE["preprocess"][key])
 
 
-def _metric_parts(key: str) -> tuple[str, str, str]:
-  """`metric[:task][/domain]` -> (metric, task, domain), "" for a part the key leaves out."""
-  head, _, domain = key.partition("/")
-  metric, _, task = head.partition(":")
-  return metric, task, domain
-
-
 def _check_metric_scope(valid_metric: str | None, domains: tuple[str, ...] | None, tasks) -> None:
   """The domain and task a `valid_metric` of the form `metric[:task][/domain]` names are the run's."""
-  _, task, domain = _metric_parts(valid_metric or "")
+  _, task, domain = protocols.metric_parts(valid_metric or "")
   if domain and domain not in (domains or ()):
     raise ConfigError(f"valid_metric {valid_metric!r}: this run has no domain {domain!r} "
                       f"(domains: {list(domains) if domains else 'none; set domain.rule'})")
@@ -711,9 +704,7 @@ def write_json(path: Path, obj: Any) -> None:
   """Atomic JSON write (a reader, or a kill, never sees half a file), by the first process only."""
   if jax.process_index() != 0:   # a multi-host run writes its files once
     return
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json_line(obj, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  write_atomic(path, json_line(obj, indent=2, sort_keys=True) + "\n")
 
 
 # What a resumed run may change: `epochs` (the total: train longer) and `data_dir` (the data moved).

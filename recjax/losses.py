@@ -24,6 +24,12 @@ def weighted_mean(values: jnp.ndarray, weight: jnp.ndarray, eps: float = EPS) ->
   return jnp.sum(weight * values) / jnp.maximum(jnp.sum(weight), eps)
 
 
+def _check_negatives(loss: str, pos_scores: jnp.ndarray, neg_scores: jnp.ndarray) -> None:
+  """Negatives must be `[..., n]` over positives `[...]`: a `[B]` array would broadcast silently."""
+  if neg_scores.shape[:-1] != pos_scores.shape:
+    raise ValueError(f"{loss}: neg_scores {neg_scores.shape} must be positives' {pos_scores.shape} + (n,)")
+
+
 def bpr(pos_scores: jnp.ndarray, neg_scores: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
   """Bayesian personalised ranking (Rendle et al., UAI 2009).
 
@@ -37,6 +43,7 @@ def bpr(pos_scores: jnp.ndarray, neg_scores: jnp.ndarray, weight: jnp.ndarray) -
   Returns:
     The weighted mean, a scalar.
   """
+  _check_negatives("bpr", pos_scores, neg_scores)
   per_pair = -jax.nn.log_sigmoid(pos_scores[..., None] - neg_scores)  # [..., n]
   return weighted_mean(jnp.mean(per_pair, axis=-1), weight)
 
@@ -56,6 +63,7 @@ def bce(pos_scores: jnp.ndarray, neg_scores: jnp.ndarray, weight: jnp.ndarray) -
   Returns:
     The weighted mean, a scalar.
   """
+  _check_negatives("bce", pos_scores, neg_scores)
   per_example = -jax.nn.log_sigmoid(pos_scores) - jnp.sum(jax.nn.log_sigmoid(-neg_scores), axis=-1)
   return weighted_mean(per_example, weight)
 
@@ -98,6 +106,7 @@ def sampled_softmax(
   Returns:
     The weighted mean, a scalar.
   """
+  _check_negatives("sampled_softmax", pos_scores, neg_scores)
   row = (weight > 0)[..., None]  # [..., 1]
   keep = row if neg_valid is None else jnp.logical_and(row, neg_valid)  # [..., n]
   pos_logit = jnp.where(row, (pos_scores - pos_log_q)[..., None], 0.0)  # [..., 1]
@@ -128,6 +137,7 @@ def gbce(
   """
   if isinstance(beta, numbers.Real) and not beta > 0:
     raise ValueError(f"gbce: beta must be > 0, got {beta}")
+  _check_negatives("gbce", pos_scores, neg_scores)
   per_example = -beta * jax.nn.log_sigmoid(pos_scores) - jnp.sum(jax.nn.log_sigmoid(-neg_scores), axis=-1)
   return weighted_mean(per_example, weight)
 

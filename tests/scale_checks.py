@@ -122,6 +122,21 @@ def check_accumulation(name: str, accum_steps: int = 4, extra=()) -> dict:
   return {"params_diff": _max_diff(state.params, reference.params), "loss": loss, "reference_loss": ref_loss}
 
 
+def check_mesh_accumulation(name: str, accum_steps: int = 2) -> dict:
+  """Micro-batches on a 4-device data mesh: the single-device result, each micro-batch still split over the
+  devices (no all-gather in the compiled step; the gradients' all-reduce is expected)."""
+  exp, batches, optimizer, reference, ref_loss = _reference(name, ())
+  mesh = make_mesh(4, 1)
+  state, sharding = _state(exp, optimizer, mesh)
+  step = make_train_step(experiment.make_loss_fn(exp), optimizer, mesh=mesh, state_sharding=sharding,
+                         accum_steps=accum_steps)
+  put = lambda b: put_global(b, batch_sharding(mesh))   # noqa: E731
+  text = step.jitted.lower(state, put(batches[0]), step.constants).compile().as_text()
+  state, loss = _run(step, state, batches, put)
+  return {"params_diff": _max_diff(state.params, reference.params), "loss": loss, "reference_loss": ref_loss,
+          "all_gathers": text.count(" all-gather(")}
+
+
 def check_bfloat16(name: str) -> dict:
   exp, batches, optimizer, reference, ref_loss = _reference(name, ())
   state, _ = _state(exp, optimizer)
@@ -237,6 +252,7 @@ CHECKS = {
     "pmap_sasrec": lambda: check_pmap("sasrec", NO_DROPOUT),
     "accum_bpr": lambda: check_accumulation("bpr"),
     "accum_sasrec": lambda: check_accumulation("sasrec", extra=NO_DROPOUT),
+    "accum_mesh_bpr": lambda: check_mesh_accumulation("bpr"),
     "bf16_sasrec": lambda: check_bfloat16("sasrec"),
     "eval": check_eval,
     "eval_collectives": check_eval_collectives,

@@ -156,6 +156,15 @@ def test_config_overrides_are_checked():
       apply_overrides(config, [override])
   assert apply_overrides(config, ["preprocess.min_rating=4", "text.fields=['movie_title']"])["preprocess"] == {
       **config["preprocess"], "min_rating": 4}
+  # a whole section given as a mapping sets its keys one by one, each checked, the others kept
+  dedup = apply_overrides(config, ["preprocess={'dedup': True}"])["preprocess"]
+  assert dedup == {**config["preprocess"], "dedup": True}
+  assert apply_overrides(config, ["model={'dim': 8}"])["model"] == {**config["model"], "dim": 8}
+  for override, message in [("preprocess={'dedupx': True}", "unknown config key 'preprocess.dedupx'"),
+                            ("domain={'rule': 5}", "domain.rule expects str"),
+                            ("model={'name': 'bpr'}", "model.name")]:
+    with pytest.raises(ConfigError, match=message):
+      apply_overrides(config, [override])
 
 
 def test_an_unknown_valid_metric_is_refused_before_anything_is_written(tmp_path, capsys):

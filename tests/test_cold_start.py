@@ -100,6 +100,9 @@ def test_pop_orders_unseen_items_at_random_when_asked():
   np.testing.assert_array_equal(shuffled, models.pop_params(counts, "random", seed=3)["params"]["log_count"])
   with pytest.raises(ValueError, match="unseen_order"):
     models.pop_params(counts, "alphabetical")
+  many = np.r_[np.zeros(9_000_000), 1]   # past what float32 keeps apart, said rather than ranked above seen items
+  with pytest.raises(ValueError, match="cannot get distinct float32 scores"):
+    models.pop_params(many, "random")
 
 
 def test_text_options_are_checked():

@@ -391,6 +391,9 @@ def test_protocol_presets():
              if n not in ("recbole-context", "rating", "multidomain"))
   assert protocols.higher_is_better("auc") and protocols.higher_is_better("ndcg@10")
   assert not any(protocols.higher_is_better(m) for m in ("rmse", "mae", "mse", "logloss"))
+  # one task's or one domain's loss is a loss too
+  assert not any(protocols.higher_is_better(m) for m in ("logloss/d2", "logloss:click", "mse:like/d1"))
+  assert protocols.higher_is_better("auc:click/d2")
   with pytest.raises(ConfigError, match="computes"):
     protocols.Protocol("x", split="random_rows", task="labeled", metrics=("auc", "ndcg"), valid_metric="auc")
   with pytest.raises(ConfigError, match="computes"):

@@ -169,10 +169,31 @@ def test_nan_loss_raises_and_keeps_checkpoint(tmp_path):
   assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
+def test_a_finite_loss_with_a_nan_gradient_stops_before_its_epoch_is_saved(tmp_path):
+  def root_loss(params, batch, rng):   # sqrt(0) = 0, but its gradient is 0 * inf = NaN
+    del rng
+    return jnp.sqrt(jnp.sum((batch["x"] @ params["w"] - batch["y"]) ** 2)), {}
+
+  def poisoned(epoch):   # the last batch of epoch 1 fits exactly: loss 0, gradient NaN
+    for i, batch in enumerate(batches(epoch)):
+      last = epoch == 1 and i == N // B - 1
+      yield {**batch, "x": np.zeros_like(batch["x"]), "y": np.zeros_like(batch["y"])} if last else batch
+
+  out = tmp_path / "run"
+  state = create_train_state({"w": jnp.zeros(D), "b": jnp.zeros(())}, optax.adam(0.05), jax.random.PRNGKey(1))
+  with pytest.raises(TrainingError, match=rf"loss or gradient in epoch 1 at step {N // B - 1} .*epoch 0 is kept"):
+    fit(state, make_train_step(root_loss, optax.adam(0.05)), poisoned, evaluate, epochs=3, out_dir=out,
+        log=lambda line: None, plot=False)
+  with Checkpointer(out / "checkpoints") as ckpt:
+    assert ckpt.latest_epochs() == [0]
+
+
 def test_restore_into_other_shapes_names_the_array(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save_latest(0, fresh_state(), {"epoch": 0})
   wide = create_train_state({"w": jnp.zeros(D + 1), "b": jnp.zeros(())}, optax.adam(0.05), 0)
+  for seed in (3, np.int64(3)):   # an int seed, a numpy one too, is a key
+    assert create_train_state({"w": jnp.zeros(D)}, optax.adam(0.05), seed).rng.tolist() == [0, 3]
   with Checkpointer(tmp_path) as ckpt:   # a fresh manager, as on --resume
     with pytest.raises(ValueError, match=r"params.w is stored with shape \(4,\), this run expects \(5,\)"):
       ckpt.restore_latest(wide)

@@ -171,6 +171,14 @@ def test_zero_weight_rows_are_ignored():
   assert float(BPR(pos, neg, np.zeros(2, np.float32))[0]) == 0.0
 
 
+def test_negatives_without_their_own_axis_are_refused():
+  pos, neg, weight = jnp.zeros(4), jnp.ones(4), jnp.ones(4)   # neg [B] instead of [B, n] would broadcast
+  for name, fn in [("bpr", losses.bpr), ("bce", losses.bce), ("gbce", lambda *a: losses.gbce(*a, beta=0.5)),
+                   ("sampled_softmax", lambda p, n, w: losses.sampled_softmax(p, n, w, p, n))]:
+    with pytest.raises(ValueError, match=rf"{name}: neg_scores \(4,\) must be positives' \(4,\) \+ \(n,\)"):
+      fn(pos, neg, weight)
+
+
 def test_l2():
   a, b = np.arange(3.0), np.ones((2, 2))
   np.testing.assert_allclose(losses.l2(a, b), 0.5 * (5.0 + 4.0))

@@ -330,6 +330,7 @@ def test_embedding_table_logical_axes():
   variables = table.init(_key(0), jnp.array([1, 2]))
   boxed = variables["params"]["embedding"]
   assert boxed.names == EMBED_AXES
+  np.testing.assert_array_equal(table.apply(variables, jnp.array([1, 2])), boxed.value[1:3])   # applies boxed params
   with pytest.raises(ValueError, match="unknown embedding init"):
     embedding_table(5, 3, init="nope").init(_key(0), jnp.array([1]))
 

@@ -58,6 +58,11 @@ def test_gradient_accumulation_equals_the_whole_batch(checks, name):
   assert checks[name]["params_diff"] < TOLERANCE, checks[name]
 
 
+def test_gradient_accumulation_on_a_mesh_keeps_each_micro_batch_split(checks):
+  got = checks["accum_mesh_bpr"]
+  assert got["params_diff"] < TOLERANCE and got["all_gathers"] == 0, got
+
+
 def test_bfloat16_compute_keeps_float32_weights_and_state(checks):
   got = checks["bf16_sasrec"]
   assert got["state_float_dtypes"] == ["float32"]

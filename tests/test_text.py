@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -163,9 +164,12 @@ def test_tokenizer_truncates_to_max_length(tiny_checkpoint):
   assert np.all(np.isfinite(vectors)) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
-def test_bad_checkpoint_directories_say_what_is_wrong(tmp_path, tiny_checkpoint):
+def test_bad_checkpoint_directories_say_what_is_wrong(tmp_path, tiny_checkpoint, monkeypatch):
   with pytest.raises(ConfigError, match="not a directory"):
     text.load_text_encoder(tmp_path / "nowhere")
+  (tmp_path / "all-MiniLM-L6-v2").mkdir()   # a local clone named like the built-in checkpoint is read as given
+  monkeypatch.chdir(tmp_path)
+  assert text.checkpoint_dir("all-MiniLM-L6-v2") == Path("all-MiniLM-L6-v2")
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(DataError, match="a text checkpoint needs model.safetensors"):
     text.load_text_encoder(tmp_path)
@@ -250,6 +254,9 @@ def test_item_texts_from_side_columns():
   inter = _items_with_text()
   assert item_text.item_texts(inter) == ("", "Toy Story. year: 1995. genres: Comedy, Drama", "Heat. genres: Crime", "")
   assert item_text.item_texts(inter, ["movie_title"]) == ("", "Toy Story", "Heat", "")
+  inter.item_features["release_year"] = np.array([np.nan, 1995, np.nan, 1995.5], np.float32)   # a float column
+  assert item_text.item_texts(inter) == ("", "Toy Story. year: 1995. genres: Comedy, Drama", "Heat. genres: Crime",
+                                         "year: 1995.5")
   with pytest.raises(ConfigError, match="unknown item column.*'plot'"):
     item_text.item_texts(inter, ["plot"])
 

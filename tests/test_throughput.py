@@ -1,4 +1,5 @@
-"""benchmarks/throughput.py runs over several device counts and writes its table and JSON."""
+"""benchmarks/throughput.py runs over several device counts and writes its table and JSON; time_to_quality.py
+stops at its target from the metric's good side."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+TIME_TO_QUALITY = SCRIPT.with_name("time_to_quality.py")
 
 
 def test_throughput_table_over_device_counts(tmp_path):
@@ -30,3 +32,13 @@ def test_throughput_table_over_device_counts(tmp_path):
   assert rows[("lightgcn", 1)]["achieved_gb_per_s"] > 0 and "achieved_gb_per_s" not in rows[("bpr", 1)]
   table = done.stdout.splitlines()
   assert table[0].startswith("# cpu x2") and len(table) == 2 + len(rows)
+
+
+def test_time_to_quality_reaches_a_lower_is_better_target_from_above():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, str(TIME_TO_QUALITY), "feature_mlp", "--dataset", "synthetic", "--metric",
+                         "logloss", "--target", "10", "--max-epochs", "2"], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  report = json.loads(done.stdout.splitlines()[-1])
+  assert report["reached"] and report["epochs"] == 1 and report["path"][0] < 10   # any logloss under 10 reaches it

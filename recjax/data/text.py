@@ -59,8 +59,10 @@ def text_fields(inter: Interactions, fields: Sequence[str] | None = None) -> tup
 def _value(value, joiner: str) -> str:
   if isinstance(value, (tuple, list, np.ndarray)):
     return joiner.join(str(v) for v in value)
-  if value is None or (isinstance(value, float) and np.isnan(value)):
-    return ""
+  if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+    return ""   # a missing number (floats are stored as float32, NaN when absent)
+  if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    return str(int(value))   # 1995, not 1995.0
   return str(value)
 
 

@@ -309,7 +309,7 @@ def score_rows(logits_fn: Callable, params, rows: dict[str, np.ndarray], chunk: 
   n = len(next(iter(rows.values())))
   step = logits_fn
   if sharding is not None:
-    chunk, step = _sharded(logits_fn, chunk, sharding)
+    chunk, step, params = _sharded(logits_fn, chunk, params, sharding)
   outputs = []
   for start in range(0, n, chunk):
     batch = _chunk_inputs(rows, start, min(start + chunk, n), chunk)

@@ -125,10 +125,18 @@ PRESETS: dict[str, Protocol] = {p.name: p for p in (
 )}
 
 
+def metric_parts(key: str) -> tuple[str, str, str]:
+  """`metric[:task][/domain]` -> (metric, task, domain), "" for a part the key leaves out."""
+  head, _, domain = key.partition("/")
+  metric, _, task = head.partition(":")
+  return metric, task, domain
+
+
 def higher_is_better(metric: str) -> bool:
-  """Whether a larger value of `metric` (a ranking "name@k" or a labelled metric name) is better:
-  False for losses and errors (logloss, rmse, mae, mse), as RecBole's `smaller` metrics."""
-  return metric not in LOWER_IS_BETTER
+  """Whether a larger value of `metric` (a ranking "name@k" or a labelled metric name, maybe of one task
+  or domain: "logloss:click/d2") is better: False for losses and errors (logloss, rmse, mae, mse), as
+  RecBole's `smaller` metrics."""
+  return metric_parts(metric)[0] not in LOWER_IS_BETTER
 
 
 def get_protocol(name: str) -> Protocol:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recjax.data.samplers import csr_to_padded
 from recjax.eval.metrics import SAMPLED_PREFIX, check_metrics, metric_rows
 from recjax.train.mesh import fetch, on_mesh, put_global
 
@@ -217,22 +218,11 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return x if len(x) == rows else np.pad(x, [(0, rows - len(x))] + [(0, 0)] * (x.ndim - 1))
 
 
-def _csr_to_padded(items: np.ndarray, offsets: np.ndarray, width: int | None = None) -> np.ndarray:
-  """Rows of a CSR (items [nnz], offsets [R+1]) as a 0-padded [R, width] array."""
-  lengths = np.diff(offsets)
-  width = max(1, int(lengths.max(initial=0))) if width is None else width
-  row = np.repeat(np.arange(len(lengths)), lengths)
-  col = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], lengths)
-  out = np.zeros((len(lengths), width), np.int32)
-  out[row, col] = items[offsets[0]:offsets[-1]]
-  return out
-
-
 def _exclude_rows(exclude: Exclude, start: int, stop: int, width: int) -> np.ndarray:
   """Rows [start, stop) of the exclusions as a 0-padded [stop - start, width] array."""
   if isinstance(exclude, tuple):
     items, offsets = exclude
-    return _csr_to_padded(items, offsets[start:stop + 1], width)
+    return csr_to_padded(items, offsets, np.arange(start, stop), width)
   return np.asarray(exclude[start:stop], np.int32)
 
 
@@ -252,11 +242,12 @@ def _select_exclude(exclude: Exclude, keep: np.ndarray) -> Exclude:
   return new_items, np.concatenate([[0], np.cumsum(lengths[keep])])
 
 
-def _sharded(step: Callable, chunk: int, sharding) -> tuple[int, Callable]:
-  """Chunk size rounded up to the device count, and `step` with its per-user arguments sharded."""
+def _sharded(step: Callable, chunk: int, params, sharding) -> tuple[int, Callable, Any]:
+  """Chunk size rounded up to the device count, `step` with its per-user arguments sharded, and `params`
+  placed on the mesh once (not at every chunk)."""
   devices = len(sharding.device_set)
   chunk = -(-chunk // devices) * devices
-  return chunk, lambda params, *rows: step(on_mesh(params, sharding.mesh), *put_global(rows, sharding))
+  return chunk, lambda params, *rows: step(params, *put_global(rows, sharding)), on_mesh(params, sharding.mesh)
 
 
 def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable) -> tuple[dict, float]:
@@ -329,7 +320,7 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
   chunk = min(chunk_size, num_rows)
   step = make_full_ranking_eval(score_fn, ks, metrics, None if sharding is None else sharding.mesh)
   if sharding is not None:
-    chunk, step = _sharded(step, chunk, sharding)
+    chunk, step, params = _sharded(step, chunk, params, sharding)
   make_args = lambda start, stop: (
       params, _chunk_inputs(inputs, start, stop, chunk),
       _pad_rows(_exclude_rows(exclude, start, stop, width), chunk), _pad_rows(positives[start:stop], chunk))

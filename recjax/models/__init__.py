@@ -2,9 +2,11 @@
 
 Factorised models expose `user_repr(batch, train=False) -> [B, d]`, `item_repr() -> [N, d]` (row 0 =
 padding) and `__call__(batch, train=False) -> scores [B, N]` (used by `init_params`); sequential
-models also `sequence_repr(seq [B, L], train=False) -> [B, L, d]`. Models that score pairs
-(`factorized = False`) expose `score_items(batch, items [B, C])` instead (docs/architecture.md). Each class carries
-`kind` in {"general", "sequential", "ctr", "popularity"}, which picks the batches and losses.
+models also `sequence_repr(seq [B, L], train=False) -> [B, L, d]` (BERT4Rec's is `[B, L, d + 1]`: a
+column of ones meets the items' output biases; Caser's raises: it encodes one window, not every
+position). Models that score pairs (`factorized = False`) expose `score_items(batch, items [B, C])`
+instead (docs/architecture.md). Each class carries `kind` in {"general", "sequential", "ctr",
+"popularity"}, which picks the batches and losses.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
-from recjax.nn.init import fan_in_uniform
+from recjax.nn.init import fan_in_uniform, xavier_normal
 
 OUTPUTS = ("paper", "recbole")
 
@@ -202,7 +202,7 @@ class Caser(nn.Module):
       self.vertical_kernel = self.param("vertical_kernel", fan_in_uniform(length), (length, n_v), jnp.float32)
       self.vertical_bias = self.param("vertical_bias", fan_in_uniform(length), (n_v,), jnp.float32)
     dense = functools.partial(
-      nn.Dense, kernel_init=initializers.variance_scaling(1.0, "fan_avg", "normal"), bias_init=initializers.zeros
+      nn.Dense, kernel_init=xavier_normal, bias_init=initializers.zeros
     )
     self.conv_dropout = Dropout(self.dropout)
     self.hidden = dense(d)

@@ -30,8 +30,7 @@ from jax.nn import initializers
 from recjax.nn.dropout import Dropout, dropout
 from recjax.nn.embedding import embedding_table, l2_normalize
 from recjax.nn.graph import Graph, GraphTowers, propagate, split_nodes
-
-XAVIER_NORMAL = initializers.variance_scaling(1.0, "fan_avg", "normal")   # torch's xavier_normal_, untruncated
+from recjax.nn.init import xavier_normal
 
 
 class BiInteraction(nn.Module):
@@ -46,7 +45,7 @@ class BiInteraction(nn.Module):
   @nn.compact
   def __call__(self, emb: jnp.ndarray, weight: jnp.ndarray | None = None) -> jnp.ndarray:
     side = propagate(self.graph, emb, weight)                          # [U+I, d_in]
-    dense = lambda name: nn.Dense(self.features, kernel_init=XAVIER_NORMAL, bias_init=initializers.zeros, name=name)
+    dense = lambda name: nn.Dense(self.features, kernel_init=xavier_normal, bias_init=initializers.zeros, name=name)
     return dense("sum")(emb + side) + dense("bi")(side * emb)
 
 

@@ -33,8 +33,8 @@ def pop_params(item_counts, unseen_order: str = "index", seed: int = 0) -> dict:
 
   Returns:
     `{"params": {"log_count": [N] float32}}` with log(count) where count > 0, else `UNSEEN_SCORE`
-    (always for the padding row 0), plus 128 * (the item's place in the permutation) for "random"
-    (distinct in float32, still far below log(1) = 0).
+    (always for the padding row 0), minus 128 * (1 + the item's place in the permutation) for "random":
+    below log(1) = 0 and distinct in float32 (whose spacing is 128 up to 2^31 in magnitude).
   """
   if unseen_order not in UNSEEN_ORDERS:
     raise ValueError(f"unseen_order must be one of {UNSEEN_ORDERS}, got {unseen_order!r}")
@@ -44,7 +44,9 @@ def pop_params(item_counts, unseen_order: str = "index", seed: int = 0) -> dict:
   log_count[seen] = np.log(counts[seen])
   if unseen_order == "random":
     unseen = np.flatnonzero(~seen)
-    log_count[unseen] += 128.0 * np.random.default_rng(seed).permutation(len(unseen))
+    if -UNSEEN_SCORE + 128.0 * len(unseen) >= 2.0**31:
+      raise ValueError(f"unseen_order 'random': {len(unseen):,} unseen items cannot get distinct float32 scores")
+    log_count[unseen] -= 128.0 * (1 + np.random.default_rng(seed).permutation(len(unseen)))
   log_count[0] = UNSEEN_SCORE
   return {"params": {"log_count": jnp.asarray(log_count, dtype=jnp.float32)}}
 

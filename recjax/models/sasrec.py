@@ -18,12 +18,15 @@ Defaults are RecBole 1.2.1's SASRec (`hidden_size=64, inner_size=256, n_layers=2
 hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
 initializer_range=0.02, MAX_ITEM_LIST_LENGTH=50`). `pre_norm=True` gives the paper's ordering,
 g(x) = x + Dropout(g(LayerNorm(x))) for attention and feed-forward and a final LayerNorm (Sec.
-III-C). The authors' code (and its PyTorch port) differs in details, each a switch here:
-`embed_scale=True` multiplies the item embedding by sqrt(d); `norm_queries_only=True` (with
+III-C). The authors' TensorFlow code and its PyTorch port differ in details; these are switches here:
+`embed_scale=True` multiplies the item embedding by sqrt(d) (both); `norm_queries_only=True` (with
 `pre_norm`) normalises only the attention queries, keys and values reading the raw input, and lets
-each residual add the normalised input (see `TransformerBlock`); `weight_init="xavier_normal"` draws every
-table and weight matrix from N(0, 2 / (fan_in + fan_out)). It also zeroes padded positions between
-blocks, which changes nothing here: padding keys are masked and padded positions have loss weight 0.
+each residual add the normalised input (both; see `TransformerBlock`); `weight_init="xavier_normal"`
+draws every table and weight matrix from N(0, 2 / (fan_in + fan_out)) (the PyTorch port; the TF code
+draws Glorot-uniform). Not reproduced: their attention has no output projection and drops out only its
+weights, and their feed-forward drops out after the inner ReLU too. Both also zero padded positions
+between blocks, which changes nothing here: padding keys are masked and padded positions have loss
+weight 0.
 """
 from __future__ import annotations
 

@@ -5,14 +5,12 @@ A table is `[N, d]` with row 0 reserved for padding (recjax's dense ids start at
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-Initializer = Callable[..., jnp.ndarray]
+from recjax.nn.init import Initializer, xavier_normal, xavier_uniform
 
 # Logical axis names of an embedding table; a mesh rule such as ("vocab", "model") row-shards it.
 EMBED_AXES = ("vocab", "embed")
@@ -32,9 +30,9 @@ def embedding_init(init: str = "normal", *, std: float = 0.02) -> Initializer:
   if init == "normal":
     return initializers.normal(stddev=std)
   if init == "xavier_normal":
-    return initializers.variance_scaling(1.0, "fan_avg", "normal")
+    return xavier_normal
   if init == "xavier_uniform":
-    return initializers.variance_scaling(1.0, "fan_avg", "uniform")
+    return xavier_uniform
   if init == "uniform":
     return _symmetric_uniform(std)
   raise ValueError(f"unknown embedding init {init!r}; expected one of {INITS}")
@@ -54,7 +52,7 @@ class Embed(nn.Embed):
 
   def setup(self):
     if self.has_variable("params", "embedding"):   # applying: the stored (maybe padded) table
-      table = self.get_variable("params", "embedding")
+      table = nn.meta.unbox(self.get_variable("params", "embedding"))   # boxed when logical_axes were given
     else:
       table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype)
     self.embedding = table[:self.num_embeddings]

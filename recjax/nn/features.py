@@ -17,9 +17,7 @@ from recjax.data.features import PAD, FeatureTables
 from recjax.nn.constants import read_constants
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_init
-
-# torch.nn.init.xavier_normal_ on an [in, out] kernel or an [N, d] table; RecBole's context-aware init.
-xavier_normal = initializers.variance_scaling(1.0, "fan_avg", "normal")
+from recjax.nn.init import xavier_normal
 
 
 def fm_interaction(v: jnp.ndarray) -> jnp.ndarray:

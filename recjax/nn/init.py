@@ -1,9 +1,19 @@
 """Parameter initialisers shared by the models (beyond `jax.nn.initializers`)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.nn import initializers
+
+Initializer = Callable[..., jnp.ndarray]
+
+# torch.nn.init.xavier_normal_ / xavier_uniform_ on an [in, out] kernel or an [N, d] table (untruncated):
+# N(0, 2 / (fan_in + fan_out)) and U(-a, a) with a = sqrt(6 / (fan_in + fan_out)).
+xavier_normal = initializers.variance_scaling(1.0, "fan_avg", "normal")
+xavier_uniform = initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
 def fan_in_uniform(fan_in):

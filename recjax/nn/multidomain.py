@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from recjax.nn.dropout import Dropout
-from recjax.nn.features import xavier_normal
+from recjax.nn.init import xavier_normal
 
 # xavier_normal of each `[D, H]` slice of a grouped `[G, D, H]` kernel.
 grouped_xavier_normal = initializers.variance_scaling(1.0, "fan_avg", "normal", in_axis=-2, out_axis=-1,

@@ -30,13 +30,12 @@ kernels, orthogonal recurrent kernels).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Initializer = Callable[..., jnp.ndarray]
+from recjax.nn.init import Initializer
 
 CELLS = ("gru", "lstm")
 INITS = ("xavier_uniform", "flax")

