@@ -80,6 +80,8 @@ def test_padding_never_changes_outputs():
     lambda path, p: p.at[0].set(5.0) if "item_embedding" in jax.tree_util.keystr(path) else p, params)
   np.testing.assert_allclose(_apply(model, noisy, long, "sequence_repr")[:, -3:], h_long[:, -3:], rtol=1e-5,
                              atol=1e-6)
+  with pytest.raises(ValueError, match="exceeds max_len"):
+    _apply(model, params, jnp.ones((1, model.max_len + 1), jnp.int32), "sequence_repr")
 
 
 def test_cloze_items_align_with_sequence_and_prefix_batches():

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from recjax.nn.attention import ACTIVATIONS, TransformerBlock, TransformerStack, padding_mask
+from recjax.nn.attention import ACTIVATIONS, TransformerBlock, TransformerStack, add_positions, padding_mask
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_table
 
@@ -94,10 +94,7 @@ class BERT4Rec(nn.Module):
 
   def _encode(self, seq: jnp.ndarray, train: bool, last_only: bool) -> jnp.ndarray:
     """`seq [B, L]` -> `[B, L, d+1]`, or `[B, 1, d+1]` (position L-1) when `last_only`."""
-    length = seq.shape[-1]
-    if length > self.max_len:
-      raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
-    x = self.item_embedding(seq) + self.position_embedding[self.max_len - length:]  # [B, L, d]
+    x = add_positions(self.item_embedding(seq), self.position_embedding)  # [B, L, d]
     x = self.input_dropout(self.input_norm(x), deterministic=not train)
     mask = padding_mask(seq)  # [B, 1, 1, L]
     x = self.encoder(x, mask, train=train, last_only=last_only)

@@ -35,7 +35,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from recjax.nn.attention import TransformerBlock, TransformerStack, causal_padding_mask
+from recjax.nn.attention import TransformerBlock, TransformerStack, add_positions, causal_padding_mask
 from recjax.nn.dropout import Dropout
 from recjax.nn.embedding import embedding_init, embedding_table
 from recjax.nn.text import ItemTextTable, TextItemTower
@@ -89,13 +89,10 @@ class SASRec(nn.Module):
 
   def _encode(self, seq: jnp.ndarray, train: bool, last_only: bool) -> jnp.ndarray:
     """`seq [B, L]` -> `[B, L, d]`, or `[B, 1, d]` (position L-1) when `last_only`."""
-    length = seq.shape[-1]
-    if length > self.max_len:
-      raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
     items = self.item_embedding(seq) if self.item_text is None else jnp.take(self.item_tower(), seq, axis=0)
     if self.embed_scale:
       items = items * self.dim**0.5
-    x = items + self.position_embedding[self.max_len - length :]  # [B, L, d]
+    x = add_positions(items, self.position_embedding)  # [B, L, d]
     if not self.pre_norm:
       x = self.norm(x)
     x = self.input_dropout(x, deterministic=not train)

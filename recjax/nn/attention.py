@@ -35,6 +35,23 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 }
 
 
+def add_positions(x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+  """Learned positions counted from the right, for left-padded sequences: the newest column gets
+  `positions[max_len - 1]` whatever the padded length L.
+
+  Args:
+    x: `[B, L, d]` item embeddings, L <= max_len.
+    positions: `[max_len, d]` position table.
+
+  Returns:
+    `[B, L, d]`.
+  """
+  length, max_len = x.shape[-2], positions.shape[0]
+  if length > max_len:
+    raise ValueError(f"sequence length {length} exceeds max_len={max_len}")
+  return x + positions[max_len - length:]
+
+
 def padding_mask(seq: jnp.ndarray) -> jnp.ndarray:
   """Bidirectional mask: every query may attend to every non-padding key.
 
