@@ -316,6 +316,9 @@ def build_labeled(config: dict[str, Any], protocol: protocols.Protocol, split: s
     raise ConfigError(f"{what}: that needs a kind 'ctr' model (with logits), and "
                       f"{config['model']['name']!r} is {kind!r}")
   task = "labeled" if protocol.task == "ranking" else protocol.task
+  if task == "rating" and not pointwise:   # RMSE of ranking scores would mean nothing
+    raise ConfigError(f"protocol {protocol.name!r} evaluates predicted ratings, which only rating regression "
+                      f"learns: --set training='labeled' (loss 'mse'), not training={config['training']!r}")
   if pointwise and config["loss"] != {"labeled": "bce", "rating": "mse"}[task]:
     fix = "--set loss='mse'" if task == "rating" else "--set loss='bce' (rating regression: --protocol rating)"
     raise ConfigError(f"loss {config['loss']!r} does not fit task {task!r} of protocol {protocol.name!r}: {fix}")
@@ -393,7 +396,9 @@ def make_loss_fn(exp: Experiment):
     options["log_q"] = np.log(np.maximum(q, np.finfo(np.float32).tiny)).astype(np.float32)
   if name == "gbce":
     try:
-      options["beta"] = losses.gbce_beta(c["num_negatives"], exp.split.train.num_items - 1, c["gbce_t"])
+      held_out = 0 if exp.split.cold_items is None else len(exp.split.cold_items)   # never drawn as negatives
+      drawable = exp.split.train.num_items - 1 - held_out
+      options["beta"] = losses.gbce_beta(c["num_negatives"], drawable, c["gbce_t"])
     except ValueError as e:
       raise ConfigError(f"loss 'gbce' (num_negatives, gbce_t): {e}") from e
   # kind "ctr" models trained on pairs (score_items) take the pairwise losses of general models

@@ -155,7 +155,8 @@ def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
     num_negatives: k, the negatives sampled per positive, 1 <= k <= num_items - 1.
     num_items: |I|, the number of real items in the catalogue, the padding item NOT counted (a
       recjax model with `num_items` embedding rows, row 0 = padding, has num_items - 1 real
-      items). Negatives are drawn from the |I| - 1 items other than the positive.
+      items), and of them only those a negative can be (not items held out for cold start).
+      Negatives are drawn from the |I| - 1 items other than the positive.
     t: calibration parameter in [0, 1].
 
   Returns:

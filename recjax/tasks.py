@@ -62,7 +62,8 @@ def is_factorized(model: nn.Module) -> bool:
 
 
 def _sampled_scores(h: jnp.ndarray, items: jnp.ndarray, pos: jnp.ndarray, neg: jnp.ndarray):
-  """Scores of gathered rows only: h `[..., d]`, pos `[...]`, neg `[..., n]` -> `[...]`, `[..., n]`."""
+  """Scores of gathered rows only: h `[..., d]`, pos `[...]`, neg `[..., n]` -> scores `[...]`, `[..., n]`
+  and the gathered rows `[..., d]`, `[..., n, d]`."""
   pos_emb = jnp.take(items, pos, axis=0)  # [..., d]
   neg_emb = jnp.take(items, neg, axis=0)  # [..., n, d]
   pos_scores = jnp.sum(h * pos_emb, axis=-1)

@@ -90,6 +90,15 @@ def test_cold_start_protocol_end_to_end_on_synthetic(tmp_path):
   assert json.loads((tmp_path / "run" / "metrics.json").read_text())["cold"] == metrics["cold"]
 
 
+def test_gbce_counts_only_the_items_a_negative_can_be(monkeypatch):
+  config = apply_overrides(build_config("sasrec"), {"protocol": "cold-start", "loss": "gbce", "num_negatives": 4})
+  exp = experiment.build(config)
+  seen = []
+  monkeypatch.setattr(experiment.losses, "gbce_beta", lambda k, items, t: seen.append(items) or 0.5)
+  experiment.make_loss_fn(exp)
+  assert seen == [exp.split.train.num_items - 1 - len(exp.split.cold_items)]   # real items, held-out ones not
+
+
 def test_pop_orders_unseen_items_at_random_when_asked():
   counts = np.array([0, 5, 0, 0, 2, 0, 0, 5])
   index = np.asarray(models.pop_params(counts)["params"]["log_count"])

@@ -493,6 +493,8 @@ def test_ctr_model_under_a_ranking_protocol(registered, training, loss, sampler)
     (["label_threshold=None"], "tiny-rated", ConfigError, "label_threshold: expected a finite number"),
     (["protocol='rating'"], "tiny-rated", ConfigError, "loss 'bce' does not fit task 'rating'.*loss='mse'"),
     (["loss='mse'"], "tiny-rated", ConfigError, "loss 'mse' does not fit task 'labeled'"),
+    (["protocol='rating'", "training='pairs'", "loss='bpr'"], "tiny-rated", ConfigError,
+     "evaluates predicted ratings.*training='labeled'"),
     (["rating_normalization='log'", "protocol='rating'", "loss='mse'"], "tiny-rated", ConfigError,
      "rating_normalization"),
 ])

@@ -19,19 +19,20 @@ Rules:
   training user u to id u + 1 when every user trains).
 - An empty multi-valued field pools to the zero vector (its ids are all 0).
 - Numbers: x -> (x - lo) / (hi - lo) with lo, hi the min and max over training entities (RecBole
-  normalises all float fields by min-max); missing (NaN) -> 0; a constant field, or one that no
-  training entity has a number for, -> 0.
+  does min-max too where its dataset config sets `normalize_all`, as for ml-100k); missing (NaN) -> 0
+  (RecBole fills the column mean); a constant field, or one that no training entity has a number
+  for, -> 0 (RecBole: 1).
 - Zip codes: a field named in `prefixes` keeps its first characters only (default: `zip_code`,
   one character, the US postal region; Canadian codes keep their first letter).
 - `float_seq` features are not supported and left out.
 
 RecBole 1.2.1's context-aware preset on ml-100k (`properties/quick_start_config/
 context-aware_ml-100k.yaml`) loads `user_id, age, gender, occupation` and `item_id, release_year,
-class`, all as tokens (age and release_year are typed `token` in the atomic files, so they are
-categories here too), leaves `zip_code` and `movie_title` out, and uses no interaction-level field
-(the rating becomes the label; timestamp is a float not listed in `numerical_features`).
-`RECBOLE_ML100K_FIELDS` names that selection; by default every field is built and models use all
-of them unless given a `fields` selection.
+class` (`class`, the genres, as `token_seq`, the rest as `token`: age and release_year are typed
+`token` in the atomic files, so they are categories here too), leaves `zip_code` and `movie_title`
+out, and uses no interaction-level field (the rating becomes the label; timestamp is a float not
+listed in `numerical_features`). `RECBOLE_ML100K_FIELDS` names that selection; by default every
+field is built and models use all of them unless given a `fields` selection.
 """
 from __future__ import annotations
 

@@ -114,6 +114,9 @@ def log_loss(logits, labels, weight=None) -> float:
 
   l_i = y_i softplus(-z_i) + (1 - y_i) softplus(z_i), softplus(x) = log(1 + e^x) = logaddexp(0, x),
   which equals -y log sigmoid(z) - (1 - y) log(1 - sigmoid(z)) without overflow or log(0) for large |z|.
+  Exact, not clipped: RecBole 1.2.1 clips float32 sigmoid outputs to [1e-15, 1 - 1e-15], so the two
+  agree while |z| stays below about 16 (calibrated CTR models' logits do); past it RecBole's per-row
+  loss saturates at 34.5 and float32 rounding, this one keeps growing.
 
   Args:
     logits: `[n]`; labels: `[n]` bool or 0/1; weight: `[n]` or None.
