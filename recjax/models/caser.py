@@ -201,9 +201,7 @@ class Caser(nn.Module):
     if n_v:
       self.vertical_kernel = self.param("vertical_kernel", fan_in_uniform(length), (length, n_v), jnp.float32)
       self.vertical_bias = self.param("vertical_bias", fan_in_uniform(length), (n_v,), jnp.float32)
-    dense = functools.partial(
-      nn.Dense, kernel_init=xavier_normal, bias_init=initializers.zeros
-    )
+    dense = functools.partial(nn.Dense, kernel_init=xavier_normal, bias_init=initializers.zeros)
     self.conv_dropout = Dropout(self.dropout)
     self.hidden = dense(d)
     if self.output == "paper":
