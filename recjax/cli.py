@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--format", choices=("plain", "sequence"), default=None,
                       help="plain rows, or (history -> next item) rows for sequential models (default: sequence "
                            "for leave-one-out protocols)")
+  export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config keys that shape the split, as the run had them (preprocess.*, domain.*)")
   export.set_defaults(func=cmd_data_export)
   text = data_sub.add_parser("text", help="encode the items' texts with a BERT-family checkpoint (cached)")
   text.add_argument("name")
@@ -266,7 +268,7 @@ def cmd_data_export(args) -> int:
                       f"pass --as with another name (e.g. --as {name}-split)")
   protocol = get_protocol(args.protocol)   # a model and loss the protocol takes: its split is what is exported
   model = "bpr" if protocol.task == "ranking" else "mmoe" if protocol.split == "domain_rows" else "deepfm"
-  config = build_config(model, dataset=args.name)
+  config = build_config(model, dataset=args.name, overrides=args.set)
   config.update(data_dir=args.data_dir, protocol=protocol.name)
   if protocol.task == "rating":
     config["loss"] = "mse"
@@ -275,6 +277,9 @@ def cmd_data_export(args) -> int:
   fmt = args.format or ("sequence" if exp.protocol.split in ("leave_one_out", "leave_last_out") else "plain")
   for path in export_recbole_split(exp.split, Path(args.out), name, fmt, exp.protocol.max_len):
     print(path)
+  if exp.split.cold is not None:
+    print(f"note: the {len(exp.split.cold):,} rows of the items held out for cold start are not exported "
+          "(RecBole has no such part)", file=sys.stderr)
   return 0
 
 

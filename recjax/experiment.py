@@ -603,7 +603,7 @@ def finetune_init(exp: Experiment, params):
       raise ConfigError(f"finetune.from_run: {source} has {key}={theirs!r}, this run {ours!r} (fine-tuning continues "
                         "a run of the same model on the same data)")
   config = {**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
-            "finetune": {"from_run": None, "trainable": "all"}}
+            "finetune": {**config["finetune"], "from_run": None}}   # its optimizer state's layout
   # Same data and split, so this run's model with the source's hyperparameters (e.g. without adapters) has
   # the source's parameter shapes: no second load of the data.
   hparams = models.hashable_hparams({k: v for k, v in config["model"].items() if k != "name"})
@@ -648,6 +648,8 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 # Keys a pretraining run must share with the run it initialises (same data, same split).
 _SAME_DATA_KEYS = ("dataset", "protocol", "preprocess", "seed")
+# ... and its rows: a fine-tuned run may train on one domain of its source's, a pretraining run may not.
+_SAME_ROWS_KEYS = (*_SAME_DATA_KEYS, "domain.rule", "domain.column", "domain.only")
 
 
 def _as_list(value):
@@ -665,9 +667,9 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
   got = config.get("model", {}).get("name")
   if got != name:
     raise ConfigError(f"{what}: {run_dir} is a {got!r} run, expected {name!r}")
-  for key in _SAME_DATA_KEYS:
-    if config.get(key) != exp.config[key]:
-      raise ConfigError(f"{what}: {run_dir} has {key}={config.get(key)!r}, this run {exp.config[key]!r} "
+  for key in _SAME_ROWS_KEYS:
+    if dotted(config, key) != dotted(exp.config, key):
+      raise ConfigError(f"{what}: {run_dir} has {key}={dotted(config, key)!r}, this run {dotted(exp.config, key)!r} "
                         "(pretraining needs the same data and split)")
   for key, ours in sizes.items():
     if _as_list(config["model"].get(key)) != _as_list(exp.config["model"][ours]):
@@ -719,14 +721,18 @@ RESUMABLE_KEYS = ("epochs", "data_dir")
 def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None) -> dict[str, Any] | None:
   """Refuses, before anything is written, what would mix two runs in `out` (ConfigError): a new run where one
   already is (`metrics.json` or `checkpoints/`), or a resumed one whose config differs from the saved run's
-  in one of `keys` (dotted; default: every key) other than RESUMABLE_KEYS. Returns the saved config when
-  resuming, None where nothing was saved (the run then starts afresh)."""
+  in one of `keys` (dotted; default: every key) other than RESUMABLE_KEYS, or checkpoints without the
+  config.json that says whose they are. Returns the saved config when resuming, None where nothing was
+  saved (the run then starts afresh)."""
   if not resume:
     if (out / "metrics.json").exists() or (out / "checkpoints").exists():
       raise ConfigError(f"{out} already holds a run; resume it (--resume) or choose another output folder")
     return None
   saved = saved_config(out)
   if saved is None:
+    if (out / "checkpoints").exists():
+      raise ConfigError(f"resume: {out} holds checkpoints but no config.json, so nothing says which run they "
+                        "belong to; restore its config.json or choose another output folder")
     return None
   given, kept = (json.loads(json_line(c)) for c in (config, saved))   # as config.json holds them: tuples as lists
   if keys is None:

@@ -265,6 +265,9 @@ def test_library_train_guards_its_run_folder_as_the_command_does(tmp_path):
   resumed = experiment.train({**config, "epochs": 2, "data_dir": str(tmp_path)}, out, resume=True,
                              log=lambda line: None)
   assert resumed["epochs_run"] == 2
+  (out / "config.json").unlink()   # checkpoints that nothing says whose they are are not resumed
+  with pytest.raises(ConfigError, match="holds checkpoints but no config.json"):
+    experiment.train({**config, "epochs": 3}, out, resume=True, log=lambda line: None)
 
 
 def _write_inter(data_dir: Path, users: int) -> Path:
@@ -426,6 +429,13 @@ def test_export_writes_the_identical_split(data_dir, tmp_path, capsys):
                  "--data-dir", data_dir, "--out", tmp_path) == 0
   assert read("mlseq", "train")[0] == "user_id:token\titem_id_list:token_seq\titem_id:token"
   assert [len(read("mlseq", part)) - 1 for part in ("train", "valid", "test")] == [97171, 943, 943]
+  # a random split has no history a part can be read from: refused; preprocessing shapes the exported split
+  assert run_cli("data", "export", "ml-100k", "--as", "mlbad", "--format", "sequence", "--data-dir", data_dir,
+                 "--out", tmp_path) == 2
+  assert "needs a leave-one-out split" in capsys.readouterr().err and not (tmp_path / "mlbad").exists()
+  assert run_cli("data", "export", "ml-100k", "--as", "mlcore", "--set", "preprocess.min_rating=4", "--data-dir",
+                 data_dir, "--out", tmp_path) == 0
+  assert sum(len(read("mlcore", part)) - 1 for part in ("train", "valid", "test")) == 55375   # ratings >= 4
 
 
 def test_evaluate_on_two_host_devices(tmp_path):

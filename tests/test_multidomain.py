@@ -65,7 +65,10 @@ def test_one_model_per_domain_and_frozen_fine_tuning(small_multidomain, tmp_path
   assert only["domain_sizes"]["d2"] == {"train": 480, "valid": 60, "test": 60}
   assert only["domain_sizes"]["d0"]["test"] == 0 and "auc/d0" not in only["test"]
   tuned = _config("mmoe", {"domain.only": "d3", "finetune.from_run": str(source), "finetune.trainable": "domain"})
-  train(tuned, tmp_path / "tuned", log=lambda line: None)
+  tuned_metrics = train(tuned, tmp_path / "tuned", log=lambda line: None)
+  # a fine-tuned run is a source too (its checkpoint holds the partitioned optimizer's state)
+  chained = _config("mmoe", {"domain.only": "d3", "finetune.from_run": str(tmp_path / "tuned"), "epochs": 0})
+  assert train(chained, tmp_path / "chained", log=lambda line: None)["test"] == pytest.approx(tuned_metrics["test"])
   before = traverse_util.flatten_dict(restore_best_params(build(_config("mmoe")), source)["params"])
   after = traverse_util.flatten_dict(restore_best_params(build(tuned), tmp_path / "tuned")["params"])
   moved = {param_group(path) for path in before if not np.array_equal(before[path], after[path])}

@@ -335,6 +335,8 @@ def test_pretraining_route_restores_runs_and_rejects_bad_ones(tmp_path):
       ({"mlp_run": saved_run(tmp_path / "deep", exp, "ncf_mlp", False, model={"hidden": [16, 4]})[0]},
        "model.hidden"),
       ({"gmf_run": saved_run(tmp_path / "seed", exp, "gmf", False, seed=1)[0]}, "same data and split"),
+      ({"gmf_run": saved_run(tmp_path / "one-domain", exp, "gmf", False, domain={"rule": "column", "only": "d0"})[0]},
+       "domain.rule='column'.*same data and split"),
       ({"gmf_run": saved_run(tmp_path / "untrained", exp, "gmf", False, epochs=0)[0]}, "never trained"),
       ({"mlp_run": saved_run(tmp_path / "other", exp, "ncf_mlp", num_items=7)[0]}, "does not fit"),
       ({"mlp_run": str(tmp_path / "empty")}, "no recjax run"),

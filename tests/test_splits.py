@@ -146,6 +146,18 @@ def test_sequence_export_rows_follow_the_split():
   assert rows["test"] == [("a", "i3 i4", "i1"), ("c", "i5 i6", "i7")]         # train + valid, the last max_len
 
 
+@pytest.mark.parametrize("user, item, fmt", [("NA", "i1", "plain"), ("a", "i\t1", "plain"), ("a", "i 1", "sequence")])
+def test_export_refuses_ids_recbole_would_read_otherwise(tmp_path, user, item, fmt):
+  from recjax.data.export import export_recbole_split
+
+  inter = from_columns([user, user, user, "b", "b", "b"], [item, "i2", "i3", "i2", "i3", "i4"],
+                       timestamp=[1, 2, 3, 1, 2, 3])
+  with pytest.raises(DataError, match="would not survive RecBole's reader"):
+    export_recbole_split(leave_one_out(inter), tmp_path, "x", fmt)
+  if fmt == "sequence":   # a space is fine in a plain token column
+    export_recbole_split(leave_one_out(inter), tmp_path, "x", "plain")
+
+
 def test_leave_one_out_counts():
   inter = staircase()
   counts = part_counts(leave_one_out(inter), inter)

@@ -11,7 +11,11 @@ Two formats:
   `max_len` earlier items, oldest first), `item_id:token`. Train rows are the prefixes inside train; a valid
   row's history is the user's train items, a test row's train + valid, as recjax's leave-one-out evaluates.
   RecBole then needs `--set "load_col={'inter': ['user_id', 'item_id', 'item_id_list']}"
-  --set "alias_of_item_id=['item_id_list']"`.
+  --set "alias_of_item_id=['item_id_list']"`. Only for leave-one-out splits (`leave_one_out`,
+  `leave_last_out`): under other splits a part's rows interleave with the others' in time.
+
+Tokens RecBole would read otherwise (a tab or newline anywhere, a space inside `token_seq`, and the
+strings pandas reads as missing, such as "NA" or "None") are refused rather than written.
 """
 from __future__ import annotations
 
@@ -23,6 +27,20 @@ import pandas as pd
 from recjax.data.interactions import Interactions, time_order
 from recjax.data.samplers import windows
 from recjax.data.splits import Split
+from recjax.errors import ConfigError, DataError
+
+# What pandas' read_csv, and so RecBole, reads as a missing value by default.
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+SEQUENCE_SPLITS = ("leave_one_out", "leave_last_out")
+
+
+def check_tokens(tokens, what: str, spaces: bool = True) -> None:
+  """DataError naming the first token RecBole would not read back as written (see the module docstring)."""
+  for token in map(str, tokens):
+    if token in PANDAS_NA or any(c in token for c in "\t\n\r") or (not spaces and " " in token):
+      raise DataError(what, f"the token {token!r} would not survive RecBole's reader (a tab, newline"
+                      f"{'' if spaces else ', space'} or missing-value string); rename it before exporting")
 
 
 def interactions_frame(inter: Interactions) -> pd.DataFrame:
@@ -61,6 +79,11 @@ def export_recbole_split(split: Split, out_dir: Path, name: str, fmt: str = "pla
   """Write `out_dir/name/name.{train,valid,test}.inter` in format `fmt`; returns the paths written."""
   if fmt not in FORMATS:
     raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+  if fmt == "sequence" and not split.name.startswith(SEQUENCE_SPLITS):
+    raise ConfigError(f"export format 'sequence' needs a leave-one-out split ({', '.join(SEQUENCE_SPLITS)}), "
+                      f"not {split.name!r}: there every history comes from earlier parts; use 'plain'")
+  check_tokens(split.train.user_vocab[1:], f"{name}: user ids")
+  check_tokens(split.train.item_vocab[1:], f"{name}: item ids", spaces=fmt != "sequence")
   folder = Path(out_dir) / name
   folder.mkdir(parents=True, exist_ok=True)
   frames = sequence_frames(split, max_len) if fmt == "sequence" else {
