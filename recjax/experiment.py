@@ -745,6 +745,30 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
   return saved
 
 
+SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint and sizes
+
+
+def split_record(split: splits.Split) -> dict[str, Any]:
+  """What `OUT/split.json` holds: the split's fingerprint (`splits.fingerprint`) and its parts' rows."""
+  return {"fingerprint": splits.fingerprint(split), "rows": {name: len(getattr(split, name)) for name in splits.PARTS}}
+
+
+def check_split(exp: Experiment, run_dir: str | os.PathLike) -> dict[str, Any]:
+  """`exp`'s split record; ConfigError when the run in `run_dir` recorded another split (the data under the
+  run changed, e.g. a `--data-dir` pointing at other files). Runs saved before the record existed pass."""
+  record, path = split_record(exp.split), Path(run_dir) / SPLIT_RECORD
+  if path.is_file():
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(saved, dict) or saved.get("fingerprint") != record["fingerprint"]:
+      rows = saved.get("rows") if isinstance(saved, dict) else None
+      raise ConfigError(f"{path}: the run was trained on another split (rows {rows}) than the data gives now "
+                        f"(rows {record['rows']}): the data under it changed; point --data-dir at the run's data")
+  return record
+
+
 def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, resume: bool = False,
           log: Callable[[str], None] = print) -> dict[str, Any]:
   """Train and test one config; returns (and writes to `out_dir/metrics.json`) the results dict.
@@ -755,7 +779,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   exp = build(config)
   save_config = (lambda *_: write_json(out / "config.json", config)) if out else None
   if out:
+    record = check_split(exp, out) if resume else split_record(exp.split)
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SPLIT_RECORD, record)
     if not resume:   # a resumed run's config is rewritten once its checkpoint has restored (after an epoch)
       save_config()
   rng = jax.random.PRNGKey(config["seed"])

@@ -265,6 +265,13 @@ def test_library_train_guards_its_run_folder_as_the_command_does(tmp_path):
   resumed = experiment.train({**config, "epochs": 2, "data_dir": str(tmp_path)}, out, resume=True,
                              log=lambda line: None)
   assert resumed["epochs_run"] == 2
+  record = json.loads((out / "split.json").read_text())   # the split the run trained on
+  assert set(record["rows"]) == {"train", "valid", "test"} and len(record["fingerprint"]) == 64
+  (out / "split.json").write_text(json.dumps({**record, "fingerprint": "0" * 64}))   # as if the data had changed
+  with pytest.raises(ConfigError, match="trained on another split"):
+    experiment.train({**config, "epochs": 3}, out, resume=True, log=lambda line: None)
+  assert run_cli("evaluate", "--run", out) == 2
+  (out / "split.json").write_text(json.dumps(record))
   (out / "config.json").unlink()   # checkpoints that nothing says whose they are are not resumed
   with pytest.raises(ConfigError, match="holds checkpoints but no config.json"):
     experiment.train({**config, "epochs": 3}, out, resume=True, log=lambda line: None)

@@ -158,6 +158,18 @@ def test_export_refuses_ids_recbole_would_read_otherwise(tmp_path, user, item, f
     export_recbole_split(leave_one_out(inter), tmp_path, "x", "plain")
 
 
+def test_fingerprint_follows_the_pairs_not_the_file_order():
+  from recjax.data.splits import fingerprint
+
+  users, items, times = ["a", "a", "a", "b", "b", "b"], ["i1", "i2", "i3", "i2", "i3", "i4"], [1, 2, 3, 1, 2, 3]
+  base = fingerprint(leave_one_out(from_columns(users, items, timestamp=times)))
+  order = [5, 3, 1, 0, 4, 2]   # the same rows in another order: other dense ids, the same split
+  shuffled = from_columns([users[i] for i in order], [items[i] for i in order], timestamp=[times[i] for i in order])
+  assert fingerprint(leave_one_out(shuffled)) == base
+  assert fingerprint(leave_one_out(from_columns(users, items, timestamp=[1, 3, 2, 1, 2, 3]))) != base   # test moved
+  assert fingerprint(leave_last_out(from_columns(users, items, timestamp=times))) != base               # valid moved
+
+
 def test_leave_one_out_counts():
   inter = staircase()
   counts = part_counts(leave_one_out(inter), inter)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from typing import Sequence
 
@@ -201,3 +202,18 @@ def _from_parts(inter: Interactions, order: np.ndarray, part_sorted: np.ndarray,
   part[order] = part_sorted
   train, valid, test = (inter.subset(np.flatnonzero(part == p)) for p in range(3))
   return Split(train, valid, test, name)
+
+
+def fingerprint(split: Split) -> str:
+  """sha256 of each part's (user, item) pairs as raw tokens, sorted: equal for the same split of the same
+  rows, whatever the data file's row order or the dense ids; different when any pair moves or changes."""
+  digest = hashlib.sha256()
+  for name in (*PARTS, "cold"):
+    part = getattr(split, name)
+    if part is None:
+      continue
+    users, items = part.user_vocab[part.user].astype(str), part.item_vocab[part.item].astype(str)
+    pairs = np.char.add(np.char.add(users, "\t"), items)
+    digest.update(f"{name}\n".encode())
+    digest.update("\n".join(np.sort(pairs).tolist()).encode())
+  return digest.hexdigest()
