@@ -777,12 +777,16 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   if out:
     check_run_folder(config, out, resume)
   exp = build(config)
-  save_config = (lambda *_: write_json(out / "config.json", config)) if out else None
+  save_config = None
   if out:
     record = check_split(exp, out) if resume else split_record(exp.split)
+
+    def save_config(*_):   # the run's config and split record
+      write_json(out / "config.json", config)
+      write_json(out / SPLIT_RECORD, record)
+
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / SPLIT_RECORD, record)
-    if not resume:   # a resumed run's config is rewritten once its checkpoint has restored (after an epoch)
+    if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)
       save_config()
   rng = jax.random.PRNGKey(config["seed"])
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
