@@ -745,27 +745,36 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
   return saved
 
 
-SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint and sizes
+SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint, its ids' fingerprint and sizes
 
 
 def split_record(split: splits.Split) -> dict[str, Any]:
-  """What `OUT/split.json` holds: the split's fingerprint (`splits.fingerprint`) and its parts' rows."""
-  return {"fingerprint": splits.fingerprint(split), "rows": {name: len(getattr(split, name)) for name in splits.PARTS}}
+  """What `OUT/split.json` holds: the split's fingerprint (`splits.fingerprint`), the fingerprint of its dense
+  ids (`splits.ids_fingerprint`) and its parts' rows."""
+  return {"fingerprint": splits.fingerprint(split), "ids": splits.ids_fingerprint(split),
+          "rows": {name: len(getattr(split, name)) for name in splits.PARTS}}
 
 
 def check_split(exp: Experiment, run_dir: str | os.PathLike) -> dict[str, Any]:
   """`exp`'s split record; ConfigError when the run in `run_dir` recorded another split (the data under the
-  run changed, e.g. a `--data-dir` pointing at other files). Runs saved before the record existed pass."""
+  run changed, e.g. a `--data-dir` pointing at other files) or the same split under other dense ids (the
+  same rows in another order: the checkpoint's table rows would mean other users and items). Runs saved
+  before the record (or its "ids" entry) existed pass."""
   record, path = split_record(exp.split), Path(run_dir) / SPLIT_RECORD
-  if path.is_file():
-    try:
-      saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(saved, dict) or saved.get("fingerprint") != record["fingerprint"]:
-      rows = saved.get("rows") if isinstance(saved, dict) else None
-      raise ConfigError(f"{path}: the run was trained on another split (rows {rows}) than the data gives now "
-                        f"(rows {record['rows']}): the data under it changed; point --data-dir at the run's data")
+  if not path.is_file():
+    return record
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(saved, dict) or saved.get("fingerprint") != record["fingerprint"]:
+    rows = saved.get("rows") if isinstance(saved, dict) else None
+    raise ConfigError(f"{path}: the run was trained on another split (rows {rows}) than the data gives now "
+                      f"(rows {record['rows']}): the data under it changed; point --data-dir at the run's data")
+  if saved.get("ids", record["ids"]) != record["ids"]:
+    raise ConfigError(f"{path}: the data gives the run's split but numbers its users or items otherwise (its rows "
+                      "are in another order?): the checkpoint's embeddings would score the wrong ids; point "
+                      "--data-dir at the run's data as it was")
   return record
 
 

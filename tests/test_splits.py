@@ -170,6 +170,17 @@ def test_fingerprint_follows_the_pairs_not_the_file_order():
   assert fingerprint(leave_last_out(from_columns(users, items, timestamp=times))) != base               # valid moved
 
 
+def test_ids_fingerprint_follows_the_dense_ids():
+  from recjax.data.splits import ids_fingerprint
+
+  users, items, times = ["a", "a", "a", "b", "b", "b"], ["i1", "i2", "i3", "i2", "i3", "i4"], [1, 2, 3, 1, 2, 3]
+  base = ids_fingerprint(leave_one_out(from_columns(users, items, timestamp=times)))
+  assert ids_fingerprint(leave_one_out(from_columns(users, items, timestamp=times))) == base
+  order = [5, 3, 1, 0, 4, 2]   # the same split, its ids numbered in another order of first appearance
+  shuffled = from_columns([users[i] for i in order], [items[i] for i in order], timestamp=[times[i] for i in order])
+  assert ids_fingerprint(leave_one_out(shuffled)) != base
+
+
 def test_leave_one_out_counts():
   inter = staircase()
   counts = part_counts(leave_one_out(inter), inter)

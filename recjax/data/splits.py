@@ -217,3 +217,13 @@ def fingerprint(split: Split) -> str:
     digest.update(f"{name}\n".encode())
     digest.update("\n".join(np.sort(pairs).tolist()).encode())
   return digest.hexdigest()
+
+
+def ids_fingerprint(split: Split) -> str:
+  """sha256 of the user and item vocabularies in dense-id order: what a checkpoint's table rows mean. The same
+  split read from a file in another row order numbers its ids otherwise (first appearance) and differs here."""
+  digest = hashlib.sha256()
+  for kind, vocab in (("user", split.train.user_vocab), ("item", split.train.item_vocab)):
+    digest.update(f"{kind}\n".encode())
+    digest.update("\n".join(np.asarray(vocab).astype(str).tolist()).encode())
+  return digest.hexdigest()
