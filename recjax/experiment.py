@@ -628,6 +628,14 @@ def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
   return restored[0].params
 
 
+def read_json(path: Path) -> Any:
+  """A run folder's JSON file; ConfigError naming it when it does not parse."""
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
 def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
   """The `config.json` of a run folder, or None when there is none. Its keys and values pass the checks of
   `apply_overrides` (ConfigError naming the file otherwise); keys added to recjax after the run was saved
@@ -635,10 +643,7 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
   path = Path(run_dir) / "config.json"
   if not path.is_file():
     return None
-  try:
-    saved = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e})") from e
+  saved = read_json(path)
   name = dotted(saved, "model.name")
   if not isinstance(saved, dict) or name not in MODEL_DEFAULTS:
     raise ConfigError(f"{path}: not a recjax run config (it needs a model.name of a known model, got {name!r})")
@@ -763,10 +768,7 @@ def check_split(exp: Experiment, run_dir: str | os.PathLike) -> dict[str, Any]:
   record, path = split_record(exp.split), Path(run_dir) / SPLIT_RECORD
   if not path.is_file():
     return record
-  try:
-    saved = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e})") from e
+  saved = read_json(path)
   if not isinstance(saved, dict) or saved.get("fingerprint") != record["fingerprint"]:
     rows = saved.get("rows") if isinstance(saved, dict) else None
     raise ConfigError(f"{path}: the run was trained on another split (rows {rows}) than the data gives now "
