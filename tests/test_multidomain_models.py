@@ -370,3 +370,28 @@ def test_star_training_updates_the_running_statistics_of_present_domains():
     assert not np.allclose(new[key][:2], old[key][:2])
   rows = np.asarray(batch["domain"]) == 0
   np.testing.assert_allclose(train_other[rows], train[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_star_running_statistics_stay_float32_under_bfloat16_compute():
+  """A momentum-0.99 EMA moves by 1% of the gap a step: in bfloat16 that step rounds away and the statistics
+  stall. They are kept (and computed) in float32 whatever the compute dtype."""
+  import optax
+
+  from recjax import tasks
+  from recjax.train.state import create_train_state
+  from recjax.train.step import make_train_step
+
+  model = _model("star", dropout=0.0)
+  variables = _variables(model)
+  batch = {**BATCH, "label": jnp.zeros((8, T), jnp.float32)}
+  step = make_train_step(tasks.pointwise_loss_fn(model), optax.sgd(0.0), compute_dtype=jnp.bfloat16, donate=False)
+  state = create_train_state(variables, optax.sgd(0.0), jax.random.PRNGKey(0))
+  for _ in range(1200):   # the same batch: the EMA converges to its statistics (0.99^1200 < 1e-5 of the gap left)
+    state, _ = step(state, batch)
+  stats = state.params["batch_stats"]["norm"]
+  assert stats["mean"].dtype == stats["var"].dtype == jnp.float32
+  bf16 = {**variables, "params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables["params"])}
+  z = np.asarray(model.apply(bf16, BATCH, method=lambda m, b: m._inputs(b)[0]), np.float64)   # the norm's bf16 input
+  rows = (np.asarray(BATCH["domain"]) == 0) & (np.asarray(BATCH["weight"]) != 0)
+  np.testing.assert_allclose(stats["mean"][0], z[rows].mean(0), rtol=0.01, atol=2e-3)   # bf16: 3 digits
+  np.testing.assert_allclose(stats["var"][0], z[rows].var(0), rtol=0.01, atol=1e-4)

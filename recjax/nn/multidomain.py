@@ -133,9 +133,11 @@ def partitioned_stats(z: jnp.ndarray, domain: jnp.ndarray, num_domains: int,
     num_domains: K.
     weight: `[B]` or None; rows with weight 0 (padding) are left out.
   Returns:
-    (mean `[K, D]`, var `[K, D]`, rows counted `[K]`); a domain without rows gets 0 and 0.
+    (mean `[K, D]`, var `[K, D]`, rows counted `[K]`), in at least float32 (as flax's BatchNorm); a domain
+    without rows gets 0 and 0.
   """
   domain = jnp.asarray(domain, jnp.int32)
+  z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
   member = jax.nn.one_hot(domain, num_domains, dtype=z.dtype)            # [B, K]
   if weight is not None:
     member = member * (weight != 0).astype(z.dtype)[:, None]
@@ -184,7 +186,7 @@ class PartitionedNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     scale = gamma * domain_gamma[domain] * jax.lax.rsqrt(var[domain] + self.eps)   # [B, D]
-    return (z - mean[domain]) * scale + beta + domain_beta[domain]
+    return ((z - mean[domain]) * scale + beta + domain_beta[domain]).astype(z.dtype)
 
 
 class StarLinear(nn.Module):

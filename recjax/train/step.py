@@ -36,12 +36,21 @@ def cast_floating(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _cast_trainable(variables, dtype):
+  """The "params" collection of model variables cast to `dtype`; the others (running statistics such as
+  "batch_stats", whose small EMA steps bfloat16 would round away) keep their dtype. A tree without a "params"
+  collection is cast whole."""
+  if isinstance(variables, dict) and "params" in variables:
+    return {**variables, "params": cast_floating(variables["params"], dtype)}
+  return cast_floating(variables, dtype)
+
+
 def _grad_fn(loss_fn: LossFn, compute_dtype):
   """`(params, constants, batch, rng) -> ((loss f32, metrics), grads)` with the forward pass in
-  `compute_dtype`; the loss sees `{**params, **constants}` (constants: variable collections that get
-  no gradient, kept in their own dtype)."""
+  `compute_dtype` (`_cast_trainable`); the loss sees `{**params, **constants}` (constants: variable
+  collections that get no gradient, kept in their own dtype)."""
   def loss_in_dtype(params, constants, batch, rng):
-    loss, metrics = loss_fn({**cast_floating(params, compute_dtype), **constants}, batch, rng)
+    loss, metrics = loss_fn({**_cast_trainable(params, compute_dtype), **constants}, batch, rng)
     return loss.astype(jnp.float32), jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
   return jax.value_and_grad(loss_in_dtype, has_aux=True)
 
