@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.util
+import math
 from typing import Any, Mapping
 
 from recjax.errors import ConfigError
@@ -183,12 +184,13 @@ _POSITIVE = (lambda v: v >= 1, "a positive count")
 _WEIGHT = (lambda v: v >= 0, "a weight >= 0")
 _DECAY = (lambda v: 0 <= v < 1, "a decay rate in [0, 1)")
 _ABOVE_ZERO = (lambda v: v > 0, "a number > 0")
+_SEED = (lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
 # Numeric keys with a valid range: (test, what a valid value is). Pop's default is 0 epochs (it counts, never trains).
 _BOUNDS = {
-    "epochs": _COUNT, "patience": _COUNT, "seed": _COUNT, "lr_warmup_steps": _COUNT, "weight_decay": _WEIGHT,
+    "epochs": _COUNT, "patience": _COUNT, "seed": _SEED, "lr_warmup_steps": _COUNT, "weight_decay": _WEIGHT,
     "l2_weight": _WEIGHT, "adam_b1": _DECAY, "adam_b2": _DECAY, "learning_rate": (_ABOVE_ZERO[0], "a rate > 0"),
     "adam_eps": _ABOVE_ZERO, "grad_clip_norm": _ABOVE_ZERO, "preprocess.user_core": _COUNT,
-    "preprocess.item_core": _COUNT,
+    "preprocess.item_core": _COUNT, "shard_tables_mb": _WEIGHT, "eval_cpu_cache_mb": _POSITIVE,
     **{key: _POSITIVE for key in ("batch_size", "num_negatives", "eval_every", "keep_checkpoints", "grad_accum",
                                   "eval_budget_mb", "window_stride", "devices", "cpu_devices", "model_parallel")},
 }
@@ -217,8 +219,12 @@ def _checked(key: str, default: Any, value: Any, source: str) -> Any:
 
 
 def _typed(key: str, default: Any, value: Any, source: str) -> Any:
-  if value is None:
-    return value
+  if value is None:   # "not set": only for keys that may be unset (default None, or typed in _TYPES)
+    if default is None or key in _TYPES:
+      return value
+    raise ConfigError(f"{source}: {key} expects {type(default).__name__}, got None")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
   if default is None:
     expected = _TYPES.get(key, object)
     if isinstance(value, expected) and not (isinstance(value, bool) and expected is not object):

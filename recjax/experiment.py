@@ -615,11 +615,11 @@ def finetune_init(exp: Experiment, params):
 def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
   """Best parameters of a run folder (Pop has none: counted again from the split)."""
   rng = jax.random.PRNGKey(exp.config["seed"])
-  if exp.kind == "popularity" or exp.config["epochs"] == 0:   # nothing trained: what `train` evaluated
-    return initial_params(exp, rng)
+  folder, restored = Path(run_dir) / "checkpoints", None
+  if exp.kind == "popularity" or (exp.config["epochs"] == 0 and not folder.exists()):   # nothing trained
+    return initial_params(exp, rng)   # what `train` evaluated
   params = init_params(exp, rng)
   template = create_train_state(params, run_optimizer(exp, rng), rng)
-  folder, restored = Path(run_dir) / "checkpoints", None
   if (folder / "best").is_dir():   # read-only opens create nothing
     with Checkpointer(folder, read_only=True) as checkpoints:   # ValueError: stored shapes differ
       restored = checkpoints.restore_best(template)
@@ -632,7 +632,7 @@ def read_json(path: Path) -> Any:
   """A run folder's JSON file; ConfigError naming it when it does not parse."""
   try:
     return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConfigError(f"{path}: not valid JSON ({e})") from e
 
 
@@ -726,9 +726,9 @@ RESUMABLE_KEYS = ("epochs", "data_dir")
 def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None) -> dict[str, Any] | None:
   """Refuses, before anything is written, what would mix two runs in `out` (ConfigError): a new run where one
   already is (`metrics.json` or `checkpoints/`), or a resumed one whose config differs from the saved run's
-  in one of `keys` (dotted; default: every key) other than RESUMABLE_KEYS, or checkpoints without the
-  config.json that says whose they are. Returns the saved config when resuming, None where nothing was
-  saved (the run then starts afresh)."""
+  in one of `keys` (dotted; default: every key) other than RESUMABLE_KEYS, or with fewer `epochs` than its
+  checkpoints have completed, or checkpoints without the config.json that says whose they are. Returns the
+  saved config when resuming, None where nothing was saved (the run then starts afresh)."""
   if not resume:
     if (out / "metrics.json").exists() or (out / "checkpoints").exists():
       raise ConfigError(f"{out} already holds a run; resume it (--resume) or choose another output folder")
@@ -747,7 +747,18 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
   if differ:
     raise ConfigError(f"resume: the run saved in {out / 'config.json'} had another config: {'; '.join(differ)}. "
                       f"Only {' and '.join(RESUMABLE_KEYS)} may change when a run resumes.")
+  done = completed_epochs(out)
+  if (keys is None or "epochs" in keys) and config["epochs"] < done:   # epochs given (else the saved run's)
+    raise ConfigError(f"resume: the run in {out} has completed {done} epochs; epochs (the total, counting them) "
+                      f"must be at least {done}, got {config['epochs']}")
   return saved
+
+
+def completed_epochs(out: Path) -> int:
+  """Epochs a run folder's newest finished checkpoint has completed (0 without one)."""
+  latest = out / "checkpoints" / "latest"
+  epochs = [int(p.name) for p in latest.iterdir() if p.name.isdigit()] if latest.is_dir() else []
+  return max(epochs) + 1 if epochs else 0
 
 
 SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint, its ids' fingerprint and sizes

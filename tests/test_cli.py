@@ -84,7 +84,12 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "learning_rate=-0.001"], "learning_rate must be a rate > 0"),
     (["train", "bpr", "--set", "patience=-1"], "patience must be a count >= 0"),
     (["train", "sasrec", "--set", "adam_b2=1.0"], "adam_b2 must be a decay rate in [0, 1)"),
-    (["train", "bpr", "--seed", "-1"], "--seed: seed must be a count >= 0, got -1"),
+    (["train", "bpr", "--seed", "-1"], "--seed: seed must be an integer in [0, 2^32), got -1"),
+    (["train", "bpr", "--seed", "99999999999999999999999"], "seed must be an integer in [0, 2^32)"),
+    (["train", "bpr", "--set", "preprocess=None"], "preprocess expects dict, got None"),
+    (["train", "bpr", "--set", "model.dim=None"], "model.dim expects int, got None"),
+    (["train", "bpr", "--set", "learning_rate=1e999"], "learning_rate must be a finite number, got inf"),
+    (["train", "bpr", "--set", "eval_cpu_cache_mb=0"], "eval_cpu_cache_mb must be a positive count, got 0"),
     (["train", "bpr", "--set", "num_negatives=0"], "num_negatives must be a positive count, got 0"),
     (["train", "bpr", "--set", "model.dim=0"], "model.dim: model 'bpr' needs a value >= 1, got 0"),
     (["train", "ncf_mlp", "--set", "model.hidden=(64, 0)"], "model.hidden: model 'ncf_mlp' needs widths >= 1"),
@@ -95,6 +100,14 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
   assert run_cli(*args, "--out", tmp_path / "run", "--epochs", "1") == 2
   err = capsys.readouterr().err
   assert err.startswith("recjax: error:") and message in err, err
+
+
+def test_a_config_file_cannot_set_nan_or_none_where_a_number_belongs():
+  for key, value, message in [("l2_weight", float("nan"), "l2_weight must be a finite number, got nan"),
+                              ("epochs", None, "epochs expects int, got None")]:
+    with pytest.raises(ConfigError, match=message):
+      apply_overrides(build_config("bpr"), {key: value}, source="cfg.py")
+  assert apply_overrides(build_config("bpr"), {"cpu_devices": None}, source="cfg.py")["cpu_devices"] is None   # "all"
 
 
 def test_bert4rec_code_evaluates_test_once_after_the_last_epoch(tmp_path):
@@ -239,7 +252,10 @@ def test_resume_refuses_flags_that_differ_from_the_saved_run_but_may_train_longe
   assert run_cli("train", "bpr", "--epochs", "2", "--set", "batch_size=512", "--out", out) == 0
   capsys.readouterr()
   for args, message in [(["bpr", "--set", "learning_rate=0.5"], "learning_rate (0.001 saved, 0.5 given)"),
-                        (["sasrec"], "model.name ('bpr' saved, 'sasrec' given)"), (["bpr", "--seed", "3"], "seed")]:
+                        (["sasrec"], "model.name ('bpr' saved, 'sasrec' given)"), (["bpr", "--seed", "3"], "seed"),
+                        (["bpr", "--epochs", "0"], "has completed 2 epochs; epochs (the total, counting them) must be "
+                                                   "at least 2, got 0"),
+                        (["bpr", "--epochs", "1"], "at least 2, got 1")]:
     assert run_cli("train", *args, "--out", out, "--resume") == 2
     assert message in capsys.readouterr().err
   assert read_metrics(out)["epochs_run"] == 2                   # nothing changed by the refusals
@@ -295,6 +311,9 @@ def test_a_split_under_other_dense_ids_is_refused(tmp_path):
   del record["ids"]   # a record written before the ids were recorded passes
   (tmp_path / "split.json").write_text(json.dumps(record))
   experiment.check_split(SimpleNamespace(split=reordered), tmp_path)
+  (tmp_path / "split.json").write_bytes(b"\xff")   # a damaged file: one error naming it
+  with pytest.raises(ConfigError, match="split.json: not valid JSON"):
+    experiment.check_split(SimpleNamespace(split=split), tmp_path)
 
 
 def _write_inter(data_dir: Path, users: int) -> Path:

@@ -199,8 +199,8 @@ def test_jsonl_logger_truncates_on_resume(tmp_path):
   with JsonlLogger(path, append=False) as log:
     for e in range(5):
       log.write({"epoch": e, "train_loss": 1.0 / (e + 1)})
-  with open(path, "a") as f:
-    f.write('{"epoch": 5, "tra')  # a row cut short by a kill
+  with open(path, "ab") as f:
+    f.write(b'5\n{"epoch": null}\n\xff\n{"epoch": 5, "tra')  # damaged rows, then a row cut short by a kill
   with JsonlLogger(path, append=True, last_epoch=2) as log:
     log.write({"epoch": 3, "train_loss": 0.0})
   rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -13,13 +13,15 @@ import numpy as np
 
 
 def _read_rows(path: Path) -> list[dict]:
-  """The complete JSON lines of `path`; a line cut short by a killed writer is dropped."""
+  """The JSON-object lines of `path`; a line cut short by a killed writer, or any other damaged line, is dropped."""
   rows = []
-  for line in path.read_text().splitlines():
+  for line in path.read_text(errors="replace").splitlines():
     try:
-      rows.append(json.loads(line))
+      row = json.loads(line)
     except json.JSONDecodeError:
       continue
+    if isinstance(row, dict):
+      rows.append(row)
   return rows
 
 
@@ -60,7 +62,7 @@ class JsonlLogger:
     if append and self.path.exists():
       rows = _read_rows(self.path)
       if last_epoch is not None:
-        rows = [r for r in rows if r.get("epoch", -1) <= last_epoch]
+        rows = [r for r in rows if type(r.get("epoch")) is int and r["epoch"] <= last_epoch]
       write_atomic(self.path, "".join(json_line(r) + "\n" for r in rows))
     self._file = open(self.path, "a" if append else "w")
 
