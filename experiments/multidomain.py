@@ -64,10 +64,9 @@ OVERALL = "overall"
 
 def _domain_value(test: dict, metric: str, domain: str) -> float:
   """The test `metric` of `domain` (`OVERALL`: over all domains); with several tasks, the first task's
-  (`auc:click/d0`), never their mean."""
+  (`auc:click/d0`, the first of `label_columns`: the metrics list the tasks in that order), never their mean."""
   suffix = "" if domain == OVERALL else f"/{domain}"
-  by_task = sorted(k for k in test
-                   if k.startswith(f"{metric}:") and k.endswith(suffix) and k.count("/") == bool(suffix))
+  by_task = [k for k in test if k.startswith(f"{metric}:") and k.endswith(suffix) and k.count("/") == bool(suffix)]
   return test[by_task[0]] if by_task else test[f"{metric}{suffix}"]
 
 

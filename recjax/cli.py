@@ -170,7 +170,7 @@ def _load_run(run_dir: str, data_dir: str | None):
   if data_dir:
     config["data_dir"] = data_dir
   exp = experiment.build(config)
-  experiment.check_split(exp, run_dir)
+  experiment.check_split(exp.split, run_dir)
   try:
     return exp, experiment.restore_best_params(exp, run_dir)
   except ValueError as e:   # e.g. tables stored padded for another device layout

@@ -60,6 +60,7 @@ class Experiment:
   logits_fn: Callable = None       # jitted (params, rows) -> [C] of kind "ctr" models, one per run
   domains: tuple[str, ...] | None = None   # domain names (id k = domains[k]) when the config sets domain.rule
   constants: dict = None           # the model's constants (models.model_constants), on the run's devices
+  full_split: splits.Split | None = None   # the split before `domain.only` kept one domain's rows (None: `split`)
 
   def __post_init__(self):
     self.mesh = train_mesh(self.config)
@@ -221,11 +222,13 @@ def build(config: dict[str, Any]) -> Experiment:
   split = make_split(loaded, protocol, config)
   parts = [getattr(split, part) for part in splits.PARTS]
   names = tuple(sorted(set().union(*map(domains.domain_names, parts)))) if config["domain"]["rule"] else None
+  full_split = split
   all_train = split.train   # feature vocabularies: every domain's, so one-domain and all-domain models share shapes
   if config["domain"]["only"] is not None:
     split = domains.only_domain(split, config["domain"]["only"]) if names else _need_domains("domain.only")
   splits.check_split(split)
-  _check_metric_scope(config["valid_metric"], names, config["label_columns"])
+  kept = (config["domain"]["only"],) if config["domain"]["only"] is not None else names   # the domains evaluated
+  _check_metric_scope(config["valid_metric"], kept, config["label_columns"])
   hparams = {k: v for k, v in config["model"].items() if k != "name"}
   kind = models.model_kind(name)
   if multi_task:   # heads per domain and task, from the data
@@ -260,7 +263,8 @@ def build(config: dict[str, Any]) -> Experiment:
   else:
     eval_sets = {phase: {"user": rows.user, "item": rows.item, "target": rows.target}
                  for phase, rows in (("valid", data.valid), ("test", data.test))}
-  return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data, domains=names)
+  return Experiment(config, split, protocol, model, kind, eval_sets, labeled_data=data, domains=names,
+                    full_split=full_split)
 
 
 def preprocess_options(config: dict[str, Any]) -> list[str]:
@@ -597,11 +601,16 @@ def finetune_init(exp: Experiment, params):
   config = saved_config(source)
   if config is None:
     raise ConfigError(f"finetune.from_run: no recjax run at {source} (no config.json)")
-  for key in ("model.name", *_SAME_DATA_KEYS, "domain.rule", "label_columns"):
+  for key in ("model.name", *_SAME_DATA_KEYS, "domain.rule", "domain.column", "label_columns"):
     ours, theirs = dotted(exp.config, key), dotted(config, key)
     if _as_list(ours) != _as_list(theirs):
       raise ConfigError(f"finetune.from_run: {source} has {key}={theirs!r}, this run {ours!r} (fine-tuning continues "
                         "a run of the same model on the same data)")
+  full, source_only = exp.full_split or exp.split, dotted(config, "domain.only")
+  try:   # the same split (as the source restricted it), under the same ids
+    check_split(full if source_only is None else domains.only_domain(full, source_only), source)
+  except ConfigError as e:
+    raise ConfigError(f"finetune.from_run: {e}") from None
   config = {**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
             "finetune": {**config["finetune"], "from_run": None}}   # its optimizer state's layout
   # Same data and split, so this run's model with the source's hyperparameters (e.g. without adapters) has
@@ -771,12 +780,12 @@ def split_record(split: splits.Split) -> dict[str, Any]:
           "rows": {name: len(getattr(split, name)) for name in splits.PARTS}}
 
 
-def check_split(exp: Experiment, run_dir: str | os.PathLike) -> dict[str, Any]:
-  """`exp`'s split record; ConfigError when the run in `run_dir` recorded another split (the data under the
+def check_split(split: splits.Split, run_dir: str | os.PathLike) -> dict[str, Any]:
+  """`split`'s record; ConfigError when the run in `run_dir` recorded another split (the data under the
   run changed, e.g. a `--data-dir` pointing at other files) or the same split under other dense ids (the
   same rows in another order: the checkpoint's table rows would mean other users and items). Runs saved
   before the record (or its "ids" entry) existed pass."""
-  record, path = split_record(exp.split), Path(run_dir) / SPLIT_RECORD
+  record, path = split_record(split), Path(run_dir) / SPLIT_RECORD
   if not path.is_file():
     return record
   saved = read_json(path)
@@ -801,7 +810,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   exp = build(config)
   save_config = None
   if out:
-    record = check_split(exp, out) if resume else split_record(exp.split)
+    record = check_split(exp.split, out) if resume else split_record(exp.split)
 
     def save_config(*_):   # the run's config and split record
       write_json(out / "config.json", config)

@@ -294,8 +294,6 @@ def test_library_train_guards_its_run_folder_as_the_command_does(tmp_path):
 
 
 def test_a_split_under_other_dense_ids_is_refused(tmp_path):
-  from types import SimpleNamespace
-
   from recjax import experiment
   from recjax.data.interactions import from_columns
   from recjax.data.splits import leave_one_out
@@ -303,17 +301,17 @@ def test_a_split_under_other_dense_ids_is_refused(tmp_path):
   users, items, times = ["a", "a", "a", "b", "b", "b"], ["i1", "i2", "i3", "i2", "i3", "i4"], [1, 2, 3, 1, 2, 3]
   split = leave_one_out(from_columns(users, items, timestamp=times))
   experiment.write_json(tmp_path / "split.json", experiment.split_record(split))
-  assert experiment.check_split(SimpleNamespace(split=split), tmp_path) == experiment.split_record(split)
+  assert experiment.check_split(split, tmp_path) == experiment.split_record(split)
   reordered = leave_one_out(from_columns(users[::-1], items[::-1], timestamp=times[::-1]))   # ids renumbered
   with pytest.raises(ConfigError, match="numbers its users or items otherwise"):
-    experiment.check_split(SimpleNamespace(split=reordered), tmp_path)
+    experiment.check_split(reordered, tmp_path)
   record = json.loads((tmp_path / "split.json").read_text())
   del record["ids"]   # a record written before the ids were recorded passes
   (tmp_path / "split.json").write_text(json.dumps(record))
-  experiment.check_split(SimpleNamespace(split=reordered), tmp_path)
+  experiment.check_split(reordered, tmp_path)
   (tmp_path / "split.json").write_bytes(b"\xff")   # a damaged file: one error naming it
   with pytest.raises(ConfigError, match="split.json: not valid JSON"):
-    experiment.check_split(SimpleNamespace(split=split), tmp_path)
+    experiment.check_split(split, tmp_path)
 
 
 def _write_inter(data_dir: Path, users: int) -> Path:

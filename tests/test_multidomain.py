@@ -76,6 +76,10 @@ def test_one_model_per_domain_and_frozen_fine_tuning(small_multidomain, tmp_path
   bad = _config("mmoe", {"finetune.from_run": str(tmp_path / "d2")})
   with pytest.raises(ConfigError, match="model.name='domain_mlp'"):
     train(bad, tmp_path / "bad", log=lambda line: None)
+  record = source / "split.json"   # a source whose rows were split otherwise (as if its data had differed)
+  record.write_text(json.dumps({**json.loads(record.read_text()), "fingerprint": "0" * 64}))
+  with pytest.raises(ConfigError, match="finetune.from_run: .* trained on another split"):
+    train(copied, tmp_path / "other", log=lambda line: None)
 
 
 def test_errors_name_the_missing_piece(small_multidomain, tmp_path):
@@ -91,7 +95,9 @@ def test_errors_name_the_missing_piece(small_multidomain, tmp_path):
                                     ("mmoe", {"training": "pairs"}, "training='labeled', not protocol 'multidomain'"),
                                     ("deepfm", {}, "several tasks need a multi-task model"),
                                     ("mmoe", {"valid_metric": "auc/d9"}, "no domain 'd9'"),
-                                    ("mmoe", {"valid_metric": "auc:view/d2"}, "no task 'view'")]:
+                                    ("mmoe", {"valid_metric": "auc:view/d2"}, "no task 'view'"),
+                                    ("domain_mlp", {"domain.only": "d2", "valid_metric": "auc/d3"},
+                                     r"no domain 'd3' \(domains: \['d2'\]\)")]:
     with pytest.raises(ConfigError, match=message):
       train(_config(model, overrides), tmp_path / "d", log=lambda line: None)
   assert not (tmp_path / "d").exists()
