@@ -34,9 +34,6 @@ def main(argv: list[str] | None = None) -> int:
   except RecjaxError as e:
     print(f"recjax: error: {e}", file=sys.stderr)
     return 2
-  except KeyError as e:  # unknown raw user/item ids
-    print(f"recjax: error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 2
   except OSError as e:   # a folder that is a file, a path that cannot be written: the message names it
     print(f"recjax: error: {e}", file=sys.stderr)
     return 2

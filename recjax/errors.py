@@ -21,3 +21,10 @@ class ConfigError(RecjaxError):
 
 class TrainingError(RecjaxError):
   """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class UnknownIdError(RecjaxError, KeyError):
+  """A raw user or item id the data does not hold (a KeyError too, as a failed lookup)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0]) if self.args else ""

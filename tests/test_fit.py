@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from recjax.errors import TrainingError
+from recjax.errors import DataError, TrainingError
 from recjax.train import Checkpointer, create_train_state, fit, make_train_step
 
 N, D, B = 96, 4, 16
@@ -149,6 +149,17 @@ def test_resume_repairs_missing_best(tmp_path):
   resumed = run(epochs=4, out_dir=tmp_path / "b", resume=True)
   assert_tree_equal(resumed.state, full.state)
   assert_tree_equal(resumed.best_params, full.best_params)
+
+
+@pytest.mark.parametrize("meta", ['{"epoch": 1}', '[1]', None])
+def test_resume_refuses_damaged_bookkeeping_naming_the_checkpoint(tmp_path, meta):
+  out = tmp_path / "run"
+  run(batches, epochs=2, out_dir=out)
+  metadata = out / "checkpoints" / "latest" / "1" / "meta" / "metadata"
+  book = json.loads(metadata.read_text())
+  metadata.write_text(meta or json.dumps({**book, "epoch": "1"}))   # None: the epoch as a string
+  with pytest.raises(DataError, match=r"latest/1: the checkpoint's meta (has no valid|is not a JSON object)"):
+    run(batches, epochs=3, out_dir=out, resume=True)
 
 
 def test_nan_loss_raises_and_keeps_checkpoint(tmp_path):

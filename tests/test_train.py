@@ -179,6 +179,21 @@ def test_checkpoint_restores_into_donated_template(tmp_path, asynchronous):
   assert_tree_equal(restored, fresh_state())
 
 
+def test_a_reader_follows_a_best_checkpoint_replaced_while_it_reads(tmp_path):
+  """`recjax evaluate` beside a training run: the best checkpoint the reader listed is replaced before it reads
+  it; the reader reads the new one. It opens only what it reads (no `latest/`)."""
+  with Checkpointer(tmp_path, keep=3, asynchronous=False) as writer:
+    writer.save_best(0, trained(1), {"v": 0})
+    reader = Checkpointer(tmp_path, read_only=True)
+    assert reader.best_epoch() == 0   # listed
+    writer.save_best(1, trained(2), {"v": 1})   # replaces best/0
+    state, meta = reader.restore_best(fresh_state())
+    reader.close()
+  assert meta == {"v": 1}
+  assert_tree_equal(state, trained(2))
+  assert list(reader._managers) == ["best"]
+
+
 def test_checkpoint_ignores_interrupted_save(tmp_path):
   with Checkpointer(tmp_path, keep=3) as ckpt:
     ckpt.save_latest(0, trained(1), {"epoch": 0})

@@ -10,6 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
+from recjax.errors import UnknownIdError
+
 PAD = 0
 PAD_TOKEN = "[PAD]"
 
@@ -95,7 +97,7 @@ class Interactions:
 def _lookup(vocab: np.ndarray, raw: str, kind: str, name: str) -> int:
   hits = np.flatnonzero(vocab == str(raw))
   if len(hits) == 0 or hits[0] == PAD:
-    raise KeyError(f"unknown {kind} id {raw!r} in dataset {name or '?'}")
+    raise UnknownIdError(f"unknown {kind} id {raw!r} in dataset {name or '?'}")
   return int(hits[0])
 
 

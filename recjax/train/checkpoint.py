@@ -94,6 +94,8 @@ def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] 
     out = manager.restore(epoch, args=args)
   except Exception as e:
     raise _unreadable(folder, e) from e
+  if not isinstance(out["meta"], dict):
+    raise DataError(folder, f"the checkpoint's meta is not a JSON object: {str(out['meta'])[:80]}")
   return epoch, out["state"], dict(out["meta"])
 
 
@@ -118,8 +120,39 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     if asynchronous is None:
       asynchronous = jax.default_backend() != "cpu"
-    self._latest = _manager(self.directory / "latest", keep, asynchronous, read_only)
-    self._best = _manager(self.directory / "best", 1, asynchronous, read_only)
+    self._read_only = read_only
+    self._settings = {"latest": (keep, asynchronous, read_only), "best": (1, asynchronous, read_only)}
+    self._managers: dict[str, ocp.CheckpointManager] = {}
+    if not read_only:   # opened now: each clears its leftover temporary directories
+      for name in self._settings:
+        self._open(name)
+
+  def _open(self, name: str) -> ocp.CheckpointManager:
+    """The manager of `directory/name`, opened on first use (a reader opens only what it reads)."""
+    if name not in self._managers:
+      self._managers[name] = _manager(self.directory / name, *self._settings[name])
+    return self._managers[name]
+
+  @property
+  def _latest(self) -> ocp.CheckpointManager:
+    return self._open("latest")
+
+  @property
+  def _best(self) -> ocp.CheckpointManager:
+    return self._open("best")
+
+  def _restore(self, manager: ocp.CheckpointManager, template):
+    """`_restore`; a reader whose step a running trainer replaced meanwhile reads the new one (3 tries)."""
+    for attempt in range(3):
+      try:
+        return _restore(manager, template)
+      except DataError:
+        if not self._read_only or attempt == 2:
+          raise
+        failed = manager.latest_step()
+        manager.reload()
+        if manager.latest_step() == failed and (Path(manager.directory) / str(failed)).is_dir():
+          raise   # the same step, still there: damaged, not replaced
 
   def latest_epochs(self) -> list[int]:
     self._latest.wait_until_finished()
@@ -146,19 +179,19 @@ class Checkpointer:
     `template_state` gives the tree structure, shapes, dtypes and shardings (its arrays may
     have been donated).
     """
-    return _restore(self._latest, template_state)
+    return self._restore(self._latest, template_state)
 
   def restore_best(self, template_state) -> tuple[Any, dict] | None:
     """Returns `(state, meta)` of the best checkpoint, or None if there is none."""
-    out = _restore(self._best, template_state)
+    out = self._restore(self._best, template_state)
     return None if out is None else out[1:]
 
   def close(self) -> None:
     """Waits for pending writes, then releases the managers."""
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
-    self._latest.close()
-    self._best.close()
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+    for manager in self._managers.values():
+      manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

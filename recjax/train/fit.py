@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from recjax.errors import TrainingError
+from recjax.errors import DataError, TrainingError
 from recjax.train.checkpoint import Checkpointer
 from recjax.train.logging import JsonlLogger, ProgressBar, plot_curves
 from recjax.train.state import TrainState
@@ -104,6 +104,19 @@ def _describe(row: dict, improved: bool) -> str:
   return line
 
 
+def _check_book(book, folder) -> None:
+  """DataError naming `folder` when a checkpoint's bookkeeping (`meta`, a dict) lacks a key of `_fresh_book` or holds
+  another type there (a damaged or hand-edited file)."""
+  fresh = _fresh_book()
+  number = (int, float, type(None))
+  types = {"epoch": int, "best_epoch": (int, type(None)), "best_value": number, "best_valid": dict, "bad_evals": int,
+           "stopped_early": bool, "history": list, "train_epoch_s": list, "eval_s": list}
+  for key in fresh:
+    if key not in book or not isinstance(book[key], types[key]) or (types[key] is int and isinstance(book[key], bool)):
+      raise DataError(folder, f"the checkpoint's meta has no valid {key!r} (got {book.get(key)!r}): damaged or "
+                              "edited; resume from an earlier checkpoint or start afresh")
+
+
 def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
   """Restores `(state, book, best_params)` from `ckpt`, or returns the inputs if it is empty."""
   try:
@@ -115,6 +128,7 @@ def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
     log(f"resume: no checkpoint in {ckpt.directory}, starting from epoch 0")
     return state, _fresh_book(), None
   epoch, state, book = restored
+  _check_book(book, ckpt.directory / "latest" / str(epoch))
   best_params = None
   if book["best_epoch"] == epoch and ckpt.best_epoch() != epoch:
     # killed between saving latest and best: the latest state is the best one
