@@ -197,3 +197,34 @@ def test_masked_item_loss_grads():
   batch = _iid_batch(np.random.default_rng(2), 3, MAX_LEN, NUM_ITEMS)
   loss_fn = tasks.masked_item_loss_fn(model, loss="ce")
   check_param_grads(lambda p: loss_fn(p, batch, _key(4))[0], params)
+
+
+def test_output_head_and_scores_against_numpy():
+  """h = LN(GELU_erf(x W + c)) on the encoder's output x, scored against the tied item table plus a bias."""
+  import math
+
+  from recjax.nn.attention import add_positions, padding_mask
+
+  model, params = _model()
+  params = jax.tree_util.tree_map_with_path(   # random norm scales and biases: a dropped or swapped norm fails
+    lambda path, a: a + 0.3 * jax.random.normal(_key(len(str(path))), a.shape) if "norm" in str(path) else a, params)
+  params = {"params": {**params["params"], "head": {**params["params"]["head"],   # GELU's inputs of order 1
+                                                    "kernel": 30 * params["params"]["head"]["kernel"]}}}
+
+  def encoded(m, seq):   # the encoder's output, before the head
+    x = m.input_norm(add_positions(m.item_embedding(seq), m.position_embedding))
+    return m.encoder(x, padding_mask(seq), train=False, last_only=False)
+
+  seq = jnp.array([[0, 0, 3, 4, 5, NUM_ITEMS], [1, 2, 3, 4, 5, NUM_ITEMS]], jnp.int32)   # [mask] last
+  x = np.asarray(jax.jit(lambda p, s: model.apply(p, s, method=encoded))(params, seq), np.float64)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  pre = x @ p["head"]["kernel"] + p["head"]["bias"]
+  gelu = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))
+  mean, var = gelu.mean(-1, keepdims=True), gelu.var(-1, keepdims=True)
+  h = (gelu - mean) / np.sqrt(var + 1e-12) * p["head_norm"]["scale"] + p["head_norm"]["bias"]
+  got = _apply(model, params, seq, "sequence_repr")
+  np.testing.assert_allclose(got[..., :DIM], h, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[..., DIM], 1.0)
+  scores = _apply(model, params, {"seq": jnp.concatenate([jnp.zeros((2, 1), jnp.int32), seq[:, :-1]], 1)}, "__call__")
+  table = p["item_embedding"]["embedding"][:NUM_ITEMS]   # [mask]'s row never scored
+  np.testing.assert_allclose(scores, h[:, -1] @ table.T + p["output_bias"], rtol=1e-4, atol=1e-5)

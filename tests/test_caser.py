@@ -230,3 +230,26 @@ def test_adam_steps_reduce_full_softmax_loss():
   assert np.isfinite(losses).all()
   assert losses[0] == pytest.approx(np.log(ITEMS_SMALL - 1), abs=0.5)  # near uniform at init
   assert np.mean(losses[-5:]) < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize("output", ["paper", "recbole"])
+def test_vertical_layer_fully_connected_layers_and_scores_against_numpy(output):
+  """Given the horizontal features (checked against convolutions above): the vertical convolution
+  (V^T E per filter, ordered (v, c)), z = ReLU(W [o_v; o_h] + b), [z; P_u], and the output layer."""
+  model, params = _model(output)
+  batch = _batch()
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+  seq = np.asarray(batch["seq"])
+  table = p["item_embedding"]["embedding"]
+  x = np.where((seq != 0)[..., None], table[seq], 0.0)                                      # [B, L, d]
+  vertical = np.einsum("btc,tv->bvc", x, p["vertical_kernel"]) + p["vertical_bias"][:, None]   # [B, n_v, d]
+  horizontal = np.asarray(jax.jit(lambda prm: model.apply(
+      prm, jnp.asarray(x, jnp.float32), batch["seq"], method="horizontal_features"))(params), np.float64)
+  o = np.concatenate([vertical.reshape(len(seq), -1), horizontal], axis=-1)
+  z = np.maximum(o @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0.0)
+  zu = np.concatenate([z, p["user_embedding"]["embedding"][np.asarray(batch["user"])]], axis=-1)   # [B, 2d]
+  if output == "paper":
+    expected = zu @ p["output_embedding"]["embedding"].T + p["output_bias"]
+  else:
+    expected = np.maximum(zu @ p["output_dense"]["kernel"] + p["output_dense"]["bias"], 0.0) @ table.T
+  np.testing.assert_allclose(jax.jit(model.apply)(params, batch), expected, rtol=1e-4, atol=1e-4)

@@ -490,7 +490,7 @@ def test_ctr_model_under_a_ranking_protocol(registered, training, loss, sampler)
     (["protocol='rating'", "loss='mse'"], "tiny-unrated", DataError, "rating regression needs ratings"),
     (["label_threshold=9"], "tiny-rated", DataError, "label_threshold 9 makes every train row negative"),
     (["label_threshold='high'"], "tiny-rated", ConfigError, "label_threshold expects float"),
-    (["label_threshold=None"], "tiny-rated", ConfigError, "label_threshold: expected a finite number"),
+    (["label_threshold=None"], "tiny-rated", ConfigError, "label_threshold expects float, got None"),
     (["protocol='rating'"], "tiny-rated", ConfigError, "loss 'bce' does not fit task 'rating'.*loss='mse'"),
     (["loss='mse'"], "tiny-rated", ConfigError, "loss 'mse' does not fit task 'labeled'"),
     (["protocol='rating'", "training='pairs'", "loss='bpr'"], "tiny-rated", ConfigError,
