@@ -170,10 +170,11 @@ def _load_run(run_dir: str, data_dir: str | None):
   experiment.check_split(exp.split, run_dir)
   try:
     return exp, experiment.restore_best_params(exp, run_dir)
-  except ValueError as e:   # e.g. tables stored padded for another device layout
-    raise ConfigError(f"--run {run_dir}: {e}; a run with model_parallel > 1 stores its row-sharded tables padded "
-                      "to its device count: evaluate it with the run's devices and model_parallel, or copy its "
-                      "parameters into a run with finetune.from_run (which re-pads them)") from None
+  except ValueError as e:   # a stored shape differs: an edited config, or tables padded for another device layout
+    hint = ("; a run with model_parallel > 1 stores its row-sharded tables padded to its device count: evaluate "
+            "it with the run's devices and model_parallel, or copy its parameters into a run with "
+            "finetune.from_run (which re-pads them)") if config["model_parallel"] > 1 else ""
+    raise ConfigError(f"--run {run_dir}: {e}{hint}") from None
 
 
 def cmd_evaluate(args) -> int:

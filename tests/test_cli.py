@@ -512,3 +512,14 @@ def test_a_run_saved_before_newer_config_keys_loads_with_their_defaults(tmp_path
   (tmp_path / "config.json").write_text(json.dumps(old))
   loaded = saved_config(tmp_path)
   assert loaded == {**default_config("sasrec"), "learning_rate": 0.005}
+
+
+def test_evaluate_names_a_shape_that_differs_from_the_checkpoint(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert run_cli("train", "bpr", "--set", "model.dim=8", "--epochs", "1", "--out", out) == 0
+  config = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "dim": 4}}))   # edited
+  capsys.readouterr()
+  assert run_cli("evaluate", "--run", out) == 2
+  err = capsys.readouterr().err
+  assert "is stored with shape" in err and "model_parallel" not in err, err   # no hint that does not apply

@@ -101,7 +101,9 @@ def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] 
 
 def _unreadable(folder: Path, error: Exception) -> DataError:
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  return DataError(folder, f"the checkpoint cannot be read ({type(error).__name__}: {first_line[:300]}): its "
+  if len(first_line) > 300:
+    first_line = first_line[:300].rsplit(" ", 1)[0] + " ..."
+  return DataError(folder, f"the checkpoint cannot be read ({type(error).__name__}: {first_line}): its "
                            "files are damaged or incomplete, or it holds another model's state")
 
 
