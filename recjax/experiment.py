@@ -601,16 +601,11 @@ def finetune_init(exp: Experiment, params):
   config = saved_config(source)
   if config is None:
     raise ConfigError(f"finetune.from_run: no recjax run at {source} (no config.json)")
-  for key in ("model.name", *_SAME_DATA_KEYS, "domain.rule", "domain.column", "label_columns"):
-    ours, theirs = dotted(exp.config, key), dotted(config, key)
-    if _as_list(ours) != _as_list(theirs):
-      raise ConfigError(f"finetune.from_run: {source} has {key}={theirs!r}, this run {ours!r} (fine-tuning continues "
-                        "a run of the same model on the same data)")
   full, source_only = exp.full_split or exp.split, dotted(config, "domain.only")
-  try:   # the same split (as the source restricted it), under the same ids
-    check_split(full if source_only is None else domains.only_domain(full, source_only), source)
-  except ConfigError as e:
-    raise ConfigError(f"finetune.from_run: {e}") from None
+  _check_source_run(exp, config, source, "finetune.from_run",
+                    ("model.name", *_SAME_DATA_KEYS, "domain.rule", "domain.column", "label_columns"),
+                    full if source_only is None else domains.only_domain(full, source_only),   # as the source had it
+                    "fine-tuning continues a run of the same model on the same data")
   config = {**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
             "finetune": {**config["finetune"], "from_run": None}}   # its optimizer state's layout
   # Same data and split, so this run's model with the source's hyperparameters (e.g. without adapters) has
@@ -670,6 +665,20 @@ def _as_list(value):
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def _check_source_run(exp: Experiment, config: dict[str, Any], run_dir, what: str, keys: tuple[str, ...],
+                      split: splits.Split, why: str) -> None:
+  """ConfigError naming `what` when the saved run in `run_dir` (its `config`) differs from `exp` in one of
+  `keys`, or recorded another split than `split`, or the same under other ids (`check_split`)."""
+  for key in keys:
+    ours, theirs = dotted(exp.config, key), dotted(config, key)
+    if _as_list(ours) != _as_list(theirs):
+      raise ConfigError(f"{what}: {run_dir} has {key}={theirs!r}, this run {ours!r} ({why})")
+  try:
+    check_split(split, run_dir)
+  except ConfigError as e:
+    raise ConfigError(f"{what}: {e}") from None
+
+
 def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, sizes: dict[str, str],
                        what: str) -> dict:
   """Best params of the finished `name` run in `run_dir`, checked to share the data and split of `exp`
@@ -681,10 +690,7 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
   got = config.get("model", {}).get("name")
   if got != name:
     raise ConfigError(f"{what}: {run_dir} is a {got!r} run, expected {name!r}")
-  for key in _SAME_ROWS_KEYS:
-    if dotted(config, key) != dotted(exp.config, key):
-      raise ConfigError(f"{what}: {run_dir} has {key}={dotted(config, key)!r}, this run {dotted(exp.config, key)!r} "
-                        "(pretraining needs the same data and split)")
+  _check_source_run(exp, config, run_dir, what, _SAME_ROWS_KEYS, exp.split, "pretraining needs the same data and split")
   for key, ours in sizes.items():
     if _as_list(config["model"].get(key)) != _as_list(exp.config["model"][ours]):
       raise ConfigError(f"{what}: {run_dir} has model.{key}={config['model'].get(key)!r}, this run model.{ours}="
@@ -765,9 +771,11 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
 
 def completed_epochs(out: Path) -> int:
   """Epochs a run folder's newest finished checkpoint has completed (0 without one)."""
-  latest = out / "checkpoints" / "latest"
-  epochs = [int(p.name) for p in latest.iterdir() if p.name.isdigit()] if latest.is_dir() else []
-  return max(epochs) + 1 if epochs else 0
+  if not (out / "checkpoints" / "latest").is_dir():
+    return 0
+  with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:   # opens `latest` only, writes nothing
+    epochs = checkpoints.latest_epochs()
+  return epochs[-1] + 1 if epochs else 0
 
 
 SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint, its ids' fingerprint and sizes

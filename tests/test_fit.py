@@ -160,6 +160,8 @@ def test_resume_refuses_damaged_bookkeeping_naming_the_checkpoint(tmp_path, meta
   metadata.write_text(meta or json.dumps({**book, "epoch": "1"}))   # None: the epoch as a string
   with pytest.raises(DataError, match=r"latest/1: the checkpoint's meta (has no valid|is not a JSON object)"):
     run(batches, epochs=3, out_dir=out, resume=True)
+  from recjax.train.fit import _BOOK_TYPES, _fresh_book
+  assert set(_BOOK_TYPES) == set(_fresh_book())   # every entry checked
 
 
 def test_nan_loss_raises_and_keeps_checkpoint(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -319,6 +320,12 @@ def saved_run(path, exp, name: str, checkpoint: bool = True, num_items: int | No
   return str(path), params
 
 
+def _with_split_record(run: str, exp, **changes) -> str:
+  """`run` with the split record of `exp`'s split, `changes` applied (as if the run had other data)."""
+  experiment.write_json(Path(run) / "split.json", {**experiment.split_record(exp.split), **changes})
+  return run
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # orbax, after a failed restore
 def test_pretraining_route_restores_runs_and_rejects_bad_ones(tmp_path):
   exp = experiment.build(small_config("neumf"))
@@ -340,6 +347,8 @@ def test_pretraining_route_restores_runs_and_rejects_bad_ones(tmp_path):
       ({"gmf_run": saved_run(tmp_path / "untrained", exp, "gmf", False, epochs=0)[0]}, "never trained"),
       ({"mlp_run": saved_run(tmp_path / "other", exp, "ncf_mlp", num_items=7)[0]}, "does not fit"),
       ({"mlp_run": str(tmp_path / "empty")}, "no recjax run"),
+      ({"gmf_run": _with_split_record(saved_run(tmp_path / "resplit", exp, "gmf")[0], exp, fingerprint="0" * 64)},
+       "pretrain.gmf_run: .*trained on another split"),
   ]
   for runs, message in cases:
     exp.config["pretrain"] = {"gmf_run": gmf, "mlp_run": mlp, "alpha": 0.5, **runs}

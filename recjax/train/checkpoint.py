@@ -144,17 +144,17 @@ class Checkpointer:
     return self._open("best")
 
   def _restore(self, manager: ocp.CheckpointManager, template):
-    """`_restore`; a reader whose step a running trainer replaced meanwhile reads the new one (3 tries)."""
-    for attempt in range(3):
-      try:
-        return _restore(manager, template)
-      except DataError:
-        if not self._read_only or attempt == 2:
-          raise
-        failed = manager.latest_step()
-        manager.reload()
-        if manager.latest_step() == failed and (Path(manager.directory) / str(failed)).is_dir():
-          raise   # the same step, still there: damaged, not replaced
+    """`_restore`; a reader whose step a running trainer replaced meanwhile reads the new one once."""
+    try:
+      return _restore(manager, template)
+    except DataError:
+      if not self._read_only:
+        raise
+      failed = manager.latest_step()
+      manager.reload()
+      if manager.latest_step() == failed:
+        raise   # the same step still listed: damaged, not replaced
+      return _restore(manager, template)
 
   def latest_epochs(self) -> list[int]:
     self._latest.wait_until_finished()

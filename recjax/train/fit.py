@@ -104,15 +104,17 @@ def _describe(row: dict, improved: bool) -> str:
   return line
 
 
+# The type of each entry of `_fresh_book`, as a restored checkpoint must hold it.
+_BOOK_TYPES = {"epoch": int, "best_epoch": (int, type(None)), "best_value": (int, float, type(None)),
+               "best_valid": dict, "bad_evals": int, "stopped_early": bool, "history": list, "train_epoch_s": list,
+               "eval_s": list}
+
+
 def _check_book(book, folder) -> None:
   """DataError naming `folder` when a checkpoint's bookkeeping (`meta`, a dict) lacks a key of `_fresh_book` or holds
   another type there (a damaged or hand-edited file)."""
-  fresh = _fresh_book()
-  number = (int, float, type(None))
-  types = {"epoch": int, "best_epoch": (int, type(None)), "best_value": number, "best_valid": dict, "bad_evals": int,
-           "stopped_early": bool, "history": list, "train_epoch_s": list, "eval_s": list}
-  for key in fresh:
-    if key not in book or not isinstance(book[key], types[key]) or (types[key] is int and isinstance(book[key], bool)):
+  for key, types in _BOOK_TYPES.items():
+    if key not in book or not isinstance(book[key], types) or (types is int and isinstance(book[key], bool)):
       raise DataError(folder, f"the checkpoint's meta has no valid {key!r} (got {book.get(key)!r}): damaged or "
                               "edited; resume from an earlier checkpoint or start afresh")
 
