@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,6 +249,40 @@ def test_read_table_errors(tmp_path):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("text, line, message", [
+    ("u,i,r\n1,10,5,\n2,20,3,\n", 2, "expected 3 fields (as the header), found 4"),   # pandas: an index column
+    ("u,i,r\n1,10,5\n2,20,3,7\n", 3, "expected 3 fields (as the header), found 4"),
+    ("u,i,r\n1,10,5\n2,20\n", 3, "expected 3 fields (as the header), found 2"),        # pandas: r = ""
+    ("u,i,r\n1,\"a\nb\",5\n2,20,x\n", 4, "'x' is not a number"),                        # a field over two lines
+    ("u,i,r\r1,10,5\r", 1, "carriage return (\\r) without a line feed"),
+])
+def test_read_table_refuses_rows_of_another_width_by_their_line(tmp_path, text, line, message):
+  with raises_at("log.csv", line) as info:
+    readers.read_table(write(tmp_path / "log.csv", text), user_col="u", item_col="i", rating_col="r")
+  assert message in str(info.value)
+
+
+def test_read_table_dates_need_digits_and_may_pass_2262(tmp_path):
+  for word in ("now", "today", "Jan"):   # pandas: the clock, the clock, the year 1
+    with raises_at("log.csv", 3) as info:
+      readers.read_table(write(tmp_path / "log.csv", f"u,i,t\n1,2,5\n1,3,{word}\n"), user_col="u", item_col="i",
+                         timestamp_col="t")
+    assert f"{word!r} is not a number or a date" in str(info.value)
+  path = write(tmp_path / "log.csv", "u,i,t\n1,2,9999-12-31\n1,3,1500-01-01\n")
+  assert readers.read_table(path, user_col="u", item_col="i", timestamp_col="t").timestamp.tolist() == [
+      253402214400.0, -14831769600.0]
+
+
+def test_datetime_columns_are_utc_seconds_and_nat_is_missing():
+  """The Parquet path: datetime columns (pyarrow is not a dependency, so the column is built here)."""
+  import pandas as pd
+  aware = pd.Series(pd.to_datetime(["2020-01-01 00:00", "2020-01-01 02:00"]).tz_localize("Europe/Berlin"), name="t")
+  np.testing.assert_array_equal(readers._numeric(Path("x.parquet"), aware, None, dates=True),
+                                [1577833200.0, 1577840400.0])              # 23:00 and 01:00 UTC
+  with pytest.raises(DataError, match="x.parquet: row 1: column 't': missing value"):
+    readers._numeric(Path("x.parquet"), pd.Series(pd.to_datetime(["2020-01-01", None]), name="t"), None, dates=True)
+
+
 def test_read_table_names_the_bad_value_of_a_timestamp_or_rating(tmp_path):
   for text, line, message in [("u,i,t\n1,2,100\n1,3,abc\n", 3, "'abc' is not a number or a date"),
                               ("u,i,t\n1,2,1600000000\n1,3,\n", 3, "column 't': missing value"),
@@ -315,6 +350,7 @@ def test_read_lightgcn_skips_empty_test_lines(tmp_path):
     ("0 5\n1 6\n", "0 6\n\n9 5\n", "test.txt", 3, "user '9' does not appear in train.txt"),
     ("0 5\n1 x6\n", "0 6\n", "train.txt", 2, "'x6' is not a non-negative integer"),
     ("", "0 6\n", "train.txt", 1, "file is empty"),
+    ("0 5 6\r1 6\r", "0 6\n", "train.txt", 1, "carriage return (\\r) without a line feed"),   # not one user
 ])
 def test_read_lightgcn_errors(tmp_path, train, test, file, line, message):
   write(tmp_path / "train.txt", train)
@@ -333,6 +369,9 @@ def test_read_user_item_sequences(tmp_path):
   with raises_at("bad.txt", 2) as info:
     readers.read_user_item_sequences(write(tmp_path / "bad.txt", "1 10\n1 11 12\n"))
   assert "expected 2 fields" in str(info.value)
+  with raises_at("mac.txt", 2) as info:
+    readers.read_user_item_sequences(write(tmp_path / "mac.txt", "1 10\n1 11\r1 12\r"))
+  assert "carriage return" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- real data

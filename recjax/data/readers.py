@@ -94,6 +94,14 @@ def _lone_cr(text: str, start: int) -> bool:
   return text.find("\r", start) >= 0 and text.count("\r", start) > text.count("\r\n", start) + text.endswith("\r")
 
 
+def _check_no_lone_cr(path: Path, text: str) -> None:
+  """DataError at the first carriage return that is not part of a \\r\\n line end (old Mac line ends)."""
+  if _lone_cr(text, 0):
+    at = re.search(r"\r(?!\n|\Z)", text).start()
+    raise DataError(path, "carriage return (\\r) without a line feed: lines must end in \\n or \\r\\n",
+                    line=text.count("\n", 0, at) + 1)
+
+
 def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, quoted: bool,
             problem: str) -> DataError:
   """Slow path, only on bad input: the first offending line as a DataError."""
@@ -364,21 +372,30 @@ def _table_frame(path: Path, sep: str | None) -> tuple[pd.DataFrame, np.ndarray 
       raise DataError(path, f"reading Parquet needs pyarrow or fastparquet ({exc})") from None
   sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
   text = _read_text(path)
-  names = next(csv.reader([text.split("\n", 1)[0].rstrip("\r")], delimiter=sep), [])
-  repeated = sorted({n for n in names if names.count(n) > 1})
-  if repeated:   # pandas would rename the second one silently
-    raise DataError(path, f"header names {repeated} more than once", line=1)
+  _check_no_lone_cr(path, text)
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+  rows, lines, line = [], [], 1   # line: where the next record starts (a quoted field may span lines)
   try:
-    df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False)
-  except pd.errors.EmptyDataError:
-    raise DataError(path, "file is empty", line=1) from None
-  except pd.errors.ParserError as exc:
-    found = re.search(r"line (\d+)", str(exc))
-    raise DataError(path, f"could not parse: {exc}", line=int(found.group(1)) if found else None) from None
-  blank = (df == "").all(axis=1).to_numpy()
-  if blank.all():
-    raise DataError(path, "no data lines after the header", line=1)
-  return df[~blank].reset_index(drop=True), np.flatnonzero(~blank) + 2   # line 1 is the header
+    for record in reader:
+      if any(field.strip() for field in record):   # rows of empty fields are blank
+        rows.append(record)
+        lines.append(line)
+      line = reader.line_num + 1
+  except csv.Error as exc:
+    raise DataError(path, f"could not parse: {exc}", line=line) from None
+  if not rows:
+    raise DataError(path, "file is empty", line=1)
+  names, width = rows[0], len(rows[0])
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise DataError(path, f"header names {repeated} more than once", line=lines[0])
+  short_or_long = [i for i, record in enumerate(rows) if len(record) != width]
+  if short_or_long:
+    at = short_or_long[0]
+    raise DataError(path, f"expected {width} fields (as the header), found {len(rows[at])}", line=lines[at])
+  if len(rows) == 1:
+    raise DataError(path, "no data lines after the header", line=lines[0])
+  return pd.DataFrame(rows[1:], columns=names, dtype=str), np.asarray(lines[1:])
 
 
 def _row_error(path: Path, lines: np.ndarray | None, bad: np.ndarray, message: str) -> DataError:
@@ -389,23 +406,32 @@ def _row_error(path: Path, lines: np.ndarray | None, bad: np.ndarray, message: s
   return DataError(path, message, line=int(lines[row]))
 
 
+def _seconds(when: pd.Series, epoch: pd.Timestamp) -> np.ndarray:
+  """float64 seconds since `epoch` of datetimes (NaT -> NaN), in their own unit: no overflow for years past 2262."""
+  return (when - epoch.as_unit(when.dt.unit)).dt.total_seconds().to_numpy(np.float64)
+
+
 def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: bool) -> np.ndarray:
   """float64 [n] of a column; with `dates`, values that are not numbers (date strings, datetimes) become seconds
   since the epoch. Without `dates` (ratings, kept as float32), values beyond the float32 range are errors."""
-  if dates and pd.api.types.is_datetime64_any_dtype(values):
-    values = values.dt.tz_localize(None) if values.dt.tz is not None else values
-    return (values - pd.Timestamp(0)).dt.total_seconds().to_numpy(np.float64)
-  x = pd.to_numeric(values, errors="coerce").to_numpy(np.float64, copy=True)
-  bad = ~np.isfinite(x)   # not a number, or "inf"
-  if bad.any() and dates:
-    when = pd.to_datetime(values[bad], errors="coerce", utc=True, format="mixed")   # each value's own format
-    x[bad] = (when - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)   # NaT -> NaN
-    bad = ~np.isfinite(x)
+  if dates and pd.api.types.is_datetime64_any_dtype(values):   # Parquet datetimes; NaT -> NaN
+    values = values.dt.tz_convert(None) if values.dt.tz is not None else values   # UTC
+    x = _seconds(values, pd.Timestamp(0))
+  else:
+    x = pd.to_numeric(values, errors="coerce").to_numpy(np.float64, copy=True)
+    bad = ~np.isfinite(x)   # not a number, or "inf"
+    if bad.any() and dates:
+      # Each value's own format, but a date has digits: pandas reads "now" and "today" as the clock, "Jan"
+      # as the year 1.
+      digitless = ~values[bad].str.contains(r"\d")
+      when = pd.to_datetime(values[bad].mask(digitless), errors="coerce", utc=True, format="mixed")
+      x[bad] = _seconds(when, pd.Timestamp(0, tz="UTC"))   # NaT -> NaN
+  bad = ~np.isfinite(x)
   if bad.any():
     value = values[bad].iloc[0]
     what = "a number or a date" if dates else "a number"
     raise _row_error(path, lines, bad, f"column {values.name!r}: " +
-                     ("missing value" if value == "" else f"{value!r} is not {what}"))
+                     ("missing value" if pd.isna(value) or value == "" else f"{value!r} is not {what}"))
   if not dates:   # a rating, kept as float32
     over = float32_overflow(x)
     if over.any():
@@ -454,6 +480,7 @@ def _token_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     blank lines dropped; tokens of line j are tokens[offsets[j]:offsets[j] + counts[j]].
   """
   text = _read_text(path)
+  _check_no_lone_cr(path, text)
   tokens = np.array(text.split())
   data = np.frombuffer(text.encode("utf-8"), np.uint8)
   space = _ASCII_SPACE[data]
