@@ -188,20 +188,24 @@ def check_eval_collectives() -> dict:
   return {op: text.count(f" {op}(") for op in ops}
 
 
-def check_merged_topk() -> dict:
-  """merged_full_ranking_topk vs full_ranking_topk on scores with many ties, NaN and -inf, exclusions,
+def check_merged_hits() -> dict:
+  """merged_full_ranking_hits vs full_ranking_hits on scores with many ties, NaN and -inf, exclusions,
   and k above the number of rankable items."""
   rng = np.random.default_rng(0)
   out = {}
   for num_items, k, model_axis in ((37, 10, 4), (37, 40, 2), (9, 12, 4), (64, 5, 2)):
-    scores = rng.integers(0, 4, (8, num_items)).astype(np.float32)          # ties everywhere
+    scores = rng.integers(0, num_items // 8 + 2, (8, num_items)).astype(np.float32)   # ties everywhere
     scores[rng.random(scores.shape) < 0.1] = np.nan                         # non-finite scores rank last
     scores[rng.random(scores.shape) < 0.1] = -np.inf
     exclude = rng.integers(0, num_items, (8, 5)).astype(np.int32)
+    positives = np.stack([rng.permutation(np.arange(1, num_items))[:4] for _ in range(8)]).astype(np.int32)
+    positives[rng.random(positives.shape) < 0.3] = 0                        # 0-padded, some excluded too
     mesh = make_mesh(4, model_axis)
-    expected = ranking.full_ranking_topk(jnp.asarray(scores), jnp.asarray(exclude), k)
-    merged = jax.jit(lambda s, e, mesh=mesh, k=k: ranking.merged_full_ranking_topk(s, e, k, mesh))(scores, exclude)
-    out[f"{num_items}/{k}/{model_axis}"] = bool(np.array_equal(np.asarray(expected), np.asarray(merged)))
+    expected = ranking.full_ranking_hits(jnp.asarray(scores), jnp.asarray(exclude), jnp.asarray(positives), k)
+    merged = jax.jit(lambda s, e, p, mesh=mesh, k=k: ranking.merged_full_ranking_hits(s, e, p, k, mesh))(
+        scores, exclude, positives)
+    same = np.array_equal(np.asarray(expected), np.asarray(merged))
+    out[f"{num_items}/{k}/{model_axis}"] = bool(same and np.asarray(expected).any())   # and not all misses
   return out
 
 
@@ -256,7 +260,7 @@ CHECKS = {
     "bf16_sasrec": lambda: check_bfloat16("sasrec"),
     "eval": check_eval,
     "eval_collectives": check_eval_collectives,
-    "merged_topk": check_merged_topk,
+    "merged_hits": check_merged_hits,
     "big_table": check_big_table,
     "default_devices": check_default_devices,
 }

@@ -101,8 +101,8 @@ def test_gbce_counts_only_the_items_a_negative_can_be(monkeypatch):
 
 def test_pop_orders_unseen_items_at_random_when_asked():
   counts = np.array([0, 5, 0, 0, 2, 0, 0, 5])
-  index = np.asarray(models.pop_params(counts)["params"]["log_count"])
-  assert len(np.unique(index[[2, 3, 5, 6]])) == 1            # tied: a top-k takes the lower id first
+  tied = np.asarray(models.pop_params(counts)["params"]["log_count"])
+  assert len(np.unique(tied[[2, 3, 5, 6]])) == 1
   shuffled = np.asarray(models.pop_params(counts, "random", seed=3)["params"]["log_count"])
   unseen = shuffled[[2, 3, 5, 6]]
   assert len(np.unique(unseen)) == 4 and unseen.max() < shuffled[4] < shuffled[1] == shuffled[7]

@@ -344,7 +344,7 @@ def test_registry():
     weight_init="normal", init_std=0.02,
   )
   assert default_hparams("bpr") == {"dim": 64, "embedding_init": "xavier_normal"}
-  assert default_hparams("pop") == {"unseen_order": "index", "unseen_seed": 0}
+  assert default_hparams("pop") == {"unseen_order": "tied", "unseen_seed": 0}
   model = create_model("bpr", num_users=4, num_items=6, dim=3)
   assert (model.num_users, model.num_items, model.dim) == (4, 6, 3)
   assert example_batch(create_model("sasrec", num_users=1, num_items=3))["seq"].shape == (2, 50)

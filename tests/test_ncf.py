@@ -166,15 +166,15 @@ def test_pairwise_loss_scores_positive_and_negatives_through_score_items():
 # ----------------------------------------------------------------------------- ranking
 
 def np_ranking_metrics(scores, positives, exclude, ks) -> dict[str, float]:
-  """Full-ranking metrics in numpy: stable argsort of -score (lower id first on ties), item 0 and the
-  excluded items skipped, users without positives dropped."""
+  """Full-ranking metrics in numpy: items sorted by (-score, held out, id), so ties count against the
+  held-out items; item 0 and the excluded items skipped, users without positives dropped."""
   values = {f"{name}@{k}": [] for k in ks for name in METRICS}
   for row, pos, ex in zip(scores, positives, exclude):
     relevant = set(pos[pos > 0].tolist())
     if not relevant:
       continue
     masked = {0} | set(ex.tolist())
-    ranked = [i for i in np.argsort(-row, kind="stable") if i not in masked]
+    ranked = sorted((i for i in range(len(row)) if i not in masked), key=lambda i: (-row[i], i in relevant, i))
     for k in ks:
       hits = np.array([i in relevant for i in ranked[:k]], float)
       discount = 1 / np.log2(np.arange(len(hits)) + 2)

@@ -18,23 +18,21 @@ METRICS = ("recall", "mrr", "ndcg", "hit", "precision", "map", "f1")
 per_user = jax.jit(M.per_user_metrics, static_argnums=(2, 3))
 
 
-def ref_topk(scores: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
-  """Stable argsort of -score (lower id first on ties), masked items skipped, 0-padded."""
-  out = np.zeros((len(scores), k), np.int64)
-  for u, row in enumerate(scores):
-    masked = {0} | set(exclude[u].tolist())
-    ranked = [i for i in np.argsort(-row, kind="stable") if i not in masked][:k]
-    out[u, :len(ranked)] = ranked
+def ref_hits(scores: np.ndarray, exclude: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
+  """[U, k]: whether the item at each rank is held out, the unmasked items sorted by (-score, held out,
+  id), so a tie counts against the held-out items; a non-finite score ties at the bottom."""
+  lowest = np.finfo(np.float32).min
+  out = np.zeros((len(scores), k))
+  for u, row in enumerate(np.where(np.isfinite(scores), scores, lowest)):
+    masked, held_out = {0} | set(exclude[u].tolist()), set(positives[u].tolist()) - {0}
+    ranked = sorted((i for i in range(len(row)) if i not in masked), key=lambda i: (-row[i], i in held_out, i))
+    out[u, :min(k, len(ranked))] = [i in held_out for i in ranked[:k]]
   return out
-
-
-def ref_hits(topk: np.ndarray, positives: np.ndarray) -> np.ndarray:
-  return np.array([[float(i > 0 and i in set(p.tolist())) for i in row] for row, p in zip(topk, positives)])
 
 
 def ref_means(scores, positives, exclude, ks, names=METRICS):
   keep = (positives > 0).any(1)
-  hits = ref_hits(ref_topk(scores[keep], exclude[keep], max(ks)), positives[keep])
+  hits = ref_hits(scores[keep], exclude[keep], positives[keep], max(ks))
   values = per_user(hits, (positives[keep] > 0).sum(1), tuple(ks), tuple(names))
   return {key: float(np.mean(v)) for key, v in values.items()}
 
@@ -59,32 +57,41 @@ def score_rows(params, inputs):
   return params[inputs["user"]]
 
 
-@pytest.mark.parametrize("k", [5, 39, 60])
-def test_topk_matches_stable_argsort_with_ties_and_masking(k):
-  scores, _, exclude = random_problem(0)
-  got = np.asarray(jax.jit(R.full_ranking_topk, static_argnums=2)(scores, exclude, k))
+full_hits = jax.jit(R.full_ranking_hits, static_argnums=3)
+
+
+@pytest.mark.parametrize("k", [1, 5, 39, 60])
+def test_full_ranking_hits_match_reference_with_ties_and_masking(k):
+  scores, positives, exclude = random_problem(0)
+  exclude[0, 0] = positives[0, 0]                               # an excluded held-out item never hits
+  got = np.asarray(full_hits(scores, exclude, positives, k))
   assert got.shape == (len(scores), k)
-  np.testing.assert_array_equal(got, ref_topk(scores, exclude, k))
-  for u in range(len(scores)):                                  # history never recommended
-    assert not (set(got[u].tolist()) & set(exclude[u].tolist()) - {0})
+  np.testing.assert_array_equal(got, ref_hits(scores, exclude, positives, k))
 
 
 def test_nan_and_minus_inf_scores_rank_last_never_behind_masked_items():
-  scores, _, exclude = random_problem(4, ties=False)
+  scores, positives, exclude = random_problem(4, ties=False)
   rng = np.random.default_rng(4)
   scores[rng.random(scores.shape) < 0.2] = np.nan
   scores[rng.random(scores.shape) < 0.2] = -np.inf
-  lowest = np.finfo(np.float32).min     # the reference: every non-finite score ties at the bottom
-  want = ref_topk(np.where(np.isfinite(scores), scores, lowest), exclude, 39)
-  got = np.asarray(jax.jit(R.full_ranking_topk, static_argnums=2)(scores, exclude, 39))
-  np.testing.assert_array_equal(got, want)
-  assert (got[:, :30] > 0).all()                                # >= 30 unmasked items a row: no gap mid-list
+  got = np.asarray(full_hits(scores, exclude, positives, 39))
+  np.testing.assert_array_equal(got, ref_hits(scores, exclude, positives, 39))
+  assert got[:, 30:].sum() > 0                                  # held-out items ranked among the non-finite
 
 
-def test_hits_from_topk_ignores_padding():
-  topk = jnp.array([[3, 0, 5], [0, 0, 0]])
-  positives = jnp.array([[5, 0], [0, 0]])
-  np.testing.assert_array_equal(R.hits_from_topk(topk, positives), [[0, 0, 1], [0, 0, 0]])
+def test_a_scorer_without_information_hits_nothing():
+  """Equal scores, or all NaN, rank every held-out item after every other item, whatever their ids: a
+  lower-id-first order would credit a constant scorer with the held-out items that have low ids."""
+  users, items = 6, 30
+  positives = np.tile(np.array([[1, 2, 3, 0]], np.int32), (users, 1))   # the lowest ids
+  exclude = np.zeros((users, 2), np.int32)
+  for scores in (np.zeros((users, items), np.float32), np.full((users, items), np.nan, np.float32)):
+    np.testing.assert_array_equal(full_hits(scores, exclude, positives, 10), 0)
+    got = R.evaluate_full(lambda p, inputs: p[inputs["user"]], jnp.asarray(scores), {"user": np.arange(users)},
+                          positives, exclude, ks=(10, 28), metrics=("recall", "hit"))
+    assert got == pytest.approx({"recall@10": 0, "hit@10": 0, "recall@28": 2 / 3, "hit@28": 1})   # ranks 26-28 of 29
+  sampled = R.sampled_rank(jnp.zeros((users, 101)))
+  np.testing.assert_array_equal(sampled, 100)                   # the sampled ranking: last as well
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, None])

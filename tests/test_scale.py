@@ -83,8 +83,8 @@ def test_users_split_over_devices_are_ranked_without_collectives(checks):
   assert set(checks["eval_collectives"].values()) == {0}, checks["eval_collectives"]
 
 
-def test_merged_top_k_equals_the_global_top_k(checks):
-  assert checks["merged_topk"] == {"37/10/4": True, "37/40/2": True, "9/12/4": True, "64/5/2": True}
+def test_merged_ranking_equals_the_single_device_one(checks):
+  assert checks["merged_hits"] == {"37/10/4": True, "37/40/2": True, "9/12/4": True, "64/5/2": True}
 
 
 def test_a_table_too_big_to_replicate_trains_in_quarters(checks):

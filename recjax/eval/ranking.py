@@ -5,9 +5,11 @@ user's history set to -inf, `lax.top_k`, hits against the held-out items, metric
 jitted call per chunk of users; the host only slices chunks and adds the sums. Chunks are sized
 to a memory budget and the last one is padded (weight 0) so nothing recompiles.
 
-Ties: `lax.top_k` puts the lower item id first among equal scores, i.e. the order of a stable
-argsort of -score. Sampled ranking counts ties against the target (pessimistic, see
-`sampled_rank`).
+Ties count against the held-out items, in both rankings: among equal scores every other item ranks
+first (full ranking: `_tie_aware_hits`; sampled: `sampled_rank`). So a constant scorer, or one whose
+scores are all NaN, hits nothing, whatever the item ids are; a lower-id-first order would credit it with
+the held-out items that happen to have low ids (recjax's ids follow first appearance in the data file,
+which tracks popularity).
 """
 from __future__ import annotations
 
@@ -45,54 +47,89 @@ def _mask_scores(scores: Array, mask: Array) -> Array:
   return jnp.where(mask, -jnp.inf, jnp.nan_to_num(scores, nan=lowest, neginf=lowest, posinf=jnp.inf))
 
 
-def full_ranking_topk(scores: Array, exclude: Array, k: int) -> Array:
-  """Top-k item ids per user with item 0 and the excluded items never recommended.
+def _top_values(scores: Array, k: int) -> Array:
+  """`lax.top_k(scores [U, N], k)` values `[U, k]`, behind an optimisation barrier: XLA:CPU otherwise
+  rewrites a top-k whose values feed later arithmetic into a full sort of the row (35x slower here)."""
+  return jax.lax.optimization_barrier(jax.lax.top_k(scores, k)[0])
+
+
+def _tie_aware_hits(values: Array, count_last: Array, relevant: Array) -> Array:
+  """hits[u, r]: the item at rank r is held out, ties ordered pessimistically (see the module docstring).
+
+  Among the items scoring `values[u, r]` (a tie group), the non-held-out ones take the first ranks. A
+  group other than the last one in the list lies wholly inside it, so its size is counted in `values`;
+  the last one may go on past rank k, so its size is `count_last`, counted over all N items.
+
+  Args:
+    values: [U, k] the top-k masked scores, best first (-inf: a masked item, never a hit).
+    count_last: [U] how many of the N items score `values[:, -1]`.
+    relevant: [U, k] how many held-out items score `values[:, r]`.
+  Returns:
+    [U, k] float32.
+  """
+  k = values.shape[1]
+  equal = values[:, :, None] == values[:, None, :]                   # [U, k, k]
+  above = (values[:, None, :] > values[:, :, None]).sum(-1)          # [U, k] items scored higher: all listed
+  group = jnp.where(values == values[:, -1:], count_last[:, None], equal.sum(-1))
+  hits = (jnp.arange(k) - above >= group - relevant) & (values > -jnp.inf)
+  return hits.astype(jnp.float32)
+
+
+def full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int) -> Array:
+  """Hits at ranks 0..k-1 of each user's full ranking, item 0 and the excluded items never ranked.
 
   Args:
     scores: [U, N] scores over the item table (column 0 = padding).
     exclude: [U, H] int item ids to mask, 0-padded.
-    k: list length. With fewer than k unmasked items the list is padded with 0 (no item). A NaN
+    positives: [U, P] distinct held-out item ids, 0-padded (an excluded one never hits).
+    k: list length. With fewer than k unmasked items the remaining ranks are empty (never a hit). A NaN
       or -inf score ranks last among the unmasked items (`_mask_scores`).
   Returns:
-    [U, k] int32 item ids, best first; 0 marks an empty rank (never a hit).
+    [U, k] float32, 1 where the item at that rank is held out.
   """
   u, n = scores.shape
   mask = jnp.zeros((u, n), bool).at[jnp.arange(u)[:, None], exclude].set(True).at[:, 0].set(True)
-  _, ids = jax.lax.top_k(_mask_scores(scores, mask), min(k, n - 1))
-  ids = jnp.where(jnp.take_along_axis(mask, ids, axis=1), 0, ids)   # fewer unmasked items than k
-  return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
+  masked = _mask_scores(scores, mask)
+  values = _top_values(masked, min(k, n - 1))
+  values = jnp.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-jnp.inf)
+  count_last = (masked == values[:, -1:]).sum(-1)
+  positive_scores = jnp.where(positives > 0, jnp.take_along_axis(masked, positives, axis=1), -jnp.inf)  # [U, P]
+  relevant = (positive_scores[:, None, :] == values[:, :, None]).sum(-1)
+  return _tie_aware_hits(values, count_last, relevant)
 
 
-def sharded_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Array:
-  """`full_ranking_topk` with the users split over the mesh's `data` axis, each device ranking its own.
+def sharded_full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int, mesh) -> Array:
+  """`full_ranking_hits` with the users split over the mesh's `data` axis, each device ranking its own.
 
   Written per device (`shard_map`) because XLA's partitioner, left to itself, gathers every device's
   `[U, N]` scores for the exclusion scatter and `top_k` and ranks all users on each device: redundant
   work, and on XLA:CPU host devices an all-gather in every chunk, which chunks sent back to back can
   deadlock on.
 
-  Args: scores [U, N], exclude [U, H] 0-padded, both split over `data` (U a multiple of its size); k; mesh.
-  Returns: [U, k] int32, as `full_ranking_topk`.
+  Args: scores [U, N], exclude [U, H], positives [U, P] (0-padded), all split over `data` (U a multiple of
+    its size); k; mesh.
+  Returns: [U, k] float32, as `full_ranking_hits`.
   """
   from jax.sharding import PartitionSpec as P
 
-  return jax.shard_map(functools.partial(full_ranking_topk, k=k), mesh=mesh, in_specs=(P("data"), P("data")),
-                       out_specs=P("data"))(scores, exclude)
+  return jax.shard_map(functools.partial(full_ranking_hits, k=k), mesh=mesh, in_specs=(P("data"),) * 3,
+                       out_specs=P("data"))(scores, exclude, positives)
 
 
-def merged_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Array:
-  """`full_ranking_topk` with the item axis split over the mesh's `model` axis (users over `data`).
+def merged_full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int, mesh) -> Array:
+  """`full_ranking_hits` with the item axis split over the mesh's `model` axis (users over `data`).
 
-  Each device masks and ranks only its own slice of the items; the `model` devices then exchange their
-  top-k (ids and scores, `[U, k]` each, never the `[U, N]` scores) and take the top k of those. Exact:
-  the global top k holds at most k items of any slice, and among equal scores the lower id comes first,
-  as in `full_ranking_topk` (slices are gathered in id order and `lax.top_k` keeps the earlier of ties).
+  Each device masks its own slice of the items and takes its top-k scores; the `model` devices exchange
+  those (`[U, k]`, never the `[U, N]` scores) and take the top k of them, which are the global top-k
+  scores. The tie counts (`_tie_aware_hits`) are summed over the slices. Exact, and equal to
+  `full_ranking_hits`.
 
   Args:
-    scores: [U, N]; exclude: [U, H] 0-padded; k: list length; mesh: a mesh with `data` and `model` axes
-      (U a multiple of the `data` size; N is padded to a multiple of the `model` size here).
+    scores: [U, N]; exclude: [U, H] 0-padded; positives: [U, P] 0-padded; k: list length; mesh: a mesh
+      with `data` and `model` axes (U a multiple of the `data` size; N is padded to a multiple of the
+      `model` size here).
   Returns:
-    [U, k] int32 item ids, as `full_ranking_topk`.
+    [U, k] float32, as `full_ranking_hits`.
   """
   from jax.sharding import PartitionSpec as P
 
@@ -101,34 +138,25 @@ def merged_full_ranking_topk(scores: Array, exclude: Array, k: int, mesh) -> Arr
   width = -(-num_items // slices)
   scores = jnp.pad(scores, ((0, 0), (0, width * slices - num_items)))
 
-  def local_topk(scores, exclude):   # [u, width] one slice of the items, [u, H]
+  def local_hits(scores, exclude, positives):   # [u, width] one slice of the items, [u, H], [u, P]
     offset = jax.lax.axis_index("model") * width
     ids = offset + jnp.arange(width)
-    local = jnp.where((exclude > 0) & (exclude >= offset) & (exclude < offset + width), exclude - offset, width)
+    in_slice = lambda items: (items > 0) & (items >= offset) & (items < offset + width)  # noqa: E731
     rows = jnp.arange(scores.shape[0])[:, None]
+    local = jnp.where(in_slice(exclude), exclude - offset, width)
     mask = jnp.zeros(scores.shape, bool).at[rows, local].set(True, mode="drop") | (ids == 0) | (ids >= num_items)
-    values, top = jax.lax.top_k(_mask_scores(scores, mask), min(k, width))
-    top_ids = jnp.where(jnp.take_along_axis(mask, top, axis=1), 0, top + offset)
-    values = jax.lax.all_gather(values, "model", axis=1, tiled=True)       # [u, slices * k'] in id order
-    top_ids = jax.lax.all_gather(top_ids, "model", axis=1, tiled=True)
-    _, pick = jax.lax.top_k(values, min(k, values.shape[1]))
-    ids = jnp.take_along_axis(top_ids, pick, axis=1)
-    return jnp.pad(ids, ((0, 0), (0, k - ids.shape[1]))).astype(jnp.int32)
+    masked = _mask_scores(scores, mask)
+    values = jax.lax.all_gather(_top_values(masked, min(k, width)), "model", axis=1, tiled=True)  # [u, slices * k']
+    values = _top_values(values, min(k, values.shape[1]))
+    values = jnp.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-jnp.inf)
+    count_last = jax.lax.psum((masked == values[:, -1:]).sum(-1), "model")
+    own = jnp.where(in_slice(positives), positives - offset, 0)
+    positive_scores = jnp.where(in_slice(positives), jnp.take_along_axis(masked, own, axis=1), -jnp.inf)
+    relevant = jax.lax.psum((positive_scores[:, None, :] == values[:, :, None]).sum(-1), "model")
+    return _tie_aware_hits(values, count_last, relevant)
 
-  return jax.shard_map(local_topk, mesh=mesh, in_specs=(P("data", "model"), P("data")),
-                       out_specs=P("data"), check_vma=False)(scores, exclude)   # equal over `model` after the merge
-
-
-def hits_from_topk(topk_ids: Array, positives: Array) -> Array:
-  """hits[u, r] = 1 when topk_ids[u, r] is one of the user's positives (0 ids never match).
-
-  Args:
-    topk_ids: [U, k] item ids; positives: [U, P] distinct item ids, 0-padded.
-  Returns:
-    [U, k] float32.
-  """
-  match = (topk_ids[:, :, None] == positives[:, None, :]) & (positives[:, None, :] > 0)   # [U, k, P]
-  return match.any(-1).astype(jnp.float32)
+  return jax.shard_map(local_hits, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("data")),
+                       out_specs=P("data"), check_vma=False)(scores, exclude, positives)  # equal over `model`
 
 
 def sampled_rank(scores: Array) -> Array:
@@ -167,15 +195,15 @@ def make_full_ranking_eval(score_fn: ScoreFn, ks: Sequence[int] = (10,),
 @functools.lru_cache(maxsize=32)
 def _full_ranking_eval(score_fn: ScoreFn, ks: tuple[int, ...], metrics: tuple[str, ...], mesh) -> Callable:
   if mesh is None:
-    topk_fn = functools.partial(full_ranking_topk, k=max(ks))
+    hits_fn = functools.partial(full_ranking_hits, k=max(ks))
   elif mesh.shape.get("model", 1) > 1:
-    topk_fn = functools.partial(merged_full_ranking_topk, k=max(ks), mesh=mesh)
+    hits_fn = functools.partial(merged_full_ranking_hits, k=max(ks), mesh=mesh)
   else:
-    topk_fn = functools.partial(sharded_full_ranking_topk, k=max(ks), mesh=mesh)
+    hits_fn = functools.partial(sharded_full_ranking_hits, k=max(ks), mesh=mesh)
 
   @jax.jit
   def evaluate_chunk(params, inputs, exclude, positives, weight):
-    hits = hits_from_topk(topk_fn(score_fn(params, inputs), exclude), positives)
+    hits = hits_fn(score_fn(params, inputs), exclude, positives)
     return metric_rows(hits, (positives > 0).sum(-1), ks, metrics, weight)
   return evaluate_chunk
 
@@ -315,7 +343,7 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
   if chunk_size is None:
     if num_items is None:
       num_items = jax.eval_shape(score_fn, params, _chunk_inputs(inputs, 0, 1, 1)).shape[-1]
-    extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + 8)
+    extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + max(ks) + 8)
     chunk_size = chunk_users(num_items, budget_bytes, extra, bytes_per_pair)
   chunk = min(chunk_size, num_rows)
   step = make_full_ranking_eval(score_fn, ks, metrics, None if sharding is None else sharding.mesh)

@@ -17,18 +17,18 @@ import numpy as np
 UNSEEN_SCORE = -1e9
 
 
-UNSEEN_ORDERS = ("index", "random")
+UNSEEN_ORDERS = ("tied", "random")
 
 
-def pop_params(item_counts, unseen_order: str = "index", seed: int = 0) -> dict:
+def pop_params(item_counts, unseen_order: str = "tied", seed: int = 0) -> dict:
   """Parameters of `Pop` from item counts.
 
   Args:
     item_counts: `[N]` number of training interactions of each item (row 0 = padding, ignored).
-    unseen_order: how items without a count are ordered among themselves: "index" (lower id first,
-      as a top-k over tied scores, RecBole's order) or "random" (a seeded permutation). Dense ids
-      follow first appearance in the data file, which tracks popularity: on items held out of
-      training (cold start) "index" would rank them by information Pop does not have.
+    unseen_order: how items without a count are ordered among themselves: "tied" (one score; the
+      evaluation counts ties against the held-out items, so among them Pop is credited with nothing)
+      or "random" (a seeded permutation: on items held out of training, cold start, the figure of a
+      random order).
     seed: the permutation's seed ("random").
 
   Returns:
@@ -55,7 +55,7 @@ class Pop(nn.Module):
   """Popularity model: `user_repr -> ones [B, 1]`, `item_repr -> log count [N, 1]`."""
 
   num_items: int
-  unseen_order: str = "index"   # see pop_params
+  unseen_order: str = "tied"    # see pop_params
   unseen_seed: int = 0          # the permutation of unseen_order "random"
   kind: ClassVar[str] = "popularity"
 
