@@ -130,9 +130,10 @@ def test_labeled_rows_carry_domains_and_one_label_per_task():
   assert set(rows.test.inputs()) == {"user", "item", "domain"}
   with pytest.raises(DataError, match="label column 'like' not found"):
     labeled_data(split, "labeled", label_columns=["like"])
-  with pytest.raises(DataError, match="must hold 0/1 labels"):
-    bad = dataclasses.replace(split.train, columns={**split.train.columns, "click": split.train.rating})
-    labeled_data(dataclasses.replace(split, train=bad), "labeled", label_columns=["click"])
+  for values in (split.train.rating, np.where(split.train.columns["click"] > 0, "yes", "no").astype(object)):
+    with pytest.raises(DataError, match="must hold 0/1 labels"):
+      bad = dataclasses.replace(split.train, columns={**split.train.columns, "click": values})
+      labeled_data(dataclasses.replace(split, train=bad), "labeled", label_columns=["click"])
   sampler = LabeledSampler(rows.train.user, rows.train.item, np.stack([rows.train.target] * 2, -1), 64, seed=0,
                            domain=rows.train.domain)
   batches = list(sampler.epoch(0))

@@ -9,7 +9,7 @@ import pytest
 
 from recjax.data import readers
 from recjax.data.interactions import PAD_TOKEN, from_columns
-from recjax.errors import DataError
+from recjax.errors import DataError, UnknownIdError
 
 
 def write(path, text: str, encoding: str = "utf-8"):
@@ -293,6 +293,13 @@ def test_read_table_names_the_bad_value_of_a_timestamp_or_rating(tmp_path):
     assert message in str(info.value)
   path = write(tmp_path / "log.csv", "u,i,t\n1,2,86400\n1,3,1970-01-03\n")   # numbers are seconds, dates converted
   assert readers.read_table(path, user_col="u", item_col="i", timestamp_col="t").timestamp.tolist() == [86400, 172800]
+
+
+def test_a_raw_id_that_spells_the_padding_token_is_found():
+  inter = from_columns([PAD_TOKEN, "bob"], ["x", PAD_TOKEN])
+  assert inter.user_id(PAD_TOKEN) == 1 and inter.item_id(PAD_TOKEN) == 2 and inter.user_id("bob") == 2
+  with pytest.raises(UnknownIdError, match="unknown user id 'ann'"):
+    inter.user_id("ann")
 
 
 def test_from_columns_refuses_a_rating_beyond_float32():

@@ -279,6 +279,12 @@ def test_sequence_sampler_determinism_and_errors():
     SequenceSampler(inter, 10, 32, distribution="zipf")
   with pytest.raises(DataError):
     SequenceSampler(from_columns(["a", "b"], ["x", "y"]), 10, 32)
+  with pytest.raises(ValueError, match=r"stride must be in \[1, max_len=10\], got 0"):   # not the default
+    SequenceSampler(inter, 10, 32, stride=0)
+  for make in (lambda b: SequenceSampler(inter, 10, b), lambda b: PairSampler(inter, b)):
+    for size in (0, -2):   # 0 divided by zero, -2 gave an empty epoch
+      with pytest.raises(ValueError, match=f"batch_size must be positive, got {size}"):
+        make(size)
 
 
 def test_eval_inputs_and_csr_to_padded():

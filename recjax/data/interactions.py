@@ -95,10 +95,10 @@ class Interactions:
 
 
 def _lookup(vocab: np.ndarray, raw: str, kind: str, name: str) -> int:
-  hits = np.flatnonzero(vocab == str(raw))
-  if len(hits) == 0 or hits[0] == PAD:
+  hits = np.flatnonzero(vocab[PAD + 1:] == str(raw))   # a raw id may spell the padding token
+  if len(hits) == 0:
     raise UnknownIdError(f"unknown {kind} id {raw!r} in dataset {name or '?'}")
-  return int(hits[0])
+  return int(hits[0]) + PAD + 1
 
 
 def build_vocab(raw_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

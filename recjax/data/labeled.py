@@ -167,10 +167,10 @@ def _column_labels(inter: Interactions, columns: Sequence[str]) -> np.ndarray:
     if name not in inter.columns:
       raise DataError(inter.name or "interactions", f"label column {name!r} not found (columns: "
                       f"{sorted(inter.columns) or 'none'})")
-    values = np.asarray(inter.columns[name], np.float32)
-    if not np.all((values == 0) | (values == 1)):
+    values = np.asarray(inter.columns[name])
+    if values.dtype.kind not in "biuf" or not np.all((values == 0) | (values == 1)):   # text values too
       raise DataError(inter.name or "interactions", f"label column {name!r} must hold 0/1 labels")
-    out.append(values)
+    out.append(values.astype(np.float32))
   return out[0] if len(out) == 1 else np.stack(out, -1)
 
 

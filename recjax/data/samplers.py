@@ -22,6 +22,11 @@ Batch = dict[str, np.ndarray]
 PAIR_SAMPLING = ("rows", "users")
 
 
+def _check_batch_size(sampler: str, batch_size: int) -> None:
+  if batch_size < 1:
+    raise ValueError(f"{sampler}: batch_size must be positive, got {batch_size}")
+
+
 class PairSampler:
   """(user, positive, negatives) triples, as many per epoch as there are training rows.
 
@@ -40,6 +45,7 @@ class PairSampler:
       raise DataError(train.name or "train", "PairSampler got no training interactions")
     if sampling not in PAIR_SAMPLING:
       raise ValueError(f"pair sampling {sampling!r}: expected one of {PAIR_SAMPLING}")
+    _check_batch_size("PairSampler", batch_size)
     self.user, self.item = train.user.astype(np.int32), train.item.astype(np.int32)
     if sampling == "users":   # row indices grouped by user; each user's first position and row count
       self.by_user = np.argsort(self.user, kind="stable")
@@ -88,8 +94,7 @@ class LabeledSampler:
                        f"{item.shape}, {label.shape}" + ("" if domain is None else f", {np.shape(domain)}"))
     if len(user) == 0:
       raise DataError("train", "LabeledSampler got no training rows")
-    if batch_size < 1:
-      raise ValueError(f"LabeledSampler: batch_size must be positive, got {batch_size}")
+    _check_batch_size("LabeledSampler", batch_size)
     self.columns = {"user": user.astype(np.int32), "item": item.astype(np.int32), "label": label.astype(np.float32)}
     if domain is not None:
       self.columns["domain"] = np.asarray(domain, np.int32)
@@ -136,9 +141,10 @@ class SequenceSampler:
       raise ValueError(f"mode must be 'sequence' or 'prefix', got {mode!r}")
     if negatives_for not in ("targets", "items"):
       raise ValueError(f"negatives_for must be 'targets' or 'items', got {negatives_for!r}")
+    _check_batch_size("SequenceSampler", batch_size)
     self.items, offsets = user_sequences(train)
     counts = np.diff(offsets)
-    self.stride = stride or max(1, max_len // 2)
+    self.stride = max(1, max_len // 2) if stride is None else stride
     if not 1 <= self.stride <= max_len:
       raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
     if mode == "sequence":
