@@ -3,6 +3,7 @@ truncation, MiniLM against sentence-transformers' vectors, cached item texts, te
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -62,6 +63,12 @@ def _layer_norm(x, w, b, eps=1e-12):
 _erf = np.vectorize(math.erf)
 
 
+def _gelu(x, activation: str):
+  if activation == "gelu_tanh":   # HF's gelu_new
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+  return 0.5 * x * (1 + _erf(x / np.sqrt(2)))
+
+
 def numpy_bert(w: dict, config: text.BertConfig, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Token states [B, T, d] of BertModel, in float64, with HF's additive attention mask."""
   w = {k: v.astype(np.float64) for k, v in w.items() if v.dtype != np.int64}
@@ -69,7 +76,8 @@ def numpy_bert(w: dict, config: text.BertConfig, ids: np.ndarray, mask: np.ndarr
   H, dh = config.num_heads, config.dim // config.num_heads
   x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:T][None]
        + w["embeddings.token_type_embeddings.weight"][0])
-  x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+  eps = config.layer_norm_eps
+  x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
   additive = (1.0 - mask[:, None, None, :]) * -1e9
   for i in range(config.num_layers):
     p = f"encoder.layer.{i}."
@@ -81,10 +89,10 @@ def numpy_bert(w: dict, config: text.BertConfig, ids: np.ndarray, mask: np.ndarr
     probs /= probs.sum(-1, keepdims=True)
     context = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, config.dim)
     x = _layer_norm(x + lin(context, "attention.output.dense"), w[p + "attention.output.LayerNorm.weight"],
-                    w[p + "attention.output.LayerNorm.bias"])
-    hidden = lin(x, "intermediate.dense")
-    hidden = 0.5 * hidden * (1 + _erf(hidden / np.sqrt(2)))
-    x = _layer_norm(x + lin(hidden, "output.dense"), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])
+                    w[p + "attention.output.LayerNorm.bias"], eps)
+    hidden = _gelu(lin(x, "intermediate.dense"), config.activation)
+    x = _layer_norm(x + lin(hidden, "output.dense"), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
+                    eps)
   return x
 
 
@@ -101,6 +109,22 @@ def test_flax_bert_equals_numpy_reference_on_a_saved_checkpoint(tiny_checkpoint)
   pooled = np.asarray(text.encode(encoder, ["the toy story"]))[0]
   expected = theirs[0][real[0]].mean(0)
   np.testing.assert_allclose(pooled, expected / np.linalg.norm(expected), atol=2e-5)
+
+
+def test_config_json_sets_the_norm_epsilon_and_the_gelu_form(tmp_path, tiny_checkpoint):
+  """A checkpoint with layer_norm_eps 1e-3 and hidden_act gelu_new (tanh GELU) is computed with them."""
+  from safetensors.numpy import load_file
+
+  config = dataclasses.replace(TINY, layer_norm_eps=1e-3, activation="gelu_tanh")
+  directory = text.save_checkpoint(tmp_path / "ckpt", config, tiny_checkpoint[1], tiny_checkpoint[0] / "tokenizer.json")
+  encoder = text.load_text_encoder(directory)
+  assert encoder.config == config
+  ids, mask = encoder.tokenizer(["the toy story", "star wars of a king . day night love"])
+  ours, _ = text.BertEncoder(encoder.config).apply(encoder.params, ids, mask)
+  weights = load_file(str(directory / "model.safetensors"))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(ours)[real], numpy_bert(weights, config, ids, mask)[real], atol=2e-5)
+  assert np.abs(np.asarray(ours)[real] - numpy_bert(weights, TINY, ids, mask)[real]).max() > 1e-3   # it matters
 
 
 def test_saved_and_loaded_back_gives_identical_outputs(tiny_checkpoint):
@@ -126,6 +150,9 @@ def test_checkpoint_with_unused_or_missing_tensors_is_refused(tiny_checkpoint):
   weights = text.params_to_hf(params, TINY)
   with pytest.raises(DataError, match="unused.*cls.predictions.bias"):
     text.hf_to_params({**weights, "cls.predictions.bias": np.zeros(32, np.float32)}, TINY)
+  transposed = weights["encoder.layer.0.intermediate.dense.weight"].T   # [in, out]: the same size, another shape
+  with pytest.raises(DataError, match=r"intermediate.dense.weight of shape \(16, 32\).*expected \(32, 16\)"):
+    text.hf_to_params({**weights, "encoder.layer.0.intermediate.dense.weight": transposed}, TINY)
   weights.pop("encoder.layer.1.output.dense.bias")
   with pytest.raises(DataError, match="missing.*encoder.layer.1.output.dense.bias"):
     text.hf_to_params(weights, TINY)
@@ -186,6 +213,26 @@ def test_bad_checkpoint_directories_say_what_is_wrong(tmp_path, tiny_checkpoint,
   (tmp_path / "config.json").write_text(json.dumps({**TINY.to_hf(), "model_type": "roberta"}))   # other positions
   with pytest.raises(DataError, match="model_type 'roberta'"):
     text.load_text_encoder(tmp_path)
+
+
+def test_tokenizer_past_the_word_table_is_refused_and_do_lower_case_is_honoured(tmp_path, tiny_checkpoint):
+  import shutil
+
+  from tokenizers import Tokenizer, normalizers
+
+  directory = shutil.copytree(tiny_checkpoint[0], tmp_path / "ckpt")
+  tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+  tok.add_tokens(["newword"])   # id 32: no row of the 32-row word table (it would embed as NaN)
+  tok.save(str(directory / "tokenizer.json"))
+  with pytest.raises(DataError, match="tokenizer.json: has 33 tokens, more than the 32 rows"):
+    text.load_text_encoder(directory)
+  cased = Tokenizer.from_file(str(tiny_checkpoint[0] / "tokenizer.json"))
+  cased.normalizer = normalizers.BertNormalizer(lowercase=False)   # its vocabulary is lower case
+  cased.save(str(directory / "tokenizer.json"))
+  lower = text.load_text_encoder(tiny_checkpoint[0]).tokenizer(["toy story"])[0]
+  assert (text.load_text_encoder(directory).tokenizer(["Toy Story"])[0][0, 1:3] == 1).all()   # [UNK] [UNK]
+  (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24, "do_lower_case": True}))
+  np.testing.assert_array_equal(text.load_text_encoder(directory).tokenizer(["Toy Story"])[0], lower)
 
 
 def test_sentence_transformers_modules_this_encoder_does_not_compute_are_refused(tmp_path, tiny_checkpoint):
@@ -259,6 +306,9 @@ def test_item_texts_from_side_columns():
                                          "year: 1995.5")
   with pytest.raises(ConfigError, match="unknown item column.*'plot'"):
     item_text.item_texts(inter, ["plot"])
+  inter.item_features.clear()
+  with pytest.raises(DataError, match="tiny: has no item side file"):
+    item_text.item_texts(inter)
 
 
 def test_item_text_vectors_are_cached_by_checkpoint_and_text(tmp_path, tiny_checkpoint, monkeypatch):
@@ -281,6 +331,21 @@ def test_item_text_vectors_are_cached_by_checkpoint_and_text(tmp_path, tiny_chec
     first.path.write_bytes(damage)
     np.testing.assert_array_equal(
         item_text.item_text_vectors(inter, str(tiny_checkpoint[0]), cache=tmp_path).vectors, first.vectors)
+  other = text.save_checkpoint(tmp_path / "other", TINY, jax.tree.map(lambda a: a * 1.5, tiny_checkpoint[1]),
+                               tiny_checkpoint[0] / "tokenizer.json")
+  retrained = item_text.item_text_vectors(inter, str(other), cache=tmp_path)
+  assert retrained.path != first.path and not np.allclose(retrained.vectors, first.vectors)   # another checkpoint
+
+
+def test_an_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
+  def save_half(path, array):
+    Path(path).write_bytes(b"\x93NUMPY half")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(item_text.np, "save", save_half)
+  with pytest.raises(KeyboardInterrupt):
+    item_text._save_atomic(tmp_path / "entry.npy", np.zeros(3))
+  assert list(tmp_path.iterdir()) == []
 
 
 # --- text-aware item towers -----------------------------------------------------------------------

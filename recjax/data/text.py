@@ -43,6 +43,9 @@ class ItemTexts:
 def text_fields(inter: Interactions, fields: Sequence[str] | None = None) -> tuple[str, ...]:
   """The item columns a text is built from: `fields` (checked), or the `DEFAULT_FIELDS` present."""
   columns = inter.item_features
+  if not columns:
+    raise DataError(inter.name or "dataset", "has no item side file (RecBole's .item; MovieLens' u.item or "
+                    "movies.*): item texts are built from its columns")
   if fields is None:
     chosen = tuple(f for f in DEFAULT_FIELDS if f in columns)
     if not chosen:
@@ -98,8 +101,12 @@ def cache_key(fingerprint: str, texts: Sequence[str]) -> str:
 def _save_atomic(path: Path, array: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")   # one per process: concurrent writers never share it
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  try:
+    np.save(tmp, array)
+    os.replace(tmp, path)
+  except BaseException:   # an interrupted or failed write leaves nothing behind
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def item_text_vectors(inter: Interactions, model: str, fields: Sequence[str] | None = None,

