@@ -7,8 +7,9 @@ ranks only the held-out items for every user who interacted with one (positives:
 held-out items; input: the user's warm history). Rows:
   pop            popularity; held-out items have no count, so they are ordered at random (one order
                  for every user: the row is the mean of 20 orders, its spread printed below)
-  pop_index      the same, held-out items in id order: ids follow first appearance in the file, which
-                 tracks popularity, so this order knows what Pop cannot (shown to make that visible)
+  pop_tied       the same, held-out items all tied: full ranking counts a tie against the held-out item,
+                 so this row is 0 on cold items (a lower-id-first order would rank them by first appearance
+                 in the file, which tracks popularity: information Pop does not have)
   sasrec         ID-only SASRec (held-out items keep their untrained embeddings)
   sasrec_text    SASRec whose item table is ID embedding + projected MiniLM text vector (ID part
                  only for trained items)
@@ -34,7 +35,7 @@ import common  # noqa: E402
 TEXT = {"text": {"model": "minilm"}}
 ROWS = {
     "pop": ("pop", {}),   # see random_pop
-    "pop_index": ("pop", {}),
+    "pop_tied": ("pop", {}),
     "sasrec": ("sasrec", {}),
     "sasrec_text": ("sasrec", TEXT),
     "bpr": ("bpr", {}),

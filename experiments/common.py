@@ -24,7 +24,7 @@ def parser(description: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--data-dir", default=None, help="folder holding the datasets (default: env RECJAX_DATA)")
   p.add_argument("--epochs", type=int, default=None, help="override the script's epoch budget")
-  p.add_argument("--out", default=None, help="run folder (default: runs/experiments/<script>)")
+  p.add_argument("--out", default=None, help="run folder (default: a folder under runs/experiments/ named for the run)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
   p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
   return p

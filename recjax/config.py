@@ -44,6 +44,8 @@ BASE = {
     "eval_every": 1,
     "patience": 10,               # stop when more evaluations than this in a row bring no gain (RecBole: stopping_step)
     "valid_metric": None,         # None: the protocol's
+    "metrics": None,              # metric names evaluated (None: the protocol's), e.g. ["ndcg", "recall", "map"]
+    "ks": None,                   # ranking cut-offs (None: the protocol's), e.g. [10, 20, 50]
     "eval_budget_mb": 256,        # device memory for one chunk of [users, items] scores
     "eval_cpu_cache_mb": 32,      # on CPU, the chunk cap for pair-wise scorers (NeuMF...): cache-sized, ~1.6x faster
     "keep_checkpoints": 2,
@@ -204,7 +206,7 @@ _TYPES = {
     "window_stride": int, "devices": int, "cpu_devices": int, "preprocess.min_rating": _NUMBER,
     "text.model": str, "text.fields": _SEQUENCE, "text.cache_dir": str, "domain.rule": str, "domain.only": str,
     "label_columns": _SEQUENCE, "finetune.from_run": str, "pretrain.gmf_run": str, "pretrain.mlp_run": str,
-    "grad_clip_norm": _NUMBER,
+    "grad_clip_norm": _NUMBER, "metrics": _SEQUENCE, "ks": _SEQUENCE,
 }
 
 

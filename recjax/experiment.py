@@ -211,8 +211,12 @@ def build(config: dict[str, Any]) -> Experiment:
     raise ConfigError(f"label_columns {list(config['label_columns'])}: several tasks need a multi-task model "
                       f"({sorted(filter(models.is_multidomain, models.MODELS))}); "
                       f"{name!r} predicts one label")
+  if config["ks"] is not None and protocol.task != "ranking":
+    raise ConfigError(f"ks {list(config['ks'])}: protocol {protocol.name!r} has no ranking to cut off")
+  chosen = {key: tuple(config[key]) for key in ("metrics", "ks") if config[key] is not None}
   if config["valid_metric"]:   # the protocol checks that it computes it (a per-task or per-domain key: its metric)
-    dataclasses.replace(protocol, valid_metric=protocols.metric_parts(config["valid_metric"])[0])
+    chosen["valid_metric"] = protocols.metric_parts(config["valid_metric"])[0]
+  protocol = dataclasses.replace(protocol, **chosen) if chosen else protocol
   if protocol.split == "given":   # filtering would change the split the protocol compares on
     preprocessing = preprocess_options(config)
     if preprocessing:
@@ -546,6 +550,20 @@ def make_step(exp: Experiment, optimizer, state_sharding=None):
                          constants=exp.constants)
 
 
+def check_trainable(exp: Experiment, rng: jax.Array) -> None:
+  """Traces the loss on one batch, abstractly (`jax.eval_shape`: nothing is computed or compiled), so that a
+  loss, training scheme or model option the model cannot train with is a ConfigError before a run folder is
+  written, not a failure at the first step."""
+  c = exp.config
+  try:
+    batch = next(iter(make_sampler(exp).epoch(0)))
+    params = jax.eval_shape(lambda: init_params(exp, rng))
+    jax.eval_shape(make_loss_fn(exp), exp.with_constants(params), batch, rng)
+  except (ValueError, TypeError, NotImplementedError) as e:   # raised while tracing the model and its loss
+    raise ConfigError(f"model {c['model']['name']!r} cannot train with training={c['training']!r}, "
+                      f"loss={c['loss']!r} and its model options: {type(e).__name__}: {e}") from e
+
+
 def training_setup(exp: Experiment, rng: jax.Array):
   """What a training loop needs: `(sampler, state, step)`, the run's batch sampler, its initial train state
   on the run's devices and its jitted step, the optimizer's schedule sized to the sampler's epochs."""
@@ -816,6 +834,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   if out:
     check_run_folder(config, out, resume)
   exp = build(config)
+  rng = jax.random.PRNGKey(config["seed"])
+  if exp.kind != "popularity" and config["epochs"] > 0:
+    check_trainable(exp, rng)
   save_config = None
   if out:
     record = check_split(exp.split, out) if resume else split_record(exp.split)
@@ -827,7 +848,6 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     out.mkdir(parents=True, exist_ok=True)
     if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)
       save_config()
-  rng = jax.random.PRNGKey(config["seed"])
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
   if exp.kind == "popularity" or config["epochs"] == 0:

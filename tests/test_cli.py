@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,6 +187,36 @@ def test_an_unknown_valid_metric_is_refused_before_anything_is_written(tmp_path,
   assert run_cli("train", "bpr", "--set", "valid_metric='ndcg@20'", "--out", tmp_path / "run") == 2
   assert "is not computed" in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model, override, message", [
+    ("caser", "training='sequence'", "cannot train with training='sequence'.*NotImplementedError: Caser"),
+    ("bpr", "training='sequence'", "cannot train with training='sequence'"),
+    ("bpr", "loss='foo'", "unknown loss 'foo'"),
+    ("gru4rec", "model.cell='foo'", "unknown recurrent cell 'foo'"),
+])
+def test_a_config_the_model_cannot_train_with_is_refused_before_anything_is_written(tmp_path, capsys, model,
+                                                                                    override, message):
+  assert run_cli("train", model, "--dataset", "synthetic", "--set", override, "--out", tmp_path / "run") == 2
+  assert re.search(message, capsys.readouterr().err)
+  assert not (tmp_path / "run").exists()
+
+
+def test_metrics_and_cut_offs_chosen_by_config(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "1", "--set", "metrics=['ndcg','map','f1']",
+                 "--set", "ks=[5,20]", "--set", "valid_metric='map@20'", "--out", out) == 0
+  metrics = read_metrics(out)
+  assert set(metrics["test"]) == {f"{name}@{k}" for k in (5, 20) for name in ("ndcg", "map", "f1")}
+  assert metrics["valid_metric"] == "map@20"
+  for override, message in [("ks=[20]", "valid_metric 'mrr@10' is not computed"),
+                            ("metrics=['ndcg','dcg']", "unknown metric(s) ['dcg']"),
+                            ("ks=[0]", "ks must be positive integers")]:
+    assert run_cli("train", "bpr", "--dataset", "synthetic", "--set", override, "--out", tmp_path / "bad") == 2
+    assert message in capsys.readouterr().err
+  assert run_cli("train", "deepfm", "--dataset", "synthetic", "--set", "ks=[5]", "--out", tmp_path / "bad") == 2
+  assert "has no ranking to cut off" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
 
 
 def test_config_file(tmp_path):
