@@ -423,7 +423,7 @@ def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: boo
     if bad.any() and dates:
       # Each value's own format, but a date has digits: pandas reads "now" and "today" as the clock, "Jan"
       # as the year 1.
-      digitless = ~values[bad].str.contains(r"\d")
+      digitless = ~values[bad].astype(str).str.contains(r"\d")
       when = pd.to_datetime(values[bad].mask(digitless), errors="coerce", utc=True, format="mixed")
       x[bad] = _seconds(when, pd.Timestamp(0, tz="UTC"))   # NaT -> NaN
   bad = ~np.isfinite(x)
