@@ -550,13 +550,13 @@ def make_step(exp: Experiment, optimizer, state_sharding=None):
                          constants=exp.constants)
 
 
-def check_trainable(exp: Experiment, rng: jax.Array) -> None:
-  """Traces the loss on one batch, abstractly (`jax.eval_shape`: nothing is computed or compiled), so that a
-  loss, training scheme or model option the model cannot train with is a ConfigError before a run folder is
-  written, not a failure at the first step."""
+def check_trainable(exp: Experiment, sampler, rng: jax.Array) -> None:
+  """Traces the loss on `sampler`'s first batch, abstractly (`jax.eval_shape`: nothing is computed or
+  compiled), so that a loss, training scheme or model option the model cannot train with is a ConfigError
+  before a run folder is written, not a failure at the first step."""
   c = exp.config
   try:
-    batch = next(iter(make_sampler(exp).epoch(0)))
+    batch = next(iter(sampler.epoch(0)))
     params = jax.eval_shape(lambda: init_params(exp, rng))
     jax.eval_shape(make_loss_fn(exp), exp.with_constants(params), batch, rng)
   except (ValueError, TypeError, NotImplementedError) as e:   # raised while tracing the model and its loss
@@ -564,10 +564,11 @@ def check_trainable(exp: Experiment, rng: jax.Array) -> None:
                       f"loss={c['loss']!r} and its model options: {type(e).__name__}: {e}") from e
 
 
-def training_setup(exp: Experiment, rng: jax.Array):
-  """What a training loop needs: `(sampler, state, step)`, the run's batch sampler, its initial train state
-  on the run's devices and its jitted step, the optimizer's schedule sized to the sampler's epochs."""
-  sampler = make_sampler(exp)
+def training_setup(exp: Experiment, rng: jax.Array, sampler=None):
+  """What a training loop needs: `(sampler, state, step)`, the run's batch sampler (`make_sampler`'s, unless
+  given), its initial train state on the run's devices and its jitted step, the optimizer's schedule sized to
+  the sampler's epochs."""
+  sampler = make_sampler(exp) if sampler is None else sampler
   optimizer = run_optimizer(exp, rng, sampler.num_batches)
   state, state_sharding = init_state(exp, optimizer, rng)
   return sampler, state, make_step(exp, optimizer, state_sharding)
@@ -835,8 +836,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     check_run_folder(config, out, resume)
   exp = build(config)
   rng = jax.random.PRNGKey(config["seed"])
-  if exp.kind != "popularity" and config["epochs"] > 0:
-    check_trainable(exp, rng)
+  sampler = None if exp.kind == "popularity" or config["epochs"] == 0 else make_sampler(exp)
+  if sampler is not None:
+    check_trainable(exp, sampler, rng)
   save_config = None
   if out:
     record = check_split(exp.split, out) if resume else split_record(exp.split)
@@ -850,13 +852,13 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
       save_config()
   valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
-  if exp.kind == "popularity" or config["epochs"] == 0:
+  if sampler is None:   # nothing to train
     params = initial_params(exp, rng)
     start = time.perf_counter()
     best_params, best_valid, epochs_run, train_s, eval_s = params, valid_eval(params), 0, [], []
     eval_s.append(time.perf_counter() - start)
   else:
-    sampler, state, step = training_setup(exp, rng)
+    sampler, state, step = training_setup(exp, rng, sampler)
     result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=eval_interval(config, exp.protocol), valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,

@@ -89,17 +89,21 @@ def _blank(line: str, sep: str) -> bool:
   return line.strip(" \t".replace(sep, "")) == ""
 
 
+# A carriage return that ends no line (old Mac line ends, or one inside a line): pandas breaks the line there.
+_LONE_CR = re.compile(r"\r(?!\n|\Z)")
+_LONE_CR_MESSAGE = "carriage return (\\r) without a line feed: lines must end in \\n or \\r\\n"
+
+
 def _lone_cr(text: str, start: int) -> bool:
-  """Whether a carriage return that ends no line follows `start`: pandas would break the line there."""
-  return text.find("\r", start) >= 0 and text.count("\r", start) > text.count("\r\n", start) + text.endswith("\r")
+  """Whether a lone carriage return (`_LONE_CR`) follows `start`."""
+  return _LONE_CR.search(text, start) is not None
 
 
 def _check_no_lone_cr(path: Path, text: str) -> None:
-  """DataError at the first carriage return that is not part of a \\r\\n line end (old Mac line ends)."""
-  if _lone_cr(text, 0):
-    at = re.search(r"\r(?!\n|\Z)", text).start()
-    raise DataError(path, "carriage return (\\r) without a line feed: lines must end in \\n or \\r\\n",
-                    line=text.count("\n", 0, at) + 1)
+  """DataError at the line of the first lone carriage return."""
+  found = _LONE_CR.search(text)
+  if found:
+    raise DataError(path, _LONE_CR_MESSAGE, line=text.count("\n", 0, found.start()) + 1)
 
 
 def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, quoted: bool,
@@ -109,7 +113,7 @@ def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, 
   for number, line in enumerate(text.split("\n")[header:], start=header + 1):
     line = line.removesuffix("\r")
     if "\r" in line:
-      return DataError(path, "carriage return (\\r) inside the line: it would be read as a line break", line=number)
+      return DataError(path, _LONE_CR_MESSAGE, line=number)
     if _blank(line, sep):
       continue
     values = next(csv.reader([line], delimiter=sep)) if quoted else line.split(sep)

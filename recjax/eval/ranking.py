@@ -53,21 +53,24 @@ def _top_values(scores: Array, k: int) -> Array:
   return jax.lax.optimization_barrier(jax.lax.top_k(scores, k)[0])
 
 
-def _tie_aware_hits(values: Array, count_last: Array, relevant: Array) -> Array:
+def _tie_aware_hits(values: Array, masked: Array, positive_scores: Array, total=lambda count: count) -> Array:
   """hits[u, r]: the item at rank r is held out, ties ordered pessimistically (see the module docstring).
 
   Among the items scoring `values[u, r]` (a tie group), the non-held-out ones take the first ranks. A
   group other than the last one in the list lies wholly inside it, so its size is counted in `values`;
-  the last one may go on past rank k, so its size is `count_last`, counted over all N items.
+  the last one may go on past rank k, so its size is counted over all N items.
 
   Args:
     values: [U, k] the top-k masked scores, best first (-inf: a masked item, never a hit).
-    count_last: [U] how many of the N items score `values[:, -1]`.
-    relevant: [U, k] how many held-out items score `values[:, r]`.
+    masked: [U, N'] the masked scores (`_mask_scores`) of N' of the items.
+    positive_scores: [U, P] the masked scores of those of the held-out items among them (-inf for the others).
+    total: sums a count over the item slices (`psum` over `model`) when `masked` holds one slice.
   Returns:
     [U, k] float32.
   """
   k = values.shape[1]
+  count_last = total((masked == values[:, -1:]).sum(-1))                                 # [U]
+  relevant = total((positive_scores[:, None, :] == values[:, :, None]).sum(-1))          # [U, k]
   equal = values[:, :, None] == values[:, None, :]                   # [U, k, k]
   above = (values[:, None, :] > values[:, :, None]).sum(-1)          # [U, k] items scored higher: all listed
   group = jnp.where(values == values[:, -1:], count_last[:, None], equal.sum(-1))
@@ -92,10 +95,8 @@ def full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int) -
   masked = _mask_scores(scores, mask)
   values = _top_values(masked, min(k, n - 1))
   values = jnp.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-jnp.inf)
-  count_last = (masked == values[:, -1:]).sum(-1)
   positive_scores = jnp.where(positives > 0, jnp.take_along_axis(masked, positives, axis=1), -jnp.inf)  # [U, P]
-  relevant = (positive_scores[:, None, :] == values[:, :, None]).sum(-1)
-  return _tie_aware_hits(values, count_last, relevant)
+  return _tie_aware_hits(values, masked, positive_scores)
 
 
 def sharded_full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int, mesh) -> Array:
@@ -149,11 +150,9 @@ def merged_full_ranking_hits(scores: Array, exclude: Array, positives: Array, k:
     values = jax.lax.all_gather(_top_values(masked, min(k, width)), "model", axis=1, tiled=True)  # [u, slices * k']
     values = _top_values(values, min(k, values.shape[1]))
     values = jnp.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-jnp.inf)
-    count_last = jax.lax.psum((masked == values[:, -1:]).sum(-1), "model")
     own = jnp.where(in_slice(positives), positives - offset, 0)
     positive_scores = jnp.where(in_slice(positives), jnp.take_along_axis(masked, own, axis=1), -jnp.inf)
-    relevant = jax.lax.psum((positive_scores[:, None, :] == values[:, :, None]).sum(-1), "model")
-    return _tie_aware_hits(values, count_last, relevant)
+    return _tie_aware_hits(values, masked, positive_scores, total=lambda count: jax.lax.psum(count, "model"))
 
   return jax.shard_map(local_hits, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("data")),
                        out_specs=P("data"), check_vma=False)(scores, exclude, positives)  # equal over `model`

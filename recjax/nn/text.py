@@ -168,18 +168,10 @@ def _dense(prefix: str, path: tuple[str, ...], in_shape: tuple[int, ...], out_sh
   """(hf name, param path, to_params, to_hf) for a torch Linear `[out, in]` stored as a linen kernel
   `in_shape + out_shape` (DenseGeneral's split head axes) and bias `out_shape`."""
   din, dout = int(np.prod(in_shape)), int(np.prod(out_shape))
-
-  def shaped(want: tuple[int, ...], reshape):   # a transposed [in, out] weight has the right size: say so
-    def to_params(a):
-      if a.shape != want:
-        raise ValueError(f"expected {want}, torch Linear's [out, in]")
-      return reshape(a)
-    return to_params
-
   return [
-    (f"{prefix}.weight", path + ("kernel",), shaped((dout, din), lambda w: w.T.reshape(in_shape + out_shape)),
+    (f"{prefix}.weight", path + ("kernel",), lambda w: w.T.reshape(in_shape + out_shape),
      lambda k: k.reshape(din, dout).T),
-    (f"{prefix}.bias", path + ("bias",), shaped((dout,), lambda b: b.reshape(out_shape)), lambda b: b.reshape(dout)),
+    (f"{prefix}.bias", path + ("bias",), lambda b: b.reshape(out_shape), lambda b: b.reshape(dout)),
   ]
 
 
@@ -222,25 +214,24 @@ def hf_to_params(weights: dict[str, np.ndarray], config: BertConfig, where: str 
   tensors = {_canonical(k): np.asarray(v) for k, v in weights.items()}
   for name in _BUFFERS:
     tensors.pop(name, None)
-  flat, missing = {}, []
-  for hf, path, to_params, _ in weight_map(config):
+  one_token = jnp.ones((1, 1), jnp.int32)
+  expected = traverse_util.flatten_dict(
+      jax.eval_shape(BertEncoder(config).init, jax.random.PRNGKey(0), one_token, one_token)["params"])
+  flat, missing, wrong = {}, [], []
+  for hf, path, to_params, to_hf in weight_map(config):
     if hf not in tensors:
       missing.append(hf)
       continue
     tensor = tensors.pop(hf)
-    try:
+    want = jax.eval_shape(to_hf, expected[path]).shape   # the parameter in Hugging Face's layout
+    if tensor.shape != want:   # a Linear weight left transposed [in, out] has the right size but not this shape
+      wrong.append(f"{hf} of shape {tensor.shape}, expected {want}")
+    else:
       flat[path] = to_params(tensor.astype(np.float32))
-    except ValueError as e:   # a reshape that cannot be done: the tensor does not fit config.json
-      raise DataError(where, f"tensor {hf} of shape {tensor.shape} does not fit config.json ({e})") from e
   if missing or tensors:
     raise DataError(where, f"does not match a {config.num_layers}-layer BERT: missing {missing[:5]}"
                     f"{' ...' if len(missing) > 5 else ''}; unused {sorted(tensors)[:5]}"
                     f"{' ...' if len(tensors) > 5 else ''}")
-  one_token = jnp.ones((1, 1), jnp.int32)
-  expected = traverse_util.flatten_dict(
-      jax.eval_shape(BertEncoder(config).init, jax.random.PRNGKey(0), one_token, one_token)["params"])
-  wrong = [f"{'/'.join(path)}: {flat[path].shape} != {e.shape}" for path, e in expected.items()
-           if flat[path].shape != e.shape]
   if wrong:
     raise DataError(where, f"tensor shapes do not fit config.json: {wrong[:3]}")
   return {"params": traverse_util.unflatten_dict(flat)}
