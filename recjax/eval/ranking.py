@@ -8,9 +8,8 @@ to a memory budget and the last one is padded (weight 0) so nothing recompiles.
 Ties count against the held-out items, in both rankings: among equal scores every other item ranks
 first (full ranking: `_tie_aware_hits`; sampled: `sampled_rank`). So a constant scorer, or one whose
 scores are all NaN, hits nothing in its top k (k below the number of rankable items), whatever the
-item ids are; a lower-id-first order would credit it with
-the held-out items that happen to have low ids (recjax's ids follow first appearance in the data file,
-which tracks popularity).
+item ids are; a lower-id-first order would credit it with the held-out items that happen to have low
+ids (recjax's ids follow first appearance in the data file, which tracks popularity).
 """
 from __future__ import annotations
 
