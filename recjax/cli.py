@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recjax.errors import ConfigError, RecjaxError
+from recjax.errors import ConfigError, RecjaxError, UnknownIdError
 from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores
 
 
@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
   if not text.strip().isdigit() or int(text) < 1:
     raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
   return int(text)
+
+
+def _folder(text: str) -> str:
+  """argparse type: a non-empty path (an empty one would silently mean the default or the current folder)."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+  return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
   train.add_argument("--epochs", type=int, default=None)
   train.add_argument("--seed", type=int, default=None)
-  train.add_argument("--out", default=None, help="output folder (default: runs/MODEL-DATASET)")
+  train.add_argument("--out", type=_folder, default=None, help="output folder (default: runs/MODEL-DATASET)")
   train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
   train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                      help="multi-host run: the first process's address (or 'auto' on SLURM / Cloud TPU); "
@@ -62,12 +69,12 @@ def _parser() -> argparse.ArgumentParser:
   train.set_defaults(func=cmd_train)
 
   evaluate = sub.add_parser("evaluate", help="evaluate a trained run's best checkpoint")
-  evaluate.add_argument("--run", required=True, help="a run's output folder")
+  evaluate.add_argument("--run", type=_folder, required=True, help="a run's output folder")
   evaluate.add_argument("--data-dir", default=None)
   evaluate.set_defaults(func=cmd_evaluate)
 
   recommend = sub.add_parser("recommend", help="top-K items for one user of a trained run")
-  recommend.add_argument("--run", required=True)
+  recommend.add_argument("--run", type=_folder, required=True)
   recommend.add_argument("--user", required=True, help="raw user id as in the dataset")
   recommend.add_argument("--k", type=_positive_int, default=10, help="how many items (>= 1)")
   recommend.add_argument("--data-dir", default=None)
@@ -88,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--protocol", default="recbole-general")
   export.add_argument("--seed", type=int, default=2020)
   export.add_argument("--data-dir", default=None)
-  export.add_argument("--out", required=True, help="folder to write AS/AS.{train,valid,test}.inter into")
+  export.add_argument("--out", type=_folder, required=True, help="folder to write AS/AS.{train,valid,test}.inter into")
+  export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export")
   export.add_argument("--as", dest="recbole_name", default=None,
                       help="the dataset name RecBole sees (default NAME; required for ml-100k, which RecBole "
                            "replaces with its bundled copy)")
@@ -167,7 +175,7 @@ def _load_run(run_dir: str, data_dir: str | None):
   if data_dir:
     config["data_dir"] = data_dir
   exp = experiment.build(config)
-  experiment.check_split(exp.split, run_dir)
+  experiment.check_split(exp.split, run_dir, experiment.reads_features(exp))
   try:
     return exp, experiment.restore_best_params(exp, run_dir)
   except ValueError as e:   # a stored shape differs: an edited config, or tables padded for another device layout
@@ -199,7 +207,7 @@ def cmd_recommend(args) -> int:
                       "it does not score items")
   split = exp.split
   everything = split.train.concat(split.valid).concat(split.test)
-  user = split.train.user_id(args.user)
+  user = _run_user(exp, args.user)
   inputs = samplers.eval_inputs(everything, np.array([user]), exp.max_len)
   scores = np.array(tasks.score_fn(exp.model)(params, jax.tree.map(jax.numpy.asarray, inputs))[0])
   unseen = ~_seen_items(exp, everything, user, args.user)   # recommend only unseen items
@@ -214,6 +222,21 @@ def cmd_recommend(args) -> int:
     title = " ".join(title) if isinstance(title, tuple) else title
     print(f"{rank:>3}  {everything.item_vocab[item]:>8}  {scores[item]:+.4f}  {title}")
   return 0
+
+
+def _run_user(exp, raw_user: str) -> int:
+  """The run's dense id of `raw_user`; a user of the dataset whom the run's preprocessing dropped is told so."""
+  from recjax.data.datasets import load_dataset
+  from recjax.experiment import preprocess_options
+
+  try:
+    return exp.split.train.user_id(raw_user)
+  except UnknownIdError:
+    options = preprocess_options(exp.config)
+    if options and raw_user in load_dataset(exp.config["dataset"], exp.config["data_dir"]).interactions.user_vocab:
+      raise UnknownIdError(f"user {raw_user!r} is in dataset {exp.config['dataset']} but the run's preprocessing "
+                           f"({', '.join(f'preprocess.{key}' for key in options)}) left them no interactions") from None
+    raise
 
 
 def _seen_items(exp, everything, user: int, raw_user: str) -> np.ndarray:
@@ -274,7 +297,7 @@ def cmd_data_export(args) -> int:
   set_key(config, "seed", args.seed, source="--seed")
   exp = experiment.build(config)
   fmt = args.format or ("sequence" if exp.protocol.split in ("leave_one_out", "leave_last_out") else "plain")
-  for path in export_recbole_split(exp.split, Path(args.out), name, fmt, exp.protocol.max_len):
+  for path in export_recbole_split(exp.split, Path(args.out), name, fmt, exp.protocol.max_len, args.overwrite):
     print(path)
   if exp.split.cold is not None:
     print(f"note: the {len(exp.split.cold):,} rows of the items held out for cold start are not exported "

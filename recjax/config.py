@@ -210,9 +210,18 @@ _TYPES = {
 }
 
 
+_RATE = (lambda v: 0 <= v < 1, "a rate in [0, 1)")
+
+
+def _bound(key: str):
+  """`key`'s (test, description): from _BOUNDS, or a rate for every model's dropout (`model.*dropout`)."""
+  return _BOUNDS.get(key) or (_RATE if key.startswith("model.") and key.endswith("dropout") else None)
+
+
 def _in_bounds(key: str, value: Any, source: str) -> Any:
-  if key in _BOUNDS and value is not None and not _BOUNDS[key][0](value):
-    raise ConfigError(f"{source}: {key} must be {_BOUNDS[key][1]}, got {value!r}")
+  bound = _bound(key)
+  if bound and value is not None and not bound[0](value):
+    raise ConfigError(f"{source}: {key} must be {bound[1]}, got {value!r}")
   return value
 
 

@@ -343,6 +343,8 @@ def make_sampler(exp: Experiment):
                                 distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
                                 sampling=c["pair_sampling"])
   if c["training"] in ("sequence", "prefix"):
+    if c["window_stride"] is not None and c["window_stride"] > exp.max_len:
+      raise ConfigError(f"window_stride must be in [1, max_len={exp.max_len}], got {c['window_stride']}")
     return samplers.SequenceSampler(exp.split.train, exp.max_len, c["batch_size"], c["num_negatives"],
                                     seed=c["seed"], mode=c["training"], stride=c["window_stride"],
                                     distribution=c["negative_distribution"], exclude_items=exp.split.cold_items,
@@ -479,13 +481,13 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
         raise ConfigError(f"protocol {protocol.name!r}: the sampled protocol ranks one held-out item per user, but "
                           f"{name!r} holds out several for some users (split {protocol.split!r}); use a leave-one-out "
                           "split or sampled=None")
-
-  def sampled_negatives(name: str, data) -> np.ndarray:
-    if name not in negatives:
-      negatives[name] = ranking.draw_negatives(
-          data["positives"][:, 0], data["interacted"], num_items, protocol.sampled, protocol.sampled_distribution,
-          sampling_counts(exp.split), exp.config["seed"])
-    return negatives[name]
+      try:   # drawn now: a shortfall stops the run before it trains
+        negatives[name] = ranking.draw_negatives(
+            data["positives"][:, 0], data["interacted"], num_items, protocol.sampled, protocol.sampled_distribution,
+            sampling_counts(exp.split), exp.config["seed"])
+      except ValueError as e:   # a user with fewer items outside their history than negatives to draw
+        raise DataError(exp.config["dataset"], f"protocol {protocol.name!r} ranks each {name!r} item against "
+                        f"{protocol.sampled} sampled negatives, but the data has too few items for that ({e})") from e
 
   def evaluate(params, name: str, data) -> dict[str, float]:
     out = ranking.evaluate_full(exp.score_fn, params, data["inputs"], data["positives"], data["exclude"],
@@ -493,7 +495,7 @@ def make_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[str, flo
     if protocol.sampled:
       out.update(ranking.evaluate_sampled(exp.item_score_fn, params, data["inputs"], data["positives"][:, 0],
                                           data["interacted"], num_items=num_items, bytes_per_pair=pair_bytes,
-                                          negatives=sampled_negatives(name, data), **options))
+                                          negatives=negatives[name], **options))
     return out
 
   def run(params) -> dict[str, float]:
@@ -589,6 +591,8 @@ def learning_rate(config: dict[str, Any], steps_per_epoch: int):
   if decay == "constant" and not warmup:
     return config["learning_rate"]
   total = max(1, config["epochs"] * steps_per_epoch) if decay == "linear" else None
+  if max(warmup, total or 0) >= 2**31:   # the step counter is an int32
+    raise ConfigError(f"lr_warmup_steps ({warmup}) and the decay's epochs * steps ({total}) must be below 2^31")
   return warmup_linear_decay(config["learning_rate"], warmup, total)
 
 
@@ -687,13 +691,16 @@ def _as_list(value):
 def _check_source_run(exp: Experiment, config: dict[str, Any], run_dir, what: str, keys: tuple[str, ...],
                       split: splits.Split, why: str) -> None:
   """ConfigError naming `what` when the saved run in `run_dir` (its `config`) differs from `exp` in one of
-  `keys`, or recorded another split than `split`, or the same under other ids (`check_split`)."""
+  `keys`, or recorded another split than `split`, or the same under other ids (`check_split`), or never
+  trained (`epochs=0`: its "best" parameters would be the random initial ones)."""
+  if config.get("epochs") == 0:
+    raise ConfigError(f"{what}: {run_dir} was never trained (epochs=0)")
   for key in keys:
     ours, theirs = dotted(exp.config, key), dotted(config, key)
     if _as_list(ours) != _as_list(theirs):
       raise ConfigError(f"{what}: {run_dir} has {key}={theirs!r}, this run {ours!r} ({why})")
   try:
-    check_split(split, run_dir)
+    check_split(split, run_dir, reads_features(exp))
   except ConfigError as e:
     raise ConfigError(f"{what}: {e}") from None
 
@@ -714,8 +721,6 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
     if _as_list(config["model"].get(key)) != _as_list(exp.config["model"][ours]):
       raise ConfigError(f"{what}: {run_dir} has model.{key}={config['model'].get(key)!r}, this run model.{ours}="
                         f"{exp.config['model'][ours]!r} (sizes must match)")
-  if config.get("epochs") == 0:
-    raise ConfigError(f"{what}: {run_dir} was never trained (epochs=0)")
   hparams = {k: v for k, v in config["model"].items() if k != "name"}
   model = models.create_model(name, num_users=exp.split.train.num_users, num_items=exp.split.train.num_items,
                               **hparams)
@@ -757,15 +762,22 @@ def write_json(path: Path, obj: Any) -> None:
 RESUMABLE_KEYS = ("epochs", "data_dir")
 
 
+# What a run writes into its folder: a new run refuses a folder holding any of them.
+RUN_FILES = ("config.json", "split.json", "log.jsonl", "metrics.json", "checkpoints", "curves.png")
+
+
 def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None) -> dict[str, Any] | None:
   """Refuses, before anything is written, what would mix two runs in `out` (ConfigError): a new run where one
-  already is (`metrics.json` or `checkpoints/`), or a resumed one whose config differs from the saved run's
-  in one of `keys` (dotted; default: every key) other than RESUMABLE_KEYS, or with fewer `epochs` than its
-  checkpoints have completed, or checkpoints without the config.json that says whose they are. Returns the
+  already is (any of RUN_FILES: another run's, or a file of that name it would overwrite), or a resumed one
+  whose config differs from the saved run's in one of `keys` (dotted; default: every key) other than
+  RESUMABLE_KEYS, or with fewer `epochs` than its checkpoints have completed, or checkpoints without the
+  config.json that says whose they are. Returns the
   saved config when resuming, None where nothing was saved (the run then starts afresh)."""
   if not resume:
-    if (out / "metrics.json").exists() or (out / "checkpoints").exists():
-      raise ConfigError(f"{out} already holds a run; resume it (--resume) or choose another output folder")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+      raise ConfigError(f"{out} already holds a run ({', '.join(found)}); resume it (--resume) or choose another "
+                        "output folder")
     return None
   saved = saved_config(out)
   if saved is None:
@@ -800,30 +812,44 @@ def completed_epochs(out: Path) -> int:
 SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint, its ids' fingerprint and sizes
 
 
-def split_record(split: splits.Split) -> dict[str, Any]:
+def split_record(split: splits.Split, features: bool = False) -> dict[str, Any]:
   """What `OUT/split.json` holds: the split's fingerprint (`splits.fingerprint`), the fingerprint of its dense
-  ids (`splits.ids_fingerprint`) and its parts' rows."""
-  return {"fingerprint": splits.fingerprint(split), "ids": splits.ids_fingerprint(split),
-          "rows": {name: len(getattr(split, name)) for name in splits.PARTS}}
+  ids (`splits.ids_fingerprint`), its parts' rows and, for a model that reads side features (`features`),
+  theirs (`splits.features_fingerprint`)."""
+  record = {"fingerprint": splits.fingerprint(split), "ids": splits.ids_fingerprint(split),
+            "rows": {name: len(getattr(split, name)) for name in splits.PARTS}}
+  return {**record, "features": splits.features_fingerprint(split)} if features else record
 
 
-def check_split(split: splits.Split, run_dir: str | os.PathLike) -> dict[str, Any]:
+def reads_features(exp: Experiment) -> bool:
+  """Whether the run's model reads the users' or items' side features (feature fields, or item text)."""
+  return getattr(models.MODELS[exp.config["model"]["name"]], "needs_features", False) or bool(
+      exp.config["text"]["model"])
+
+
+def check_split(split: splits.Split, run_dir: str | os.PathLike, features: bool = False) -> dict[str, Any]:
   """`split`'s record; ConfigError when the run in `run_dir` recorded another split (the data under the
   run changed, e.g. a `--data-dir` pointing at other files) or the same split under other dense ids (the
-  same rows in another order: the checkpoint's table rows would mean other users and items). Runs saved
-  before the record (or its "ids" entry) existed pass."""
-  record, path = split_record(split), Path(run_dir) / SPLIT_RECORD
+  same rows in another order: the checkpoint's table rows would mean other users and items) or, with
+  `features`, other side features. Runs saved before the record (or its "ids" or "features" entry) existed
+  pass."""
+  record, path = split_record(split, features), Path(run_dir) / SPLIT_RECORD
   if not path.is_file():
     return record
   saved = read_json(path)
   if not isinstance(saved, dict) or saved.get("fingerprint") != record["fingerprint"]:
     rows = saved.get("rows") if isinstance(saved, dict) else None
     raise ConfigError(f"{path}: the run was trained on another split (rows {rows}) than the data gives now "
-                      f"(rows {record['rows']}): the data under it changed; point --data-dir at the run's data")
+                      f"(rows {record['rows']}): the data under it, or a setting in its config.json that shapes the "
+                      "split (seed, protocol, preprocess, domain), changed; point --data-dir at the run's data")
   if saved.get("ids", record["ids"]) != record["ids"]:
     raise ConfigError(f"{path}: the data gives the run's split but numbers its users or items otherwise (its rows "
                       "are in another order?): the checkpoint's embeddings would score the wrong ids; point "
                       "--data-dir at the run's data as it was")
+  if saved.get("features", record.get("features")) != record.get("features"):
+    raise ConfigError(f"{path}: the users' or items' side features differ from those the run was trained on (a "
+                      "`.user` or `.item` file changed?), and its model reads them; point --data-dir at the run's "
+                      "data as it was")
   return record
 
 
@@ -837,11 +863,14 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   exp = build(config)
   rng = jax.random.PRNGKey(config["seed"])
   sampler = None if exp.kind == "popularity" or config["epochs"] == 0 else make_sampler(exp)
-  if sampler is not None:
+  if sampler is not None:   # every setting checked, every source run read, before the run folder is written
     check_trainable(exp, sampler, rng)
+    sampler, state, step = training_setup(exp, rng, sampler)
+  evaluators = {phase: make_evaluator(exp, phase) for phase in ("valid", "test", "cold") if phase in exp.eval_sets}
   save_config = None
   if out:
-    record = check_split(exp.split, out) if resume else split_record(exp.split)
+    features = reads_features(exp)
+    record = check_split(exp.split, out, features) if resume else split_record(exp.split, features)
 
     def save_config(*_):   # the run's config and split record
       write_json(out / "config.json", config)
@@ -850,16 +879,14 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     out.mkdir(parents=True, exist_ok=True)
     if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)
       save_config()
-  valid_eval, test_eval = make_evaluator(exp, "valid"), make_evaluator(exp, "test")
 
   if sampler is None:   # nothing to train
     params = initial_params(exp, rng)
     start = time.perf_counter()
-    best_params, best_valid, epochs_run, train_s, eval_s = params, valid_eval(params), 0, [], []
+    best_params, best_valid, epochs_run, train_s, eval_s = params, evaluators["valid"](params), 0, [], []
     eval_s.append(time.perf_counter() - start)
   else:
-    sampler, state, step = training_setup(exp, rng, sampler)
-    result = fit(state, step, device_batches(exp, sampler), valid_eval, steps_per_epoch=sampler.num_batches,
+    result = fit(state, step, device_batches(exp, sampler), evaluators["valid"], steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=eval_interval(config, exp.protocol), valid_metric=exp.valid_metric,
                  higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,
                  keep=config["keep_checkpoints"], on_epoch=save_config if resume else None, log=log)
@@ -870,9 +897,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
                           f"test; see {out / 'log.jsonl' if out else 'the log'}")
 
   start = time.perf_counter()
-  test = test_eval(best_params)
+  test = evaluators["test"](best_params)
   test_s = time.perf_counter() - start
-  cold = {"cold": make_evaluator(exp, "cold")(best_params)} if "cold" in exp.eval_sets else {}
+  cold = {"cold": evaluators["cold"](best_params)} if "cold" in evaluators else {}
   metrics = {
       "valid": best_valid, "test": test, **cold, "epochs_run": epochs_run,
       "train_epoch_s": statistics.median(train_s) if train_s else 0.0,

@@ -94,6 +94,10 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "bpr", "--set", "num_negatives=0"], "num_negatives must be a positive count, got 0"),
     (["train", "bpr", "--set", "model.dim=0"], "model.dim: model 'bpr' needs a value >= 1, got 0"),
     (["train", "ncf_mlp", "--set", "model.hidden=(64, 0)"], "model.hidden: model 'ncf_mlp' needs widths >= 1"),
+    (["train", "sasrec", "--set", "model.dropout=1.5"], "model.dropout must be a rate in [0, 1), got 1.5"),
+    (["train", "gru4rec", "--set", "model.dropout=-0.1"], "model.dropout must be a rate in [0, 1), got -0.1"),
+    (["train", "sasrec", "--set", "window_stride=51"], "window_stride must be in [1, max_len=50], got 51"),
+    (["train", "bpr", "--set", "lr_warmup_steps=2147483648"], "lr_warmup_steps (2147483648) and the decay's"),
     (["train", "lightgcn", "--protocol", "lightgcn", "--set", "preprocess.user_core=5"],
      "protocol 'lightgcn' evaluates the dataset's given split as it is: preprocess.user_core cannot apply"),
 ])
@@ -194,12 +198,37 @@ def test_an_unknown_valid_metric_is_refused_before_anything_is_written(tmp_path,
     ("bpr", "training='sequence'", "cannot train with training='sequence'"),
     ("bpr", "loss='foo'", "unknown loss 'foo'"),
     ("gru4rec", "model.cell='foo'", "unknown recurrent cell 'foo'"),
+    ("bpr", "optimizer='sgdd'", "unknown optimizer 'sgdd'"),
+    ("bpr", "finetune.trainable='foo'", "finetune.trainable: expected one of"),
+    ("bpr", "finetune.from_run='nowhere'", "finetune.from_run: no recjax run at nowhere"),
+    ("neumf", "pretrain.gmf_run='nowhere'", "NeuMF pretraining needs both"),
+    ("bpr", "finetune.from_run='{untrained}'", "was never trained"),
+    ("sasrec", "protocol='bert4rec-sampled'", "ranks each 'valid' item against 100 sampled negatives, but the data "
+                                              "has too few items"),
 ])
 def test_a_config_the_model_cannot_train_with_is_refused_before_anything_is_written(tmp_path, capsys, model,
                                                                                     override, message):
-  assert run_cli("train", model, "--dataset", "synthetic", "--set", override, "--out", tmp_path / "run") == 2
+  untrained = tmp_path / "untrained"
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "0", "--out", untrained) == 0
+  data = ["--dataset", "synthetic"]
+  if "bert4rec-sampled" in override:   # 30 items: too few to draw 100 negatives outside a user's history
+    (tmp_path / "few" / "beauty").mkdir(parents=True)
+    rows = [f"{user} {item}" for user in range(1, 21) for item in np.random.default_rng(user).permutation(30)[:6] + 1]
+    (tmp_path / "few" / "beauty" / "beauty.txt").write_text("\n".join(rows) + "\n")
+    data = ["--dataset", "beauty", "--data-dir", tmp_path / "few"]
+  args = [*data, "--set", override.format(untrained=untrained), "--out", tmp_path / "run"]
+  assert run_cli("train", model, *args) == 2
   assert re.search(message, capsys.readouterr().err)
   assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_never_overwrites_files_of_a_run_folder(tmp_path, capsys):
+  out = tmp_path / "notes"
+  out.mkdir()
+  (out / "config.json").write_text('{"my": "settings"}')
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "1", "--out", out) == 2
+  assert "already holds a run (config.json)" in capsys.readouterr().err
+  assert (out / "config.json").read_text() == '{"my": "settings"}' and len(list(out.iterdir())) == 1
 
 
 def test_metrics_and_cut_offs_chosen_by_config(tmp_path, capsys):
@@ -422,6 +451,34 @@ def test_recommend_leaves_out_every_seen_item(tmp_path, capsys):
       assert len(items) == len({item for _, item, rating, _ in raw if float(rating) >= 3} - seen)
 
 
+def test_evaluate_refuses_side_features_changed_under_a_feature_model(tmp_path, capsys):
+  data = _write_inter(tmp_path / "data", 20)
+  item_file = data / "ml-100k" / "ml-100k.item"
+  item_file.write_text("item_id:token\tyear:token\n" + "".join(f"{i}\t{1990 + i % 7}\n" for i in range(1, 31)))
+  runs = {model: tmp_path / model for model in ("deepfm", "bpr")}
+  for model, out in runs.items():
+    assert run_cli("train", model, "--dataset", "ml-100k", "--data-dir", data, "--epochs", "1", "--out", out) == 0
+  item_file.write_text(item_file.read_text().replace("\t1990\n", "\t1989\n"))
+  capsys.readouterr()
+  assert run_cli("evaluate", "--run", runs["deepfm"]) == 2   # its inputs would mean other values
+  assert "side features differ from those the run was trained on" in capsys.readouterr().err
+  assert run_cli("evaluate", "--run", runs["bpr"]) == 0       # BPR-MF does not read them
+
+
+def test_recommend_tells_a_user_the_preprocessing_dropped_from_an_unknown_one(tmp_path, capsys):
+  data = _write_inter(tmp_path / "data", 20)
+  with (data / "ml-100k" / "ml-100k.inter").open("a") as f:   # a user whose every rating is 1
+    f.write("".join(f"lowrater\t{item}\t1\t{item}\n" for item in range(1, 13)))
+  out = tmp_path / "run"
+  assert run_cli("train", "pop", "--dataset", "ml-100k", "--data-dir", data, "--set", "preprocess.min_rating=3",
+                 "--out", out) == 0
+  assert run_cli("recommend", "--run", out, "--user", "lowrater") == 2
+  assert ("user 'lowrater' is in dataset ml-100k but the run's preprocessing (preprocess.min_rating) left them no "
+          "interactions") in capsys.readouterr().err
+  assert run_cli("recommend", "--run", out, "--user", "nobody") == 2
+  assert "unknown user id 'nobody'" in capsys.readouterr().err
+
+
 def test_a_split_without_valid_rows_is_refused_where_one_is_expected(tmp_path, capsys):
   data = tmp_path / "data" / "ml-100k"
   data.mkdir(parents=True)   # every user has 2 rows: an 80/10/10 split per user leaves valid empty
@@ -471,7 +528,20 @@ def test_data_commands_refuse_bad_paths_and_sizes(tmp_path, capsys):
     run_cli("data", "text", "ml-100k", "--batch-size", "0")
   assert "--batch-size: expected an integer >= 1" in capsys.readouterr().err
   assert run_cli("data", "export", "synthetic", "--protocol", "recbole-context", "--out", tmp_path / "ctx") == 0
-  assert (tmp_path / "ctx" / "synthetic" / "synthetic.test.inter").is_file()
+  test_file = tmp_path / "ctx" / "synthetic" / "synthetic.test.inter"
+  exported = test_file.read_text()
+  test_file.write_text("edited by hand")   # an export never replaces files unasked
+  assert run_cli("data", "export", "synthetic", "--out", tmp_path / "ctx") == 2
+  assert "synthetic.test.inter already exist; pass --overwrite" in capsys.readouterr().err
+  assert test_file.read_text() == "edited by hand"
+  assert run_cli("data", "export", "synthetic", "--protocol", "recbole-context", "--out", tmp_path / "ctx",
+                 "--overwrite") == 0
+  assert test_file.read_text() == exported
+  for command in (["data", "export", "synthetic", "--out", ""], ["train", "pop", "--out", " "],
+                  ["evaluate", "--run", ""]):   # not the current folder, nor the default
+    with pytest.raises(SystemExit):
+      run_cli(*command)
+    assert "expected a folder, got an empty path" in capsys.readouterr().err
 
 
 def test_ml100k_train_recommend_info(data_dir, tmp_path, capsys):

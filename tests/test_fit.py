@@ -151,6 +151,18 @@ def test_resume_repairs_missing_best(tmp_path):
   assert_tree_equal(resumed.best_params, full.best_params)
 
 
+def test_resume_refuses_a_run_whose_best_checkpoint_is_gone(tmp_path):
+  """Going on would train, replace the latest checkpoints and end with no best model to test."""
+  out = tmp_path / "run"
+  falling = iter([1.0, 0.5, 0.2])
+  run(epochs=3, eval_every=1, out_dir=out, scores=lambda params: {"mrr@10": next(falling)})   # epoch 0 the best
+  shutil.rmtree(out / "checkpoints" / "best")
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  with pytest.raises(TrainingError, match=r"names epoch 0 the best, but .*best holds no checkpoint"):
+    run(epochs=5, out_dir=out, resume=True)
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("meta", ['{"epoch": 1}', '[1]', None])
 def test_resume_refuses_damaged_bookkeeping_naming_the_checkpoint(tmp_path, meta):
   out = tmp_path / "run"

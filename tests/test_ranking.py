@@ -133,6 +133,13 @@ def test_csr_exclusion_equals_padded_and_k_beyond_items():
   for key in want:
     assert padded[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
     assert as_csr[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
+  # A list far longer than the items: the ranks past the last item are empty, not ranked (the tie counts
+  # over a [U, k, k] array of ranks would need 10^12 entries a user here).
+  huge = R.evaluate_full(score_rows, jnp.asarray(scores), inputs, positives, exclude, ks=(10, 10**6),
+                         metrics=("recall", "precision", "ndcg"))
+  assert huge["recall@1000000"] == pytest.approx(huge["recall@10"])
+  assert huge["ndcg@1000000"] == pytest.approx(huge["ndcg@10"])
+  assert huge["precision@1000000"] == pytest.approx(huge["precision@10"] * 10 / 10**6)
 
 
 # ----------------------------------------------------------------------------- sampled protocol

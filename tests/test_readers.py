@@ -152,6 +152,49 @@ def test_read_atomic_feature_ids_are_tokens_whatever_their_declared_type(tmp_pat
   assert inter.item_features["price"][inter.item_id("10")] == 2.5
 
 
+
+@pytest.mark.parametrize("kind, ids", [("item", ("mi1", "mi2")), ("item", ("1.0", "2.0")), ("user", ("U1",))])
+def test_read_atomic_side_file_sharing_no_id_with_the_inter_is_an_error(tmp_path, kind, ids):
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\nu1\t1\nu1\t2\nu2\t1\n")
+  write(tmp_path / f"toy.{kind}", f"{kind}_id:token\tx:token\n" + "".join(f"{i}\tv\n" for i in ids))
+  with raises_at(f"toy.{kind}", None) as info:
+    readers.read_atomic(tmp_path, "toy")
+  message = str(info.value)
+  assert f"none of its {len(ids)} {kind} ids appear in toy.inter" in message
+  assert repr(ids[0]) in message and ("'1', '2'" if kind == "item" else "'u1', 'u2'") in message   # both sides shown
+
+
+def test_read_atomic_side_file_sharing_some_ids_is_read(tmp_path):
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\nu1\t1\n")
+  write(tmp_path / "toy.item", "item_id:token\tx:token\n9\tunseen\n1\tseen\n")
+  assert readers.read_atomic(tmp_path, "toy").item_features["x"].tolist() == ["", "seen"]
+
+
+def test_read_atomic_strips_spaces_around_ids_only(tmp_path):
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\tnote:token\n196 \t i1\t a \n196\ti1 \tb\n")
+  write(tmp_path / "toy.item", "item_id:token\tyear:token\n i1 \t 1995 \n")
+  write(tmp_path / "toy.user", "user_id:token\tage:token\n  196\t24\n")
+  inter = readers.read_atomic(tmp_path, "toy")
+  assert list(inter.user_vocab) == [PAD_TOKEN, "196"] and list(inter.item_vocab) == [PAD_TOKEN, "i1"]
+  assert inter.columns["note"].tolist() == [" a ", "b"]                    # other fields as written
+  assert inter.item_features["year"][1] == " 1995 " and inter.user_features["age"][1] == "24"
+  write(tmp_path / "toy.item", "item_id:token\tyear:token\ni1\t1995\ni1 \t1996\n")
+  with raises_at("toy.item", 3) as info:
+    readers.read_atomic(tmp_path, "toy")
+  assert "'i1' appears twice" in str(info.value)
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\nu\ti\n  \ti\n")
+  with raises_at("toy.inter", 3) as info:
+    readers.read_atomic(tmp_path, "toy")
+  assert "'user_id': missing value" in str(info.value)
+
+
+def test_read_movielens_strips_spaces_around_ids(tmp_path):
+  write(tmp_path / "ratings.dat", "1 ::10::5::1\n1::10 ::4::2\n")
+  write(tmp_path / "movies.dat", " 10::Heat (1995)::Drama\n")
+  inter = readers.read_movielens(tmp_path, "ml-1m")
+  assert (inter.num_users, inter.num_items) == (2, 2) and inter.item_features["release_year"][1] == "1995"
+
+
 # ----------------------------------------------------------------------------- MovieLens raw
 
 def test_read_movielens_100k(tmp_path):
@@ -329,6 +372,33 @@ def test_read_table_parquet(tmp_path):
   assert len(inter) == 2 and inter.num_items == 2
 
 
+
+@pytest.mark.parametrize("name, text", [("log.csv", "u,i\n1,2\n 1 ,\t2\n"), ("log.tsv", "u\ti\n1\t2\n 1 \t2  \n")])
+def test_read_table_strips_spaces_and_tabs_around_ids(tmp_path, name, text):
+  inter = readers.read_table(write(tmp_path / name, text), user_col="u", item_col="i")
+  assert list(inter.user_vocab) == [PAD_TOKEN, "1"] and list(inter.item_vocab) == [PAD_TOKEN, "2"]
+  with raises_at("log.csv", 3) as info:
+    readers.read_table(write(tmp_path / "log.csv", "u,i\n1,2\n1,  \n"), user_col="u", item_col="i")
+  assert "column 'i': missing id" in str(info.value)
+
+
+def test_read_table_reads_a_date_column_in_one_order(tmp_path):
+  read = lambda text: readers.read_table(write(tmp_path / "log.csv", "u,i,t\n" + text), user_col="u", item_col="i",
+                                         timestamp_col="t").timestamp.tolist()
+  day = 86400.0
+  jan1 = 1577836800.0
+  assert read("1,2,13/02/2020\n1,3,01/02/2020\n") == [jan1 + 43 * day, jan1 + 31 * day]   # both day first
+  assert read("1,2,01/02/2020\n1,3,02/13/2020\n") == [jan1 + day, jan1 + 43 * day]        # both month first
+  assert read("1,2,01/02/2020\n1,3,2020-01-03T00:00Z\n1,4,0\n") == [jan1 + day, jan1 + 2 * day, 0]   # ISO: any
+  for text, value in [("1,2,01/02/2020\n1,3,13/02/2020\n", "13/02/2020"),    # month first, then day first
+                      ("1,2,13/02/2020\n1,3,02/13/2020\n", "02/13/2020"),    # day first, then month first
+                      ("1,2,2020-01-05\n1,3,01/02/2020\n", "01/02/2020")]:   # ISO, then another format
+    with raises_at("log.csv", 3) as info:
+      read(text)
+    assert f"{value!r} is not a number or a date in the format of the column's first date" in str(info.value)
+    assert "YYYY-MM-DD" in str(info.value) and "Unix seconds" in str(info.value)
+
+
 # ----------------------------------------------------------------------------- LightGCN and sequences
 
 def test_read_lightgcn_shared_vocab(tmp_path):
@@ -415,3 +485,38 @@ def test_real_beauty_keeps_order(data_file):
   with open(path) as f:
     first = [f.readline().split() for _ in range(3)]
   assert [[inter.user_vocab[u], inter.item_vocab[i]] for u, i in zip(inter.user[:3], inter.item[:3])] == first
+
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("file, read", [
+    ("toy.inter", lambda d: readers.read_atomic(d, "toy")),
+    ("toy.item", lambda d: readers.read_atomic(d, "toy")),
+    ("log.csv", lambda d: readers.read_table(d / "log.csv", user_col="user_id", item_col="item_id")),
+    ("train.txt", readers.read_lightgcn),
+    ("seq.txt", lambda d: readers.read_user_item_sequences(d / "seq.txt")),
+    ("u.data", lambda d: readers.read_movielens(d, "ml-100k")),
+    ("u.item", lambda d: readers.read_movielens(d, "ml-100k")),
+])
+def test_readers_refuse_utf16_and_utf32_files(tmp_path, encoding, file, read):
+  texts = {"toy.inter": "user_id:token\titem_id:token\n1\t2\n", "toy.item": "item_id:token\tx:token\n2\ty\n",
+           "log.csv": "user_id,item_id\n1,2\n", "train.txt": "0 1\n", "test.txt": "0 1\n", "seq.txt": "1 2\n",
+           "u.data": "1\t2\t3\t4\n", "u.item": "|".join(["2", "T", "", "", "", *["0"] * 19]) + "\n"}
+  for name, text in texts.items():
+    write(tmp_path / name, text, encoding if name == file else "utf-8")
+  with raises_at(file, None) as info:
+    read(tmp_path)
+  assert "not UTF-8 text" in str(info.value) and "iconv" in str(info.value)
+  assert ("UTF-32" if encoding == "utf-32" else "UTF-16") in str(info.value)
+
+
+def test_readers_refuse_a_utf16_file_whose_first_line_is_blank(tmp_path):
+  with raises_at("seq.txt", None) as info:
+    readers.read_user_item_sequences(write(tmp_path / "seq.txt", "\n1 2\n", "utf-16-le"))
+  assert "not UTF-8 text" in str(info.value)
+
+
+def test_readers_accept_a_utf8_byte_order_mark(tmp_path):
+  write(tmp_path / "toy.inter", "\ufeff" + INTER)
+  assert len(readers.read_atomic(tmp_path, "toy")) == 3
+  assert len(readers.read_table(write(tmp_path / "log.csv", "\ufeffu,i\n1,2\n"), user_col="u", item_col="i")) == 1

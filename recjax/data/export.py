@@ -75,8 +75,10 @@ def sequence_frames(split: Split, max_len: int) -> dict[str, pd.DataFrame]:
   return {name: frame[part[rows] == index].reset_index(drop=True) for index, name in enumerate(PARTS)}
 
 
-def export_recbole_split(split: Split, out_dir: Path, name: str, fmt: str = "plain", max_len: int = 50) -> list[Path]:
-  """Write `out_dir/name/name.{train,valid,test}.inter` in format `fmt`; returns the paths written."""
+def export_recbole_split(split: Split, out_dir: Path, name: str, fmt: str = "plain", max_len: int = 50,
+                         overwrite: bool = False) -> list[Path]:
+  """Write `out_dir/name/name.{train,valid,test}.inter` in format `fmt`; returns the paths written. Files
+  already there are replaced only with `overwrite` (ConfigError otherwise, before anything is written)."""
   if fmt not in FORMATS:
     raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
   if fmt == "sequence" and not split.name.startswith(SEQUENCE_SPLITS):
@@ -85,14 +87,16 @@ def export_recbole_split(split: Split, out_dir: Path, name: str, fmt: str = "pla
   check_tokens(split.train.user_vocab[1:], f"{name}: user ids")
   check_tokens(split.train.item_vocab[1:], f"{name}: item ids", spaces=fmt != "sequence")
   folder = Path(out_dir) / name
+  paths = {part: folder / f"{name}.{part}.inter" for part in PARTS}
+  existing = [str(path) for path in paths.values() if path.exists()]
+  if existing and not overwrite:
+    raise ConfigError(f"data export: {', '.join(existing)} already exist; pass --overwrite to replace them or "
+                      "choose another --out")
   folder.mkdir(parents=True, exist_ok=True)
   frames = sequence_frames(split, max_len) if fmt == "sequence" else {
       part: interactions_frame(getattr(split, part)) for part in PARTS}
-  paths = []
-  for part in PARTS:
-    path = folder / f"{name}.{part}.inter"
+  for part, path in paths.items():
     tmp = path.with_suffix(".tmp")
     frames[part].to_csv(tmp, sep="\t", index=False)
     tmp.replace(path)
-    paths.append(path)
-  return paths
+  return list(paths.values())

@@ -2,7 +2,8 @@
 
 Every reader parses with pandas (C engine) on the fast path and, only when something is wrong,
 re-scans the text line by line to name the exact file and 1-based line in a `DataError`.
-Raw ids are kept as str tokens; dense ids are numbered 1.. in order of first appearance.
+Raw ids are kept as str tokens, without the spaces and tabs around them (`"196 "` is user `"196"`); dense ids are
+numbered 1.. in order of first appearance. Files are UTF-8 (or latin-1); UTF-16/UTF-32 files are refused.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.api import guess_datetime_format
 
 from recjax.data.interactions import Interactions, build_vocab, float32_overflow, from_columns
 from recjax.errors import ConfigError, DataError
@@ -22,6 +24,7 @@ from recjax.errors import ConfigError, DataError
 _SUB = "\x1f"   # stands in for multi-character separators such as "::"
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 _INTER_FIELDS = {"user_id": "token", "item_id": "token", "timestamp": "float", "rating": "float"}
+_ID_FIELDS = ("user_id", "item_id")   # stripped of surrounding spaces and tabs, in every file that has them
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -40,14 +43,30 @@ class _Field:
 
 # ----------------------------------------------------------------------------- generic parsing
 
+# Byte-order marks of the wide encodings, UTF-32's first (UTF-32 LE's begins with UTF-16 LE's).
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
 def _read_text(path: Path) -> str:
-  """File contents as str: UTF-8, falling back to latin-1 (MovieLens ships latin-1 files)."""
+  """File contents as str: UTF-8 (a byte-order mark dropped), falling back to latin-1 (MovieLens ships latin-1 files).
+
+  Every reader decodes through here. A UTF-16/UTF-32 file (its byte-order mark, or NUL bytes in the first line) is a
+  DataError: decoded as latin-1 it would become text with a NUL after every character, misread field by field.
+  """
   try:
     raw = path.read_bytes()
   except FileNotFoundError:
     raise DataError(path, "file not found") from None
   except OSError as exc:   # a directory, no permission, ...
     raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+  end = raw.find(b"\n")
+  wide = next((name for bom, name in _WIDE_BOMS if raw.startswith(bom)), None)
+  if wide or b"\0" in (raw[:end + 2] if end >= 0 else raw):   # + 2: UTF-16's "\n" may be "\n\0"
+    why = f"it starts with a {wide} byte-order mark" if wide else "NUL bytes in its first line: UTF-16 or UTF-32?"
+    source = wide or ("UTF-16LE" if raw[1:2] == b"\0" else "UTF-16BE")   # "a\0" or "\0a"
+    raise DataError(path, f"not UTF-8 text ({why}): convert it, e.g. iconv -f {source} -t UTF-8 {path.name} > "
+                    f"utf8-{path.name}")
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError:
@@ -71,8 +90,15 @@ def _check_number(value: str, float32: bool = False) -> str | None:
   return None
 
 
-def _check_value(field: _Field, value: str) -> str | None:
-  """Why one raw value is invalid for its field, or None."""
+def _spaces(sep: str) -> str:
+  """The blanks of a line or around an id: spaces and tabs, the separator excluded."""
+  return " \t".replace(sep, "")
+
+
+def _check_value(field: _Field, value: str, sep: str) -> str | None:
+  """Why one raw value is invalid for its field, or None (an id as read: without surrounding blanks)."""
+  if field.name in _ID_FIELDS:
+    value = value.strip(_spaces(sep))
   if value == "":
     return "missing value" if field.required else None
   if field.kind == "float":
@@ -86,7 +112,7 @@ def _check_value(field: _Field, value: str) -> str | None:
 
 def _blank(line: str, sep: str) -> bool:
   """Whether pandas skips the line: spaces and tabs only, the separator excluded (a lone tab is two empty fields)."""
-  return line.strip(" \t".replace(sep, "")) == ""
+  return line.strip(_spaces(sep)) == ""
 
 
 # A carriage return that ends no line (old Mac line ends, or one inside a line): pandas breaks the line there.
@@ -122,7 +148,7 @@ def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, 
       return DataError(path, f"expected {len(fields)} fields separated by {display_sep!r} ({names}), found "
                        f"{len(values)}", line=number)
     for field, value in zip(fields, values):
-      why = _check_value(field, value)
+      why = _check_value(field, value, sep)
       if why:
         return DataError(path, f"field {field.name!r}: {why}", line=number)
   return DataError(path, f"could not parse: {problem}")
@@ -132,8 +158,8 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
                  quoted: bool = False) -> dict[str, np.ndarray]:
   """Typed columns of a delimited text with exactly len(fields) fields per non-blank line.
 
-  Returns: {field name: [n] array}: token -> object str, float -> float64 (empty -> NaN),
-    token_seq -> object tuples (space separated), float_seq -> object float32 arrays.
+  Returns: {field name: [n] array}: token -> object str (user_id, item_id without surrounding spaces and tabs),
+    float -> float64 (empty -> NaN), token_seq -> object tuples (space separated), float_seq -> object float32 arrays.
   """
   if len(sep) > 1:
     text, sep = text.replace(sep, _SUB), _SUB
@@ -147,6 +173,9 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
                    na_values={i: [""] for i, f in enumerate(fields) if f.kind == "float"})
   except (ValueError, TypeError, pd.errors.ParserError) as exc:
     raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
+  if any(c in text for c in _spaces(sep)):   # else nothing to strip (ratings files): skip the pass over the ids
+    for i in (i for i, f in enumerate(fields) if f.name in _ID_FIELDS and i in df.columns):
+      df[i] = df[i].str.strip(_spaces(sep))
   ok = df.shape[1] == len(fields) and not _lone_cr(text, start)
   # No row has too many fields (else pandas raised), so equal totals mean every row is complete. Quoted
   # fields may hold the separator, so there each row is counted (quoted files are small: movies.csv).
@@ -232,7 +261,7 @@ def _atomic_header(path: Path, text: str, inter: bool) -> list[_Field]:
     seen.add(name)
     if inter and name in _INTER_FIELDS:   # the mapped fields are read with their own meaning
       fields.append(_Field(name, _INTER_FIELDS[name], required=True, float32=name == "rating"))
-    elif name in ("user_id", "item_id"):  # ids are tokens whatever the declared type, to match the .inter's
+    elif name in _ID_FIELDS:              # ids are tokens whatever the declared type, to match the .inter's
       fields.append(_Field(name, "token", required=True))
     else:                                 # features are float32, other .inter columns float64
       fields.append(_Field(name, kind, float32=not inter))
@@ -248,6 +277,16 @@ def _read_atomic_file(path: Path, required: tuple[str, ...], inter: bool) -> tup
   return text, _parse_table(path, text, fields, "\t", header=1)
 
 
+def _check_shared_ids(path: Path, ids: np.ndarray, inter_path: Path, inter_ids: np.ndarray, kind: str) -> None:
+  """A feature file none of whose ids [n] appear among the interactions' is a DataError: its ids are written another
+  way ("m1" or "1.0" for "1") and every feature would silently be empty. Some unseen ids are fine (RecBole's .item
+  files list items nobody interacted with)."""
+  if not pd.Series(ids).isin(pd.unique(inter_ids)).any():
+    show = lambda x: ", ".join(repr(str(v)) for v in pd.unique(x[:1000])[:2])
+    raise DataError(path, f"none of its {len(ids)} {kind} ids appear in {inter_path.name} ({path.name}: {show(ids)}; "
+                    f"{inter_path.name}: {show(inter_ids)}): write the ids the same way in both")
+
+
 def read_atomic(directory: str | Path, name: str) -> Interactions:
   """RecBole atomic files `{name}.inter` (required), `{name}.item`, `{name}.user` (optional).
 
@@ -255,16 +294,20 @@ def read_atomic(directory: str | Path, name: str) -> Interactions:
   sequences space separated within a field. `.inter` fields user_id, item_id, timestamp, rating map
   to the Interactions columns; other `.inter` fields go into `columns`. `.item`/`.user` fields
   become item/user features aligned to the dense ids (ids only present in the feature file are
-  dropped; ids missing from it get padding values).
+  dropped; ids missing from it get padding values; a feature file sharing no id with `.inter` is a
+  DataError). user_id and item_id values lose surrounding spaces, in every file, so they still match.
   """
   directory = Path(directory)
-  _, cols = _read_atomic_file(directory / f"{name}.inter", ("user_id", "item_id"), inter=True)
+  inter_path = directory / f"{name}.inter"
+  _, cols = _read_atomic_file(inter_path, ("user_id", "item_id"), inter=True)
   feats = {}
   for kind in ("user", "item"):
     path = directory / f"{name}.{kind}"
     if path.exists():
       text, feat_cols = _read_atomic_file(path, (f"{kind}_id",), inter=False)
+      ids = feat_cols[f"{kind}_id"]
       feats[kind] = _features(path, text, feat_cols, f"{kind}_id", header=1, sep="\t")
+      _check_shared_ids(path, ids, inter_path, cols[f"{kind}_id"], kind)
   extra = {k: v for k, v in cols.items() if k not in _INTER_FIELDS}
   return from_columns(cols["user_id"], cols["item_id"], timestamp=cols.get("timestamp"), rating=cols.get("rating"),
                       columns=extra, user_features=feats.get("user"), item_features=feats.get("item"), name=name)
@@ -334,7 +377,8 @@ def read_movielens(directory: str | Path, variant: str) -> Interactions:
   ml-20m / ml-25m / ml-32m: `ratings.csv` (header userId,movieId,rating,timestamp), `movies.csv`
     (movieId,title,genres, quoted CSV).
   Item features: movie_title (str, as in the file), release_year (str, "" when unknown), genres
-  (tuple of str). User features (ml-100k, ml-1m): age, gender, occupation, zip_code (str).
+  (tuple of str). User features (ml-100k, ml-1m): age, gender, occupation, zip_code (str). User and
+  item ids lose surrounding spaces and tabs.
   """
   directory = Path(directory)
   if variant not in MOVIELENS_VARIANTS:
@@ -367,14 +411,13 @@ def read_movielens(directory: str | Path, variant: str) -> Interactions:
 
 # ----------------------------------------------------------------------------- generic tables
 
-def _table_frame(path: Path, sep: str | None) -> tuple[pd.DataFrame, np.ndarray | None]:
+def _table_frame(path: Path, sep: str) -> tuple[pd.DataFrame, np.ndarray | None]:
   """(non-blank rows of the file, 1-based line of each row; None for Parquet, which has no lines)."""
   if path.suffix.lower() in (".parquet", ".pq"):
     try:
       return pd.read_parquet(path), None
     except ImportError as exc:
       raise DataError(path, f"reading Parquet needs pyarrow or fastparquet ({exc})") from None
-  sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
   text = _read_text(path)
   _check_no_lone_cr(path, text)
   reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
@@ -412,12 +455,34 @@ def _row_error(path: Path, lines: np.ndarray | None, bad: np.ndarray, message: s
 
 def _seconds(when: pd.Series, epoch: pd.Timestamp) -> np.ndarray:
   """float64 seconds since `epoch` of datetimes (NaT -> NaN), in their own unit: no overflow for years past 2262."""
-  return (when - epoch.as_unit(when.dt.unit)).dt.total_seconds().to_numpy(np.float64)
+  return (when - epoch.as_unit(when.dt.unit)).dt.total_seconds().to_numpy(np.float64, copy=True)
+
+
+def _date_seconds(values: pd.Series) -> tuple[np.ndarray, tuple[str, str] | None]:
+  """float64 seconds since the epoch [n] of date strings (NaN where not a date), and (format, first date) or None.
+
+  One format for the column: the one pandas infers from its first date ("01/02/2020": month first, 2 January;
+  "13/02/2020": day first), else ISO 8601 (unambiguous, so taken beside any format). Value by value, 01/02/2020
+  then 13/02/2020 would be read month first then day first. A date has digits: pandas reads "now" and "today"
+  as the clock, "Jan" as the year 1.
+  """
+  text = values.astype(str).where(lambda s: s.str.contains(r"\d"))
+  dated = text.dropna()
+  with warnings.catch_warnings():   # pandas warns that "13/02/2020" is guessed day first: meant here
+    warnings.simplefilter("ignore", UserWarning)
+    fmt = guess_datetime_format(dated.iloc[0]) if len(dated) else None
+  utc = lambda s, f: _seconds(pd.to_datetime(s, format=f, errors="coerce", utc=True), pd.Timestamp(0, tz="UTC"))
+  x = utc(text, fmt or "ISO8601")
+  retry = np.isnan(x)
+  if fmt and retry.any():
+    x[retry] = utc(text[retry], "ISO8601")
+  return x, fmt and (fmt, dated.iloc[0])
 
 
 def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: bool) -> np.ndarray:
   """float64 [n] of a column; with `dates`, values that are not numbers (date strings, datetimes) become seconds
-  since the epoch. Without `dates` (ratings, kept as float32), values beyond the float32 range are errors."""
+  since the epoch (`_date_seconds`). Without `dates` (ratings, kept as float32), values beyond float32 are errors."""
+  column_format = None
   if dates and pd.api.types.is_datetime64_any_dtype(values):   # Parquet datetimes; NaT -> NaN
     values = values.dt.tz_convert(None) if values.dt.tz is not None else values   # UTC
     x = _seconds(values, pd.Timestamp(0))
@@ -425,17 +490,20 @@ def _numeric(path: Path, values: pd.Series, lines: np.ndarray | None, dates: boo
     x = pd.to_numeric(values, errors="coerce").to_numpy(np.float64, copy=True)
     bad = ~np.isfinite(x)   # not a number, or "inf"
     if bad.any() and dates:
-      # Each value's own format, but a date has digits: pandas reads "now" and "today" as the clock, "Jan"
-      # as the year 1.
-      digitless = ~values[bad].astype(str).str.contains(r"\d")
-      when = pd.to_datetime(values[bad].mask(digitless), errors="coerce", utc=True, format="mixed")
-      x[bad] = _seconds(when, pd.Timestamp(0, tz="UTC"))   # NaT -> NaN
+      x[bad], column_format = _date_seconds(values[bad])
   bad = ~np.isfinite(x)
   if bad.any():
     value = values[bad].iloc[0]
-    what = "a number or a date" if dates else "a number"
-    raise _row_error(path, lines, bad, f"column {values.name!r}: " +
-                     ("missing value" if pd.isna(value) or value == "" else f"{value!r} is not {what}"))
+    if pd.isna(value) or value == "":
+      why = "missing value"
+    elif not dates:
+      why = f"{value!r} is not a number"
+    elif column_format:
+      why = (f"{value!r} is not a number or a date in the format of the column's first date {column_format[1]!r} "
+             f"({column_format[0]}) or ISO 8601: write ISO dates (YYYY-MM-DD) or Unix seconds")
+    else:
+      why = f"{value!r} is not a number or a date: write ISO dates (YYYY-MM-DD) or Unix seconds"
+    raise _row_error(path, lines, bad, f"column {values.name!r}: {why}")
   if not dates:   # a rating, kept as float32
     over = float32_overflow(x)
     if over.any():
@@ -448,17 +516,20 @@ def read_table(path: str | Path, *, user_col: str, item_col: str, timestamp_col:
                name: str | None = None) -> Interactions:
   """Interactions from a CSV/TSV (with a header line) or Parquet file, by column mapping.
 
-  `sep` defaults to tab for .tsv/.tab and comma otherwise. Timestamps may be numbers or
-  date strings (-> seconds since the epoch), value by value. Extra columns are kept in `columns`, as float64
-  when every value is numeric, else as str.
+  `sep` defaults to tab for .tsv/.tab and comma otherwise. User and item ids lose surrounding spaces
+  and tabs (those that are not `sep`): " 2" is item "2". Timestamps may be numbers (seconds) or date
+  strings (-> seconds since the epoch), value by value; the date strings of a column are read in one
+  format, that of its first date (or ISO 8601), so "01/02/2020" (2 January) beside "13/02/2020" is a
+  DataError. Extra columns are kept in `columns`, as float64 when every value is numeric, else as str.
   """
   path = Path(path)
+  sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
   df, lines = _table_frame(path, sep)
   for col in (user_col, item_col, timestamp_col, rating_col, *extra_cols):
     if col is not None and col not in df.columns:
       raise DataError(path, f"column {col!r} not found (columns: {', '.join(map(str, df.columns))})",
                       line=None if lines is None else 1)
-  ids = {col: df[col].astype(str).to_numpy(object) for col in (user_col, item_col)}
+  ids = {col: df[col].astype(str).str.strip(_spaces(sep)).to_numpy(object) for col in (user_col, item_col)}
   for col, values in ids.items():
     if (df[col].isna().to_numpy() | (values == "")).any():
       raise _row_error(path, lines, df[col].isna().to_numpy() | (values == ""), f"column {col!r}: missing id")

@@ -219,6 +219,17 @@ def fingerprint(split: Split) -> str:
   return digest.hexdigest()
 
 
+def features_fingerprint(split: Split) -> str:
+  """sha256 of the users' and items' side features in dense-id order: what a feature model's inputs mean. A
+  `.user` or `.item` file edited under a run changes it while the interactions, and so the split, stay."""
+  digest = hashlib.sha256()
+  for kind, table in (("user", split.train.user_features), ("item", split.train.item_features)):
+    for name in sorted(table):
+      digest.update(f"{kind}.{name}\n".encode())
+      digest.update("\n".join(map(repr, np.asarray(table[name]).tolist())).encode())
+  return digest.hexdigest()
+
+
 def ids_fingerprint(split: Split) -> str:
   """sha256 of the user and item vocabularies in dense-id order: what a checkpoint's table rows mean. The same
   split read from a file in another row order numbers its ids otherwise (first appearance) and differs here."""

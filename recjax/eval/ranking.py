@@ -93,10 +93,19 @@ def full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int) -
   u, n = scores.shape
   mask = jnp.zeros((u, n), bool).at[jnp.arange(u)[:, None], exclude].set(True).at[:, 0].set(True)
   masked = _mask_scores(scores, mask)
-  values = _top_values(masked, min(k, n - 1))
-  values = jnp.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-jnp.inf)
+  values = _top_values(masked, _ranked(k, n))
   positive_scores = jnp.where(positives > 0, jnp.take_along_axis(masked, positives, axis=1), -jnp.inf)  # [U, P]
-  return _tie_aware_hits(values, masked, positive_scores)
+  return _pad_ranks(_tie_aware_hits(values, masked, positive_scores), k)
+
+
+def _ranked(k: int, num_items: int) -> int:
+  """Ranks that can hold an item: k, or the N - 1 real items when fewer."""
+  return min(k, num_items - 1)
+
+
+def _pad_ranks(hits: Array, k: int) -> Array:
+  """`hits [U, k']` extended with empty ranks (never a hit) to `[U, k]`: the ranks past the last item."""
+  return jnp.pad(hits, ((0, 0), (0, k - hits.shape[1])))
 
 
 def sharded_full_ranking_hits(scores: Array, exclude: Array, positives: Array, k: int, mesh) -> Array:
@@ -147,12 +156,13 @@ def merged_full_ranking_hits(scores: Array, exclude: Array, positives: Array, k:
     local = jnp.where(in_slice(exclude), exclude - offset, width)
     mask = jnp.zeros(scores.shape, bool).at[rows, local].set(True, mode="drop") | (ids == 0) | (ids >= num_items)
     masked = _mask_scores(scores, mask)
-    values = jax.lax.all_gather(_top_values(masked, min(k, width)), "model", axis=1, tiled=True)  # [u, slices * k']
-    values = _top_values(values, min(k, values.shape[1]))
-    values = jnp.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-jnp.inf)
+    ranked = _ranked(k, num_items)
+    values = jax.lax.all_gather(_top_values(masked, min(ranked, width)), "model", axis=1, tiled=True)  # [u, slices*k']
+    values = _top_values(values, ranked)
     own = jnp.where(in_slice(positives), positives - offset, 0)
     positive_scores = jnp.where(in_slice(positives), jnp.take_along_axis(masked, own, axis=1), -jnp.inf)
-    return _tie_aware_hits(values, masked, positive_scores, total=lambda count: jax.lax.psum(count, "model"))
+    hits = _tie_aware_hits(values, masked, positive_scores, total=lambda count: jax.lax.psum(count, "model"))
+    return _pad_ranks(hits, k)
 
   return jax.shard_map(local_hits, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("data")),
                        out_specs=P("data"), check_vma=False)(scores, exclude, positives)  # equal over `model`
@@ -342,7 +352,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
   if chunk_size is None:
     if num_items is None:
       num_items = jax.eval_shape(score_fn, params, _chunk_inputs(inputs, 0, 1, 1)).shape[-1]
-    extra = 4 * (width + positives.shape[1]) + max(ks) * (positives.shape[1] + max(ks) + 8)
+    ranked = _ranked(max(ks), num_items)
+    extra = 4 * (width + positives.shape[1]) + ranked * (positives.shape[1] + ranked + 8) + 4 * max(ks)
     chunk_size = chunk_users(num_items, budget_bytes, extra, bytes_per_pair)
   chunk = min(chunk_size, num_rows)
   step = make_full_ranking_eval(score_fn, ks, metrics, None if sharding is None else sharding.mesh)

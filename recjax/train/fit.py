@@ -138,7 +138,10 @@ def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
     best_params = jax.tree.map(jnp.copy, state.params)
   elif book["best_epoch"] is not None:
     best = ckpt.restore_best(state)
-    best_params = None if best is None else best[0].params
+    if best is None:   # the run would go on without its best model and end with nothing to test
+      raise TrainingError(f"resume: epoch {epoch}'s bookkeeping names epoch {book['best_epoch']} the best, but "
+                          f"{ckpt.directory / 'best'} holds no checkpoint (removed?); restore it or start a new run")
+    best_params = best[0].params
   log(f"resume: restored epoch {epoch} from {ckpt.directory}")
   return state, book, best_params
 
@@ -185,7 +188,11 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
     out_dir = Path(out_dir)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=keep)
     if resume:
-      state, book, best_params = _resume(ckpt, state, log)
+      try:
+        state, book, best_params = _resume(ckpt, state, log)
+      except Exception:
+        ckpt.close()
+        raise
     elif ckpt.latest_epochs():
       ckpt.close()
       raise TrainingError(f"{out_dir} already holds checkpoints: pass resume=True or use a new directory")
