@@ -15,7 +15,8 @@ compilation plus one pass), and the peak device memory where the backend reports
 models (LightGCN, NGCF) also the rate at which the step reads edge rows: each layer's sparse product reads
 one `d`-float source row per edge, in the forward and in the backward pass, shown beside the device's
 measured copy bandwidth (a small graph whose rows stay in cache can read them faster than that).
-Prints a table and writes JSON (`--json`).
+Prints a table and writes JSON (`--json`). Bad input (an unknown model or config key, no data) prints as one
+line `throughput.py: error: ...`, exit status 2.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _parse(argv):
 
 
 ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
+from recjax.errors import exit_on_error  # noqa: E402
 from recjax.launch import malloc_in_use, relaunch_with_fast_malloc, use_all_cpu_cores, with_host_devices  # noqa: E402,E501
 
 if __name__ == "__main__":
@@ -190,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  exit_on_error(main)

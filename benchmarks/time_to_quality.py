@@ -4,7 +4,8 @@
         --target 0.0613 [--set key=value ...] [--max-epochs 200]
 
 The clock starts before the data is read and includes compilation; the test metric is checked
-after every epoch (its time counted too). Prints one JSON line: seconds, epochs, the metric path.
+after every epoch (its time counted too). Prints one JSON line: seconds, epochs, the metric path. Bad input
+(an unknown model or config key, no data) prints as one line `time_to_quality.py: error: ...`, exit status 2.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import sys
 import time
 
+from recjax.errors import exit_on_error
 from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores
 
 if __name__ == "__main__":
@@ -63,4 +65,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  exit_on_error(main)

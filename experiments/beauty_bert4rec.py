@@ -43,5 +43,5 @@ VARIANTS = {   # flags: each one's overrides on top of CONFIG
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  common.reproduce(__doc__, "bert4rec", "beauty", CONFIG, PAPER, "BERT4Rec, Beauty, 100 popularity negatives (test)",
-                   variants=VARIANTS)
+  common.exit_on_error(common.reproduce, __doc__, "bert4rec", "beauty", CONFIG, PAPER,
+                       "BERT4Rec, Beauty, 100 popularity negatives (test)", variants=VARIANTS)

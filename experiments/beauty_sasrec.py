@@ -47,5 +47,5 @@ VARIANTS = {   # flags: each one's overrides on top of CONFIG
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  common.reproduce(__doc__, "sasrec", "beauty", CONFIG, PAPER, "SASRec, Beauty, 100 popularity negatives (test)",
-                   variants=VARIANTS)
+  common.exit_on_error(common.reproduce, __doc__, "sasrec", "beauty", CONFIG, PAPER,
+                       "SASRec, Beauty, 100 popularity negatives (test)", variants=VARIANTS)

@@ -60,7 +60,7 @@ def random_pop(args, out: str | None, orders: int = 20) -> dict:
 
 
 def main() -> None:
-  p = common.parser(__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
   args = p.parse_args()
   out, rows = args.out, []
@@ -83,4 +83,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  main()
+  common.exit_on_error(main)

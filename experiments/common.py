@@ -7,21 +7,32 @@ A script names a model, a dataset, config overrides and the reference figures it
 
 Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key),
 `--resume` (continue an interrupted run in `--out`; `--epochs` is the total, counting earlier epochs). As with
-`recjax train`, a second run into a folder that holds one, or a resume with other settings, is refused.
+`recjax train`, a second run into a folder that holds one, or a resume with other settings, is refused, and bad
+input (`recjax.errors.RecjaxError`, an unwritable path) prints as one line `SCRIPT: error: ...` and exits with
+status 2: each script's entry point runs under `exit_on_error`.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from recjax.config import merged
+from recjax.errors import exit_on_error  # noqa: F401 (scripts call it)
 from recjax.launch import relaunch_with_fast_malloc, use_all_cpu_cores  # noqa: F401 (scripts call both)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description)
+def first_paragraph(doc: str) -> str:
+  """The first paragraph of a docstring, its lines joined: a script's `--help` description (its first line
+  alone can stop mid-sentence)."""
+  return " ".join(re.split(r"\n\s*\n", doc.strip(), maxsplit=1)[0].split())
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+  """The shared flags, described by the first paragraph of `doc` (the script's docstring)."""
+  p = argparse.ArgumentParser(description=first_paragraph(doc))
   p.add_argument("--data-dir", default=None, help="folder holding the datasets (default: env RECJAX_DATA)")
   p.add_argument("--epochs", type=int, default=None, help="override the script's epoch budget")
   p.add_argument("--out", default=None, help="run folder (default: a folder under runs/experiments/ named for the run)")
@@ -82,9 +93,9 @@ def report(title: str, reference_name: str, reference: Mapping[str, float], metr
 def reproduce(doc: str, model: str, dataset: str, config: Mapping[str, Any], paper: Mapping[str, float],
               title: str, variants: Mapping[str, Mapping[str, Any]] | None = None) -> None:
   """The whole `main` of a script that reproduces one published row: flags (described by the first
-  line of `doc`), one run of `model` on `dataset` with `config`, the row printed beside `paper`.
+  paragraph of `doc`), one run of `model` on `dataset` with `config`, the row printed beside `paper`.
   Each of `variants` (name -> overrides on top of `config`) is a flag `--name` of its own."""
-  p = parser(doc.splitlines()[0])
+  p = parser(doc)
   for name in variants or {}:
     p.add_argument(f"--{name}", action="store_true", help=f"the {name} variant: {dict(variants[name])}")
   args = p.parse_args()

@@ -37,4 +37,5 @@ CONFIG = {
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  common.reproduce(__doc__, "lightgcn", "gowalla", CONFIG, PAPER, "LightGCN, Gowalla, full ranking (test)")
+  common.exit_on_error(common.reproduce, __doc__, "lightgcn", "gowalla", CONFIG, PAPER,
+                       "LightGCN, Gowalla, full ranking (test)")

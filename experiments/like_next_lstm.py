@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -60,7 +61,7 @@ import numpy as np
 from recjax import losses
 from recjax.data.datasets import load_dataset, resolve_data_dir
 from recjax.data.interactions import Interactions, user_sequences
-from recjax.errors import DataError, RecjaxError, TrainingError
+from recjax.errors import DataError, TrainingError
 from recjax.eval.classification import accuracy, auc, log_loss
 from recjax.launch import relaunch_with_fast_malloc
 from recjax.nn.dropout import Dropout
@@ -68,6 +69,9 @@ from recjax.nn.embedding import embedding_table
 from recjax.nn.recurrent import RecurrentEncoder
 from recjax.optim import create_optimizer
 from recjax.train import create_train_state, make_train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (experiments/common.py: the scripts' shared helpers)
 
 LIKE_THRESHOLD = 4.0
 PARTS = ("train", "valid", "test")
@@ -260,7 +264,7 @@ def train(model: LikeNext, params: dict, train_examples: dict[str, np.ndarray], 
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=common.first_paragraph(__doc__))
   parser.add_argument("--data-dir", default=None, help="data root (default: env RECJAX_DATA)")
   parser.add_argument("--dataset", default="ml-100k", help="a MovieLens dataset name (needs ratings)")
   parser.add_argument("--epochs", type=int, default=5)
@@ -325,13 +329,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def main(argv=None) -> None:
-  args = parse_args(argv)
-  try:
-    run(args)
-  except RecjaxError as exc:
-    sys.exit(f"error: {exc}")
+  """The command (`argv`: its arguments; None reads the command line). Bad input raises; the command line's
+  entry point reports it as one line and exits with status 2 (`common.exit_on_error`)."""
+  run(parse_args(argv))
 
 
 if __name__ == "__main__":
   relaunch_with_fast_malloc()
-  main()
+  common.exit_on_error(main)

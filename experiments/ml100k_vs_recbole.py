@@ -55,7 +55,7 @@ OVERRIDES = {name: {"model": {"fields": RECBOLE_ML100K_FIELDS}} for name in ("de
 
 
 def main() -> None:
-  p = common.parser(__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("model", choices=sorted(REFERENCE) + ["issue4"])
   args = p.parse_args()
   out = args.out
@@ -69,4 +69,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  main()
+  common.exit_on_error(main)

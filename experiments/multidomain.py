@@ -28,14 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from recjax.errors import ConfigError  # noqa: E402
 from recjax.eval.protocols import higher_is_better  # noqa: E402
 
 MULTI = ("shared_bottom", "mmoe", "ple", "star")
+PER_DOMAIN = ("per-domain", "all+adapters", "mmoe+finetune")   # the rows of one run per domain
 
 
 def _parser():
   """The shared flags (`common.parser`: --data-dir, --epochs, --out, --set) and this script's."""
-  p = common.parser(__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--dataset", default="synthetic-multidomain")
   p.add_argument("--rule", default=None, help="domain.rule (default: the dataset's)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -62,6 +64,46 @@ def _config(model: str, args, seed: int, overrides: dict | None = None) -> dict:
 OVERALL = "overall"
 
 
+def _root(args) -> Path:
+  """The folder of every seed's runs."""
+  return Path(args.out or "runs/experiments/multidomain")
+
+
+def _seed_dir(args, seed: int) -> Path:
+  """The folder of one seed's runs (one sub-folder per run)."""
+  return _root(args) / f"seed{seed}"
+
+
+def _all_domain_runs(rows) -> list[str]:
+  """The all-domain runs `rows` need, in order: those asked for, "all" always (it gives the domain sizes;
+  all+adapters starts from it), "mmoe" when mmoe+finetune starts from it."""
+  wanted = {*rows, "all", *(["mmoe"] if "mmoe+finetune" in rows else [])}
+  return [row for row in ("all", *MULTI) if row in wanted]
+
+
+def unfinished_runs(args) -> list[str]:
+  """The runs `--report` reads that have no metrics.json (never trained, or not finished), as `seedS/NAME`. A
+  seed's per-domain runs are named by its domains, so they are known only once its `all` run has finished."""
+  missing = []
+  for seed in args.seeds:
+    out, names = _seed_dir(args, seed), _all_domain_runs(args.rows)
+    if (out / "all" / "metrics.json").exists():
+      domains = sorted(json.loads((out / "all" / "metrics.json").read_text())["domain_sizes"])
+      names += [f"{row}-{d}" for row in PER_DOMAIN if row in args.rows for d in domains]
+    missing += [f"seed{seed}/{name}" for name in names if not (out / name / "metrics.json").exists()]
+  return missing
+
+
+def check_report(args, shown: int = 3) -> None:
+  """Refuses (ConfigError) a `--report` before every run it reads has finished, naming the first `shown`."""
+  missing = unfinished_runs(args)
+  if missing:
+    more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+    raise ConfigError(f"--report: {len(missing)} run(s) under {_root(args)} not finished (no "
+                      f"metrics.json): {', '.join(missing[:shown])}{more}; train them first: the same command without "
+                      "--report (with --resume to keep the runs already there)")
+
+
 def _domain_value(test: dict, metric: str, domain: str) -> float:
   """The test `metric` of `domain` (`OVERALL`: over all domains); with several tasks, the first task's
   (`auc:click/d0`, the first of `label_columns`: the metrics list the tasks in that order), never their mean."""
@@ -75,17 +117,14 @@ def run_seed(args, seed: int) -> tuple[dict[str, dict[str, dict[str, float]]], d
   there only for the rows that are one model over all domains."""
   from recjax.experiment import train
 
-  out = Path(args.out or "runs/experiments/multidomain") / f"seed{seed}"
+  out = _seed_dir(args, seed)
 
   def run(model: str, name: str, overrides: dict | None = None) -> dict:
     if args.report:
       return json.loads((out / name / "metrics.json").read_text())
     return train(_config(model, args, seed, overrides), out / name, resume=args.resume, log=lambda line: None)
 
-  # The all-domain runs: those asked for, "all" always (it gives the domain sizes; all+adapters starts
-  # from it), "mmoe" when mmoe+finetune starts from it.
-  wanted = {*args.rows, "all", *(["mmoe"] if "mmoe+finetune" in args.rows else [])}
-  results = {row: run("domain_mlp" if row == "all" else row, row) for row in ("all", *MULTI) if row in wanted}
+  results = {row: run("domain_mlp" if row == "all" else row, row) for row in _all_domain_runs(args.rows)}
   sizes = results["all"]["domain_sizes"]
   names = sorted(sizes)
   table = {row: {k: {d: _domain_value(m["test"], k, d) for d in (*names, OVERALL)} for k in args.metrics}
@@ -129,6 +168,8 @@ def print_table(per_seed: dict, sizes: dict, metric: str, title: str) -> None:
 
 def main() -> None:
   args = _parser().parse_args()
+  if args.report:
+    check_report(args)
   common.use_all_cpu_cores()
   per_seed, sizes = {}, None
   for seed in args.seeds:
@@ -142,4 +183,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  main()
+  common.exit_on_error(main)

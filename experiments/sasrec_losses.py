@@ -27,7 +27,7 @@ LOSSES = {
 
 
 def main() -> None:
-  p = common.parser(__doc__.splitlines()[0])
+  p = common.parser(__doc__)
   p.add_argument("--dataset", default="ml-100k")
   p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
   args = p.parse_args()
@@ -47,4 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   common.relaunch_with_fast_malloc()
-  main()
+  common.exit_on_error(main)

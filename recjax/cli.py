@@ -151,8 +151,8 @@ def cmd_train(args) -> int:
   from recjax import experiment
   from recjax.train import distributed
 
-  out = Path(args.out or f"runs/{args.model}-{args.dataset or 'synthetic'}")
   config, given = _train_config(args)
+  out = Path(args.out or f"runs/{args.model}-{config['dataset']}")   # the dataset from --dataset, --set or --config
   if args.resume:   # checked here too, not only in experiment.train: before the barrier below
     config = _resumed_config(args, config, given, out)
   else:
@@ -288,6 +288,9 @@ def cmd_data_export(args) -> int:
   if name in _RECBOLE_BUNDLED:
     raise ConfigError(f"data export: RecBole reads its own bundled {name} whatever --data-path says; "
                       f"pass --as with another name (e.g. --as {name}-split)")
+  for key in (item.partition("=")[0].strip() for item in args.set):
+    if key in ("seed", "protocol"):   # the flags set them (and the protocol chooses the model built below)
+      raise ConfigError(f"data export: give {key} as --{key}, not --set {key}=...")
   protocol = get_protocol(args.protocol)   # a model and loss the protocol takes: its split is what is exported
   model = "bpr" if protocol.task == "ranking" else "mmoe" if protocol.split == "domain_rows" else "deepfm"
   config = build_config(model, dataset=args.name, overrides=args.set)

@@ -316,6 +316,9 @@ def build_labeled(config: dict[str, Any], protocol: protocols.Protocol, split: s
   "labeled"), else None. The task is the protocol's ("labeled" | "rating"); a ranking protocol
   with labelled training uses CTR labels. Checks that model kind, protocol and loss agree."""
   pointwise = config["training"] == "labeled"
+  if config.get("rating_normalization") is not None and protocol.task != "rating":   # else silently unused
+    raise ConfigError(f"rating_normalization applies to rating regression (--protocol rating), not to protocol "
+                      f"{protocol.name!r}")
   if protocol.task == "ranking" and not pointwise:
     return None
   if kind != "ctr":

@@ -75,6 +75,10 @@ def test_evaluate_reproduces_the_run_metrics(tmp_path, capsys):
     (["train", "gru4rec", "--set", "loss='gbce'", "--set", "gbce_t=2.0"], "loss 'gbce'"),
     (["train", "sasrec", "--set", "negative_distribution='zipf'"], "negative_distribution"),
     (["train", "bpr", "--set", "devices=1", "--set", "model_parallel=3"], "model_parallel=3 does not divide"),
+    (["train", "bpr", "--set", "devices=64"],
+     "are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=64 set"),
+    (["train", "deepfm", "--set", "rating_normalization='zscore'"], "rating_normalization applies to rating "
+                                                                     "regression (--protocol rating), not to protocol"),
     (["train", "bpr", "--set", "grad_accum=3"], "grad_accum=3 must divide batch_size=2048"),
     (["train", "bpr", "--set", "compute_dtype='float16'"], "compute_dtype"),
     (["train", "bpr", "--set", "pair_sampling='items'"], "pair_sampling: expected one of ('rows', 'users')"),
@@ -537,6 +541,9 @@ def test_data_commands_refuse_bad_paths_and_sizes(tmp_path, capsys):
   assert run_cli("data", "export", "synthetic", "--protocol", "recbole-context", "--out", tmp_path / "ctx",
                  "--overwrite") == 0
   assert test_file.read_text() == exported
+  for key in ("seed", "protocol"):   # the flags set them; a --set would be overwritten unseen
+    assert run_cli("data", "export", "synthetic", "--set", f"{key}=5", "--out", tmp_path / "y") == 2
+    assert f"give {key} as --{key}, not --set {key}=..." in capsys.readouterr().err
   for command in (["data", "export", "synthetic", "--out", ""], ["train", "pop", "--out", " "],
                   ["evaluate", "--run", ""]):   # not the current folder, nor the default
     with pytest.raises(SystemExit):
@@ -558,6 +565,12 @@ def test_ml100k_train_recommend_info(data_dir, tmp_path, capsys):
   assert run_cli("data", "info", "ml-100k", "--data-dir", data_dir) == 0
   info = json.loads(capsys.readouterr().out)
   assert info["num_users"] == 943 and info["num_items"] == 1682 and info["num_interactions"] == 100000
+
+
+def test_the_default_run_folder_names_the_configured_dataset(data_dir, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # runs/MODEL-DATASET, whether --dataset, --set or --config chose the dataset
+  assert run_cli("train", "pop", "--set", "dataset='ml-100k'", "--data-dir", data_dir) == 0
+  assert (tmp_path / "runs" / "pop-ml-100k" / "metrics.json").is_file()
 
 
 def test_ml100k_sasrec_prefix_training_runs(data_dir, tmp_path):

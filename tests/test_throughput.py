@@ -42,3 +42,29 @@ def test_time_to_quality_reaches_a_lower_is_better_target_from_above():
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads(done.stdout.splitlines()[-1])
   assert report["reached"] and report["epochs"] == 1 and report["path"][0] < 10   # any logloss under 10 reaches it
+
+
+def _bad_input(script: Path, *args: str) -> str:
+  """Runs `script` with bad input (and no RECJAX_DATA): exit status 2 and one line `NAME: error: ...`, no traceback."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("RECJAX_DATA", None)
+  done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=120)
+  assert "Traceback" not in done.stderr and done.returncode == 2, done.stderr[-3000:]
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"{script.name}: error: "), done.stderr[-3000:]
+  return lines[0]
+
+
+def test_time_to_quality_without_data_dir_is_one_line():
+  assert "no data directory" in _bad_input(TIME_TO_QUALITY, "bpr", "--target", "0.9")
+
+
+def test_time_to_quality_unknown_config_key_is_one_line():
+  assert "unknown config key 'model.dimm'" in _bad_input(TIME_TO_QUALITY, "bpr", "--dataset", "synthetic", "--target",
+                                                         "0.9", "--set", "model.dimm=3")
+
+
+def test_throughput_unknown_config_key_is_one_line(tmp_path):
+  line = _bad_input(SCRIPT, "--model", "bpr", "--devices", "1", "--set", "model.dimm=3", "--json",
+                    str(tmp_path / "tp.json"))
+  assert "unknown config key 'model.dimm'" in line and not (tmp_path / "tp.json").exists()

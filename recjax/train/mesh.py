@@ -34,7 +34,9 @@ def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
-      raise ValueError(f"asked for {num_devices} devices; {len(devices)} are visible")
+      hint = (f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} set before the process "
+              "starts gives that many)" if devices[0].platform == "cpu" else "")
+      raise ValueError(f"asked for {num_devices} devices; {len(devices)} are visible{hint}")
     devices = devices[:num_devices]
   if model_parallel < 1 or len(devices) % model_parallel:
     raise ValueError(f"model_parallel={model_parallel} does not divide the {len(devices)} devices")
