@@ -774,8 +774,8 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
   already is (any of RUN_FILES: another run's, or a file of that name it would overwrite), or a resumed one
   whose config differs from the saved run's in one of `keys` (dotted; default: every key) other than
   RESUMABLE_KEYS, or with fewer `epochs` than its checkpoints have completed, or checkpoints without the
-  config.json that says whose they are. Returns the
-  saved config when resuming, None where nothing was saved (the run then starts afresh)."""
+  config.json that says whose they are. Returns the saved config when resuming, None where nothing was saved
+  (the run then starts afresh)."""
   if not resume:
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found:
@@ -812,7 +812,7 @@ def completed_epochs(out: Path) -> int:
   return epochs[-1] + 1 if epochs else 0
 
 
-SPLIT_RECORD = "split.json"   # in a run folder: the split's fingerprint, its ids' fingerprint and sizes
+SPLIT_RECORD = "split.json"   # in a run folder: fingerprints of the split, its ids (and side features) and sizes
 
 
 def split_record(split: splits.Split, features: bool = False) -> dict[str, Any]:
