@@ -32,7 +32,6 @@ from recjax.errors import ConfigError  # noqa: E402
 from recjax.eval.protocols import higher_is_better  # noqa: E402
 
 MULTI = ("shared_bottom", "mmoe", "ple", "star")
-PER_DOMAIN = ("per-domain", "all+adapters", "mmoe+finetune")   # the rows of one run per domain
 
 
 def _parser():
@@ -81,6 +80,17 @@ def _all_domain_runs(rows) -> list[str]:
   return [row for row in ("all", *MULTI) if row in wanted]
 
 
+def _per_domain_rows(out: Path) -> dict[str, tuple[str, dict]]:
+  """The rows of one run per domain: row -> (model, overrides) of its run on one domain (the sources of the
+  fine-tuned ones are this seed's runs in `out`)."""
+  return {
+      "per-domain": ("domain_mlp", {}),
+      "all+adapters": ("domain_mlp", {"finetune.from_run": str(out / "all"), "finetune.trainable": "adapters",
+                                      "model.adapter_dim": 8}),
+      "mmoe+finetune": ("mmoe", {"finetune.from_run": str(out / "mmoe"), "finetune.trainable": "domain"}),
+  }
+
+
 def unfinished_runs(args) -> list[str]:
   """The runs `--report` reads that have no metrics.json (never trained, or not finished), as `seedS/NAME`. A
   seed's per-domain runs are named by its domains, so they are known only once its `all` run has finished."""
@@ -89,7 +99,7 @@ def unfinished_runs(args) -> list[str]:
     out, names = _seed_dir(args, seed), _all_domain_runs(args.rows)
     if (out / "all" / "metrics.json").exists():
       domains = sorted(json.loads((out / "all" / "metrics.json").read_text())["domain_sizes"])
-      names += [f"{row}-{d}" for row in PER_DOMAIN if row in args.rows for d in domains]
+      names += [f"{row}-{d}" for row in _per_domain_rows(out) if row in args.rows for d in domains]
     missing += [f"seed{seed}/{name}" for name in names if not (out / name / "metrics.json").exists()]
   return missing
 
@@ -129,13 +139,7 @@ def run_seed(args, seed: int) -> tuple[dict[str, dict[str, dict[str, float]]], d
   names = sorted(sizes)
   table = {row: {k: {d: _domain_value(m["test"], k, d) for d in (*names, OVERALL)} for k in args.metrics}
            for row, m in results.items() if row in args.rows}
-  per_domain_rows = {   # row -> (model, overrides) of its run on one domain
-      "per-domain": ("domain_mlp", {}),
-      "all+adapters": ("domain_mlp", {"finetune.from_run": str(out / "all"), "finetune.trainable": "adapters",
-                                      "model.adapter_dim": 8}),
-      "mmoe+finetune": ("mmoe", {"finetune.from_run": str(out / "mmoe"), "finetune.trainable": "domain"}),
-  }
-  for row, (model, overrides) in per_domain_rows.items():
+  for row, (model, overrides) in _per_domain_rows(out).items():
     if row in args.rows:
       tests = {d: run(model, f"{row}-{d}", {**overrides, "domain.only": d})["test"] for d in names}
       table[row] = {k: {d: _domain_value(tests[d], k, d) for d in names} for k in args.metrics}

@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train_config(args) -> tuple[dict, list[str]]:
   """The run's config from the command line, and the config keys the command line names (MODEL, --dataset,
   --protocol, --seed, --set and the config file's keys; --epochs and --data-dir apart)."""
-  from recjax.config import build_config, flatten, load_config_file, set_key
+  from recjax.config import build_config, flatten, load_config_file, override_keys, set_key
 
   from_file = load_config_file(args.config) if args.config else {}   # the file runs once
   config = build_config(args.model, args.config, args.set, dataset=args.dataset, from_file=from_file)
@@ -130,7 +130,7 @@ def _train_config(args) -> tuple[dict, list[str]]:
       set_key(config, key, value, source=f"--{key.replace('_', '-')}")
   given = ["model.name"] + [key for key, flag in (("dataset", args.dataset), ("protocol", args.protocol),
                                                   ("seed", args.seed)) if flag is not None]
-  given += [item.partition("=")[0].strip() for item in args.set] + [key for key, _ in flatten(from_file)]
+  given += override_keys(args.set) + [key for key, _ in flatten(from_file)]
   return config, given
 
 
@@ -278,7 +278,7 @@ _RECBOLE_BUNDLED = ("ml-100k",)   # RecBole 1.2.1's configurator points data_pat
 
 def cmd_data_export(args) -> int:
   from recjax import experiment
-  from recjax.config import build_config, set_key
+  from recjax.config import build_config, override_keys, set_key
   from recjax.data.export import export_recbole_split
   from recjax.eval.protocols import get_protocol
 
@@ -288,7 +288,7 @@ def cmd_data_export(args) -> int:
   if name in _RECBOLE_BUNDLED:
     raise ConfigError(f"data export: RecBole reads its own bundled {name} whatever --data-path says; "
                       f"pass --as with another name (e.g. --as {name}-split)")
-  for key in (item.partition("=")[0].strip() for item in args.set):
+  for key in override_keys(args.set):
     if key in ("seed", "protocol"):   # the flags set them (and the protocol chooses the model built below)
       raise ConfigError(f"data export: give {key} as --{key}, not --set {key}=...")
   protocol = get_protocol(args.protocol)   # a model and loss the protocol takes: its split is what is exported

@@ -272,6 +272,11 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | list[
   return config
 
 
+def override_keys(overrides: list[str]) -> list[str]:
+  """The dotted keys that `key=value` override strings set."""
+  return [item.partition("=")[0].strip() for item in overrides]
+
+
 def dotted(config: Mapping[str, Any], key: str) -> Any:
   """`config["a"]["b"]` for key "a.b" (None where a level is missing)."""
   for part in key.split("."):

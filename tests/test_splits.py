@@ -257,3 +257,20 @@ def test_ml100k_split_sizes(data_dir):
   rs = random_ratio(inter, (0.8, 0.1, 0.1), seed=0)              # per-user RecBole counts: seed-independent sizes
   assert (len(rs.train), len(rs.valid), len(rs.test)) == (80808, 9596, 9596)
   assert_partition(rs, inter)
+
+
+def test_features_fingerprint_sees_every_value_of_a_long_vector_feature():
+  """numpy prints a long array with "..." in the middle; the fingerprint must not rest on that."""
+  from recjax.data.splits import features_fingerprint
+
+  def split_with(vector):
+    inter = from_columns(["a", "a", "a", "b", "b", "b"], ["i1", "i2", "i3", "i1", "i2", "i3"],
+                         timestamp=[1, 2, 3, 1, 2, 3], item_features={"emb": {"i1": vector}})
+    return leave_one_out(inter)
+
+  vector = np.zeros(5000, np.float32)
+  changed = vector.copy()
+  changed[2500] = 1.0
+  assert repr(vector) == repr(changed)   # what a repr-based fingerprint would compare
+  assert features_fingerprint(split_with(vector)) != features_fingerprint(split_with(changed))
+  assert features_fingerprint(split_with(vector)) == features_fingerprint(split_with(vector.copy()))

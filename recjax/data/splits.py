@@ -219,6 +219,11 @@ def fingerprint(split: Split) -> str:
   return digest.hexdigest()
 
 
+def _plain(value):
+  """A feature value as Python values: a float_seq entry's array as a list (numpy's repr elides long arrays)."""
+  return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 def features_fingerprint(split: Split) -> str:
   """sha256 of the users' and items' side features in dense-id order: what a feature model's inputs mean. A
   `.user` or `.item` file edited under a run changes it while the interactions, and so the split, stay."""
@@ -226,7 +231,7 @@ def features_fingerprint(split: Split) -> str:
   for kind, table in (("user", split.train.user_features), ("item", split.train.item_features)):
     for name in sorted(table):
       digest.update(f"{kind}.{name}\n".encode())
-      digest.update("\n".join(map(repr, np.asarray(table[name]).tolist())).encode())
+      digest.update("\n".join(repr(_plain(v)) for v in np.asarray(table[name]).tolist()).encode())
   return digest.hexdigest()
 
 

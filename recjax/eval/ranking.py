@@ -195,8 +195,8 @@ def make_full_ranking_eval(score_fn: ScoreFn, ks: Sequence[int] = (10,),
   ({"name@k": [U] weighted values}, [U] weights) (`metric_rows`), summed exactly on the host. Cached
   per (score_fn, ks, metrics, mesh), so calling it again with the same scorer reuses the compiled
   function. With a `mesh` (users split over its `data` axis), each device masks and ranks its own users
-  (`sharded_full_ranking_topk`); when its `model` axis has more than one device, the items are ranked in
-  slices and the top-k merged (`merged_full_ranking_topk`)."""
+  (`sharded_full_ranking_hits`); when its `model` axis has more than one device, the items are ranked in
+  slices and the top-k merged (`merged_full_ranking_hits`)."""
   metrics, ks = check_metrics(metrics, ks)
   return _full_ranking_eval(score_fn, ks, metrics, mesh)
 
