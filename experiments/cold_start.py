@@ -34,7 +34,7 @@ import common  # noqa: E402
 
 TEXT = {"text": {"model": "minilm"}}
 ROWS = {
-    "pop": ("pop", {}),   # see random_pop
+    "pop": ("pop", {}),   # see jobs_of
     "pop_tied": ("pop", {}),
     "sasrec": ("sasrec", {}),
     "sasrec_text": ("sasrec", TEXT),
@@ -44,17 +44,25 @@ ROWS = {
 }
 
 
-def random_pop(args, out: str | None, orders: int = 20) -> dict:
-  """Pop with held-out items in `orders` random orders: the mean metrics (and the spread of cold ndcg@10)."""
-  runs = []
-  for seed in range(orders):
-    args.out = f"{out}/pop/{seed}" if out else None
-    runs.append(common.run("pop", "ml-100k", {"protocol": "cold-start", "model": {"unseen_order": "random",
-                                                                               "unseen_seed": seed}},
-                           args, f"cold_start/pop/{seed}"))
+POP_ORDERS = 20   # the pop row: the mean over this many random orders of the held-out items
+
+
+def jobs_of(name: str, args) -> list:
+  """The runs behind row `name`: one, or for pop one per random order of the held-out items."""
+  model, overrides = ROWS[name]
+  if name == "pop":
+    return [common.Job("pop", "ml-100k", {"protocol": "cold-start", "model": {"unseen_order": "random",
+                                                                              "unseen_seed": seed}},
+                       common.folder(args, f"cold_start/pop/{seed}", f"pop/{seed}")) for seed in range(POP_ORDERS)]
+  return [common.Job(model, "ml-100k", {"protocol": "cold-start", **overrides},
+                     common.folder(args, f"cold_start/{name}", name))]
+
+
+def mean_of_orders(runs: list[dict]) -> dict:
+  """Pop's runs in random orders of the held-out items: their mean metrics (the spread of cold ndcg@10 printed)."""
   ndcg = np.array([r["cold"]["ndcg@10"] for r in runs])
-  print(f"pop, {orders} random orders of the held-out items: cold ndcg@10 mean {ndcg.mean():.4f} sd {ndcg.std():.4f} "
-        f"min {ndcg.min():.4f} max {ndcg.max():.4f}")
+  print(f"pop, {len(runs)} random orders of the held-out items: cold ndcg@10 mean {ndcg.mean():.4f} "
+        f"sd {ndcg.std():.4f} min {ndcg.min():.4f} max {ndcg.max():.4f}")
   mean = lambda phase: {k: float(np.mean([r[phase][k] for r in runs])) for k in runs[0][phase]}  # noqa: E731
   return {**runs[0], "test": mean("test"), "cold": mean("cold")}
 
@@ -63,15 +71,12 @@ def main() -> None:
   p = common.parser(__doc__)
   p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
   args = p.parse_args()
-  out, rows = args.out, []
-  for name in args.rows:
-    model, overrides = ROWS[name]
-    if name == "pop":
-      rows.append((name, random_pop(args, out)))
-      continue
-    args.out = f"{out}/{name}" if out else None
-    metrics = common.run(model, "ml-100k", {"protocol": "cold-start", **overrides}, args, f"cold_start/{name}")
-    rows.append((name, metrics))
+  jobs = {name: jobs_of(name, args) for name in args.rows}
+  metrics = common.run_all([job for row in jobs.values() for job in row], args)
+  rows = []
+  for name, row_jobs in jobs.items():
+    runs = [next(metrics) for _ in row_jobs]
+    rows.append((name, mean_of_orders(runs) if name == "pop" else runs[0]))
   print("ml-100k, protocol cold-start: warm test (warm targets, all items ranked) and cold (held-out items only)")
   print(f"{'model':<13}{'warm ndcg@10':>13}{'warm hit@10':>12}{'cold ndcg@10':>13}{'cold hit@10':>12}"
         f"{'cold recall@20':>15}{'epochs':>7}{'s/epoch':>8}")

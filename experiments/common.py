@@ -7,7 +7,8 @@ A script names a model, a dataset, config overrides and the reference figures it
 
 Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key),
 `--resume` (continue an interrupted run in `--out`; `--epochs` is the total, counting earlier epochs). As with
-`recjax train`, a second run into a folder that holds one, or a resume with other settings, is refused, and bad
+`recjax train`, a second run into a folder that holds one, or a resume with other settings, is refused (a script
+that runs several checks every run's folder before the first trains), and bad
 input (`recjax.errors.RecjaxError`, an unwritable path) prints as one line `SCRIPT: error: ...` and exits with
 status 2: each script's entry point runs under `exit_on_error`.
 """
@@ -17,7 +18,7 @@ import argparse
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 from recjax.config import merged
 from recjax.errors import exit_on_error  # noqa: F401 (scripts call it)
@@ -41,26 +42,58 @@ def parser(doc: str) -> argparse.ArgumentParser:
   return p
 
 
-def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.Namespace,
-        out_name: str) -> dict[str, Any]:
-  """Trains `model` on `dataset` with `overrides` (then the command line's), returns metrics.json's dict
-  plus `wall_s`, the whole run's seconds (data, compile, training, evaluation)."""
+class Job(NamedTuple):
+  """One run of a script: `model` on `dataset` with `overrides` (then the command line's), into `out`."""
+  model: str
+  dataset: str
+  overrides: Mapping[str, Any]
+  out: Path
+
+
+def folder(args: argparse.Namespace, default: str, sub: str | None = None) -> Path:
+  """A run's folder: `--out` (its subfolder `sub` when the script runs several), else runs/experiments/`default`."""
+  if args.out:
+    return Path(args.out) / sub if sub else Path(args.out)
+  return Path("runs/experiments") / default
+
+
+def run_all(jobs: Sequence[Job], args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+  """Checks every job's config and run folder at once (so a bad key, or a later folder that already holds a
+  run, is refused before the first job trains), then yields each job's metrics.json dict, plus `wall_s` (the
+  whole run's seconds: data, compile, training, evaluation), as it finishes training."""
   use_all_cpu_cores()
   from recjax.config import apply_overrides, build_config
+  from recjax.experiment import check_run_folder
+
+  resume = getattr(args, "resume", False)
+  configs = []
+  for job in jobs:
+    config = apply_overrides(build_config(job.model, dataset=job.dataset), dict(job.overrides),
+                             source="the script's settings")
+    config = apply_overrides(config, list(args.set))
+    if args.data_dir:
+      config["data_dir"] = args.data_dir
+    if args.epochs is not None:
+      config = apply_overrides(config, {"epochs": args.epochs}, source="--epochs")
+    check_run_folder(config, job.out, resume)
+    configs.append(config)
+  return (_train(config, job.out, resume) for job, config in zip(jobs, configs))
+
+
+def _train(config: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
   from recjax.experiment import train, write_json
 
-  config = apply_overrides(build_config(model, dataset=dataset), dict(overrides), source=out_name)
-  config = apply_overrides(config, list(args.set))
-  if args.data_dir:
-    config["data_dir"] = args.data_dir
-  if args.epochs is not None:
-    config = apply_overrides(config, {"epochs": args.epochs}, source="--epochs")
-  out = Path(args.out or f"runs/experiments/{out_name}")
   start = time.perf_counter()
-  metrics = train(config, out, resume=getattr(args, "resume", False))
+  metrics = train(config, out, resume=resume)
   metrics["wall_s"] = time.perf_counter() - start
   write_json(out / "metrics.json", metrics)
   return metrics
+
+
+def run(model: str, dataset: str, overrides: Mapping[str, Any], args: argparse.Namespace,
+        out_name: str) -> dict[str, Any]:
+  """`run_all` of one job, into `--out` or runs/experiments/`out_name`."""
+  return next(run_all([Job(model, dataset, overrides, folder(args, out_name))], args))
 
 
 def table(title: str, reference_name: str, reference: Mapping[str, float], ours: Mapping[str, float]) -> str:

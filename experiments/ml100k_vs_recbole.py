@@ -58,12 +58,12 @@ def main() -> None:
   p = common.parser(__doc__)
   p.add_argument("model", choices=sorted(REFERENCE) + ["issue4"])
   args = p.parse_args()
-  out = args.out
-  for model in ISSUE4 if args.model == "issue4" else (args.model,):
+  models = ISSUE4 if args.model == "issue4" else (args.model,)
+  jobs = [common.Job(model, "ml-100k", OVERRIDES.get(model, {}),
+                     common.folder(args, f"ml100k_{model}", model if args.model == "issue4" else None))
+          for model in models]
+  for model, metrics in zip(models, common.run_all(jobs, args)):
     reference, note = REFERENCE[model]
-    if out and args.model == "issue4":
-      args.out = str(Path(out) / model)
-    metrics = common.run(model, "ml-100k", OVERRIDES.get(model, {}), args, f"ml100k_{model}")
     print(common.report(f"{model}, ml-100k (test)", f"RecBole ({note})", reference, metrics), flush=True)
 
 

@@ -31,12 +31,9 @@ def main() -> None:
   p.add_argument("--dataset", default="ml-100k")
   p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
   args = p.parse_args()
-  out = args.out
-  rows = []
-  for name in args.losses:
-    args.out = f"{out}/{name}" if out else None
-    metrics = common.run("sasrec", args.dataset, LOSSES[name], args, f"sasrec_losses/{args.dataset}/{name}")
-    rows.append((name, metrics))
+  jobs = [common.Job("sasrec", args.dataset, LOSSES[name],
+                     common.folder(args, f"sasrec_losses/{args.dataset}/{name}", name)) for name in args.losses]
+  rows = list(zip(args.losses, common.run_all(jobs, args)))
   print(f"SASRec on {args.dataset}, full ranking (test)")
   print(f"{'loss':<17}{'ndcg@10':>9}{'hit@10':>9}{'mrr@10':>9}{'epochs':>8}{'s/epoch':>9}")
   for name, m in rows:

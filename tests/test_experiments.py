@@ -100,6 +100,19 @@ def test_run_into_a_folder_holding_a_run_is_one_line(tmp_path):
   assert_one_line_error(done, "sasrec_losses.py", "already holds a run")
 
 
+@pytest.mark.parametrize("script, args, first, taken", [
+    ("sasrec_losses.py", ["--losses", "ce", "bce"], "ce", "bce"),
+    ("ml100k_vs_recbole.py", ["issue4"], "lightgcn", "dcnv2"),
+    ("cold_start.py", ["--rows", "sasrec", "pop"], "sasrec", "pop/19"),
+])
+def test_script_of_several_runs_checks_every_folder_before_the_first_trains(script, args, first, taken, tmp_path):
+  (tmp_path / taken).mkdir(parents=True)
+  (tmp_path / taken / "metrics.json").write_text("{}")
+  done = _run_script(script, *args, "--epochs", "1", "--out", str(tmp_path))
+  assert_one_line_error(done, script, "already holds a run", taken)
+  assert not (tmp_path / first).exists()
+
+
 def test_missing_data_dir_is_one_line(tmp_path):
   done = _run_script("ml100k_vs_recbole.py", "caser", "--out", str(tmp_path / "run"), data=False)
   assert_one_line_error(done, "ml100k_vs_recbole.py", "no data directory", "--data-dir")
