@@ -91,17 +91,33 @@ def _per_domain_rows(out: Path) -> dict[str, tuple[str, dict]]:
   }
 
 
+def _known_runs(args, seed: int) -> dict[str, tuple[str, dict]]:
+  """One seed's runs that `args` asks for, known before training: name -> (model, overrides). A seed's
+  per-domain runs are named by its domains, so they are known only once its `all` run has finished."""
+  out = _seed_dir(args, seed)
+  runs = {row: ("domain_mlp" if row == "all" else row, {}) for row in _all_domain_runs(args.rows)}
+  if (out / "all" / "metrics.json").exists():
+    domains = sorted(json.loads((out / "all" / "metrics.json").read_text())["domain_sizes"])
+    runs |= {f"{row}-{d}": (model, {**overrides, "domain.only": d})
+             for row, (model, overrides) in _per_domain_rows(out).items() if row in args.rows for d in domains}
+  return runs
+
+
 def unfinished_runs(args) -> list[str]:
-  """The runs `--report` reads that have no metrics.json (never trained, or not finished), as `seedS/NAME`. A
-  seed's per-domain runs are named by its domains, so they are known only once its `all` run has finished."""
-  missing = []
+  """The known runs (`_known_runs`) `--report` reads that have no metrics.json (never trained, or not
+  finished), as `seedS/NAME`."""
+  return [f"seed{seed}/{name}" for seed in args.seeds for name in _known_runs(args, seed)
+          if not (_seed_dir(args, seed) / name / "metrics.json").exists()]
+
+
+def check_folders(args) -> None:
+  """Refuses (ConfigError), before anything trains, a known run's folder that holds another run (or, with
+  --resume, a run of other settings): a later seed's clash is not found only after the earlier seeds trained."""
+  from recjax.experiment import check_run_folder
+
   for seed in args.seeds:
-    out, names = _seed_dir(args, seed), _all_domain_runs(args.rows)
-    if (out / "all" / "metrics.json").exists():
-      domains = sorted(json.loads((out / "all" / "metrics.json").read_text())["domain_sizes"])
-      names += [f"{row}-{d}" for row in _per_domain_rows(out) if row in args.rows for d in domains]
-    missing += [f"seed{seed}/{name}" for name in names if not (out / name / "metrics.json").exists()]
-  return missing
+    for name, (model, overrides) in _known_runs(args, seed).items():
+      check_run_folder(_config(model, args, seed, overrides), _seed_dir(args, seed) / name, args.resume)
 
 
 def check_report(args, shown: int = 3) -> None:
@@ -174,6 +190,8 @@ def main() -> None:
   args = _parser().parse_args()
   if args.report:
     check_report(args)
+  else:
+    check_folders(args)
   common.use_all_cpu_cores()
   per_seed, sizes = {}, None
   for seed in args.seeds:

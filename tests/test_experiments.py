@@ -104,6 +104,7 @@ def test_run_into_a_folder_holding_a_run_is_one_line(tmp_path):
     ("sasrec_losses.py", ["--losses", "ce", "bce"], "ce", "bce"),
     ("ml100k_vs_recbole.py", ["issue4"], "lightgcn", "dcnv2"),
     ("cold_start.py", ["--rows", "sasrec", "pop"], "sasrec", "pop/19"),
+    ("multidomain.py", ["--seeds", "0", "1"], "seed0", "seed1/star"),
 ])
 def test_script_of_several_runs_checks_every_folder_before_the_first_trains(script, args, first, taken, tmp_path):
   (tmp_path / taken).mkdir(parents=True)
