@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import jax
@@ -207,6 +209,46 @@ def test_checkpoint_ignores_interrupted_save(tmp_path):
     assert_tree_equal(state, trained(1))
     ckpt.save_latest(1, trained(2), {"epoch": 1})
     assert ckpt.latest_epochs() == [0, 1]
+
+
+DAMAGED_RESTORES = """
+import gc, shutil, sys, time
+from pathlib import Path
+import numpy as np
+from recjax.errors import DataError
+from recjax.train import Checkpointer
+
+root = Path(sys.argv[1])
+state = {f"table{i}": np.full((300, 8), i, np.float32) for i in range(6)}
+with Checkpointer(root / "whole", asynchronous=False) as ckpt:
+  ckpt.save_best(0, state, {})
+damages = {"data files gone": lambda s: shutil.rmtree(s / "d"),
+           "data files cut short": lambda s: [f.write_bytes(f.read_bytes()[:10]) for f in (s / "d").iterdir()],
+           "manifest gone": lambda s: (s / "manifest.ocdbt").unlink()}
+for name, damage in damages.items():
+  shutil.copytree(root / "whole", root / name)
+  damage(root / name / "best" / "0" / "state")
+  with Checkpointer(root / name, read_only=True) as ckpt:
+    try:
+      ckpt.restore_best(state)
+    except DataError as e:
+      print(e)
+    else:
+      sys.exit(f"{name}: restored")
+gc.collect()
+time.sleep(1)   # the abandoned reads finish
+"""
+
+
+def test_a_damaged_checkpoint_is_one_error_without_orbax_tracebacks(tmp_path):
+  """A restore that fails part-way leaves orbax's other reads running; what they print as they finish (into a
+  closed event loop, or as never-awaited tasks) would bury the one error under tracebacks."""
+  done = subprocess.run([sys.executable, "-c", DAMAGED_RESTORES, str(tmp_path)], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-3000:]
+  errors = done.stdout.strip().splitlines()
+  assert len(errors) == 3 and all("the checkpoint cannot be read" in e for e in errors), done.stdout
+  assert done.stderr == "", done.stderr[-3000:]
 
 
 def test_jsonl_logger_truncates_on_resume(tmp_path):

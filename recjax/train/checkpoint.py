@@ -13,8 +13,11 @@ the same total time).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +36,57 @@ def _manager(directory: Path, keep: int, asynchronous: bool, read_only: bool = F
   options = ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous, create=not read_only,
                                          read_only=read_only, multiprocessing_options=multiprocessing, **writing)
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  with _absl_errors_only() if read_only else contextlib.nullcontext():   # orbax warns that read-only is read-only
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def _absl_errors_only():
+  """Orbax's warnings (logged through absl) hidden for the block."""
   absl = logging.getLogger("absl")
   level = absl.level
-  if read_only:   # orbax warns that a read-only manager is read-only
-    absl.setLevel(logging.ERROR)
+  absl.setLevel(logging.ERROR)
   try:
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    yield
   finally:
     absl.setLevel(level)
+
+
+def _orbax_coroutine(obj) -> bool:
+  return inspect.iscoroutine(obj) and "orbax" in Path(obj.cr_code.co_filename).parts
+
+
+def _abandoned_read_report(unraisable) -> bool:
+  """Whether an unraisable exception is a failed restore's echo: a read finishing after orbax closed its event
+  loop (RuntimeError, no object) or an orbax read coroutine dropped with its error."""
+  closed_loop = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                 and str(unraisable.exc_value) == "Event loop is closed")
+  return closed_loop or _orbax_coroutine(unraisable.object)
+
+
+def _abandoned_read_log(message: str) -> bool:
+  """Whether asyncio's log line is a failed restore's echo: a read task of orbax (or its TensorStore read of the
+  checkpoint's zarr / OCDBT files) that failed and was never awaited."""
+  return "Task exception was never retrieved" in message and any(m in message for m in ("orbax", "OCDBT", "zarr"))
+
+
+def _quiet_abandoned_reads() -> None:
+  """Hides, for the rest of the process, what a restore's other reads print after one read has failed: they go
+  on in the background, and as they finish they raise into orbax's closed event loop (`_abandoned_read_report`)
+  or are never awaited (`_abandoned_read_log`). These repeat the one error the restore raises, as screens of
+  tracebacks and TensorStore specs, from threads and at exit, so they are filtered before the restore (and its
+  metadata read, which opens the arrays too) starts. A successful restore prints none of them."""
+  if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _abandoned_read_report(unraisable):
+      previous(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(lambda record: not _abandoned_read_log(record.getMessage()))
 
 
 def _abstract(tree):
@@ -82,8 +128,10 @@ def _restore(manager: ocp.CheckpointManager, template) -> tuple[int, Any, dict] 
   if epoch is None:
     return None
   folder = Path(manager.directory) / str(epoch)
+  _quiet_abandoned_reads()
   try:
-    stored = manager.item_metadata(epoch)["state"]
+    with _absl_errors_only():   # a missing state's warning would repeat the error below
+      stored = manager.item_metadata(epoch)["state"]
   except Exception as e:   # orbax and tensorstore raise many kinds of error for damaged files
     raise _unreadable(folder, e) from e
   if stored is None:
