@@ -60,6 +60,29 @@ def test_read_atomic_columns_features_and_order(tmp_path):
   assert inter.name == "toy"
 
 
+def test_read_atomic_seq_separator(tmp_path):
+  """RecBole's `seq_separator`: a space by default (a comma then stays part of a token), or another string."""
+  write(tmp_path / "toy.inter", "user_id:token\titem_id:token\tmoods:token_seq\nu\ti1\tcalm, sunny\nu\ti2\t\n")
+  write(tmp_path / "toy.item", "item_id:token\tgenres:token_seq\temb:float_seq\n"
+                               "i1\tAction,Comedy\t1,2.5\ni2\tFilm Noir, ,Drama,\t 3 ,4\n")
+  commas = readers.read_atomic(tmp_path, "toy", seq_separator=",")
+  genres, emb = commas.item_features["genres"], commas.item_features["emb"]
+  assert genres[1] == ("Action", "Comedy") and genres[2] == ("Film Noir", "Drama")
+  np.testing.assert_array_equal(emb[1], np.array([1, 2.5], np.float32))
+  np.testing.assert_array_equal(emb[2], np.array([3, 4], np.float32))
+  assert list(commas.columns["moods"]) == [("calm", "sunny"), ()]
+  with raises_at("toy.item", 2):   # with spaces between parts, "1,2.5" is no number
+    readers.read_atomic(tmp_path, "toy")
+  write(tmp_path / "toy.item", "item_id:token\tgenres:token_seq\ni1\tAction,Comedy\ni2\tFilm Noir\n")
+  spaced = readers.read_atomic(tmp_path, "toy")
+  assert spaced.item_features["genres"][1] == ("Action,Comedy",) and spaced.item_features["genres"][2] == (
+      "Film", "Noir")
+  assert list(spaced.columns["moods"]) == [("calm,", "sunny"), ()]
+  for bad in ("", "\t", "\n"):
+    with pytest.raises(ValueError, match="seq_separator"):
+      readers.read_atomic(tmp_path, "toy", seq_separator=bad)
+
+
 def test_read_atomic_windows_line_endings(tmp_path):
   write(tmp_path / "crlf.inter", INTER.replace("\n", "\r\n"))
   inter = readers.read_atomic(tmp_path, "crlf")

@@ -95,7 +95,13 @@ def _spaces(sep: str) -> str:
   return " \t".replace(sep, "")
 
 
-def _check_value(field: _Field, value: str, sep: str) -> str | None:
+def _split_seq(value: str, seq_sep: str) -> list[str]:
+  """A token_seq / float_seq value's parts: split at `seq_sep` (" ": at any run of spaces), each stripped of
+  spaces, empty parts dropped."""
+  return value.split() if seq_sep == " " else [part.strip() for part in value.split(seq_sep) if part.strip()]
+
+
+def _check_value(field: _Field, value: str, sep: str, seq_sep: str = " ") -> str | None:
   """Why one raw value is invalid for its field, or None (an id as read: without surrounding blanks)."""
   if field.name in _ID_FIELDS:
     value = value.strip(_spaces(sep))
@@ -104,7 +110,7 @@ def _check_value(field: _Field, value: str, sep: str) -> str | None:
   if field.kind == "float":
     why = _check_number(value, field.float32)
   elif field.kind == "float_seq":   # kept as float32
-    why = next(filter(None, (_check_number(v, float32=True) for v in value.split())), None)
+    why = next(filter(None, (_check_number(v, float32=True) for v in _split_seq(value, seq_sep))), None)
   else:
     return None
   return why and f"{value!r} {why}"
@@ -133,7 +139,7 @@ def _check_no_lone_cr(path: Path, text: str) -> None:
 
 
 def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, quoted: bool,
-            problem: str) -> DataError:
+            problem: str, seq_sep: str = " ") -> DataError:
   """Slow path, only on bad input: the first offending line as a DataError."""
   display_sep = "::" if sep == _SUB else sep
   for number, line in enumerate(text.split("\n")[header:], start=header + 1):
@@ -148,18 +154,19 @@ def _locate(path: Path, text: str, fields: list[_Field], sep: str, header: int, 
       return DataError(path, f"expected {len(fields)} fields separated by {display_sep!r} ({names}), found "
                        f"{len(values)}", line=number)
     for field, value in zip(fields, values):
-      why = _check_value(field, value, sep)
+      why = _check_value(field, value, sep, seq_sep)
       if why:
         return DataError(path, f"field {field.name!r}: {why}", line=number)
   return DataError(path, f"could not parse: {problem}")
 
 
 def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, header: int = 0,
-                 quoted: bool = False) -> dict[str, np.ndarray]:
+                 quoted: bool = False, seq_sep: str = " ") -> dict[str, np.ndarray]:
   """Typed columns of a delimited text with exactly len(fields) fields per non-blank line.
 
   Returns: {field name: [n] array}: token -> object str (user_id, item_id without surrounding spaces and tabs),
-    float -> float64 (empty -> NaN), token_seq -> object tuples (space separated), float_seq -> object float32 arrays.
+    float -> float64 (empty -> NaN), token_seq -> object tuples, float_seq -> object float32 arrays (both split
+    at `seq_sep`, `_split_seq`).
   """
   if len(sep) > 1:
     text, sep = text.replace(sep, _SUB), _SUB
@@ -172,7 +179,7 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
     df = _read_csv(text, sep, header, quoted, dtype=kinds,
                    na_values={i: [""] for i, f in enumerate(fields) if f.kind == "float"})
   except (ValueError, TypeError, pd.errors.ParserError) as exc:
-    raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
+    raise _locate(path, text, fields, sep, header, quoted, str(exc), seq_sep) from None
   if any(c in text for c in _spaces(sep)):   # else nothing to strip (ratings files): skip the pass over the ids
     for i in (i for i, f in enumerate(fields) if f.name in _ID_FIELDS and i in df.columns):
       df[i] = df[i].str.strip(_spaces(sep))
@@ -192,11 +199,11 @@ def _parse_table(path: Path, text: str, fields: list[_Field], sep: str, *, heade
       if ok and ((x == 0) | (x == 1) | np.isnan(x)).all() and _BOOL_WORD.search(text, start):
         ok = not _bool_words(text, sep, header, quoted, i)
   if not ok:
-    raise _locate(path, text, fields, sep, header, quoted, "inconsistent fields")
+    raise _locate(path, text, fields, sep, header, quoted, "inconsistent fields", seq_sep)
   try:
-    return {f.name: _convert(df[i], f.kind) for i, f in enumerate(fields)}
+    return {f.name: _convert(df[i], f.kind, seq_sep) for i, f in enumerate(fields)}
   except ValueError as exc:
-    raise _locate(path, text, fields, sep, header, quoted, str(exc)) from None
+    raise _locate(path, text, fields, sep, header, quoted, str(exc), seq_sep) from None
 
 
 def _read_csv(text: str, sep: str, header: int, quoted: bool, **kwargs) -> pd.DataFrame:
@@ -210,13 +217,13 @@ def _bool_words(text: str, sep: str, header: int, quoted: bool, column: int) -> 
   return raw.str.lower().isin(("true", "false")).any()
 
 
-def _convert(column: pd.Series, kind: str) -> np.ndarray:
+def _convert(column: pd.Series, kind: str, seq_sep: str = " ") -> np.ndarray:
   if kind == "float":
     return column.to_numpy(np.float64)
   if kind == "token_seq":
-    return _object_array([tuple(v.split()) for v in column])
+    return _object_array([tuple(_split_seq(v, seq_sep)) for v in column])
   if kind == "float_seq":   # numbers as the float columns take them: no "nan", "inf", "1_000"; float32 range
-    parts = column.str.split()
+    parts = column.str.split() if seq_sep == " " else column.map(lambda v: _split_seq(v, seq_sep))
     x = pd.to_numeric(parts.explode().dropna()).to_numpy(np.float64)   # an empty list explodes to one NaN
     if not np.isfinite(x).all() or float32_overflow(x).any():
       raise ValueError("a float_seq value is not finite or beyond float32")
@@ -268,13 +275,14 @@ def _atomic_header(path: Path, text: str, inter: bool) -> list[_Field]:
   return fields
 
 
-def _read_atomic_file(path: Path, required: tuple[str, ...], inter: bool) -> tuple[str, dict[str, np.ndarray]]:
+def _read_atomic_file(path: Path, required: tuple[str, ...], inter: bool,
+                      seq_sep: str = " ") -> tuple[str, dict[str, np.ndarray]]:
   text = _read_text(path)
   fields = _atomic_header(path, text, inter)
   for name in required:
     if name not in [f.name for f in fields]:
       raise DataError(path, f"missing column {name!r} (header has {', '.join(f.name for f in fields)})", line=1)
-  return text, _parse_table(path, text, fields, "\t", header=1)
+  return text, _parse_table(path, text, fields, "\t", header=1, seq_sep=seq_sep)
 
 
 def _check_shared_ids(path: Path, ids: np.ndarray, inter_path: Path, inter_ids: np.ndarray, kind: str) -> None:
@@ -287,24 +295,29 @@ def _check_shared_ids(path: Path, ids: np.ndarray, inter_path: Path, inter_ids: 
                     f"{inter_path.name}: {show(inter_ids)}): write the ids the same way in both")
 
 
-def read_atomic(directory: str | Path, name: str) -> Interactions:
+def read_atomic(directory: str | Path, name: str, seq_separator: str = " ") -> Interactions:
   """RecBole atomic files `{name}.inter` (required), `{name}.item`, `{name}.user` (optional).
 
-  Headers are typed `field:type` (token, token_seq, float, float_seq), fields tab separated,
-  sequences space separated within a field. `.inter` fields user_id, item_id, timestamp, rating map
-  to the Interactions columns; other `.inter` fields go into `columns`. `.item`/`.user` fields
-  become item/user features aligned to the dense ids (ids only present in the feature file are
-  dropped; ids missing from it get padding values; a feature file sharing no id with `.inter` is a
-  DataError). user_id and item_id values lose surrounding spaces, in every file, so they still match.
+  Headers are typed `field:type` (token, token_seq, float, float_seq), fields tab separated, the parts of a
+  token_seq / float_seq value separated by `seq_separator` (RecBole's option of that name; default a space: any
+  run of spaces; with another, "Action, Comedy" is two tokens, each part stripped of spaces, empty parts
+  dropped). `.inter` fields user_id, item_id, timestamp, rating map to the Interactions columns; other `.inter`
+  fields go into `columns`. `.item`/`.user` fields become item/user features aligned to the dense ids (ids only
+  present in the feature file are dropped; ids missing from it get padding values; a feature file sharing no id
+  with `.inter` is a DataError). user_id and item_id values lose surrounding spaces, in every file, so they still
+  match.
   """
   directory = Path(directory)
   inter_path = directory / f"{name}.inter"
-  _, cols = _read_atomic_file(inter_path, ("user_id", "item_id"), inter=True)
+  if seq_separator in ("", "\t", "\n", "\r"):
+    raise ValueError(f"seq_separator {seq_separator!r}: a sequence's parts need a separator other than the field "
+                     "separator (tab) and line ends")
+  _, cols = _read_atomic_file(inter_path, ("user_id", "item_id"), inter=True, seq_sep=seq_separator)
   feats = {}
   for kind in ("user", "item"):
     path = directory / f"{name}.{kind}"
     if path.exists():
-      text, feat_cols = _read_atomic_file(path, (f"{kind}_id",), inter=False)
+      text, feat_cols = _read_atomic_file(path, (f"{kind}_id",), inter=False, seq_sep=seq_separator)
       ids = feat_cols[f"{kind}_id"]
       feats[kind] = _features(path, text, feat_cols, f"{kind}_id", header=1, sep="\t")
       _check_shared_ids(path, ids, inter_path, cols[f"{kind}_id"], kind)
