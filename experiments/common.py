@@ -8,9 +8,9 @@ A script names a model, a dataset, config overrides and the reference figures it
 Flags: `--data-dir` (or env RECJAX_DATA), `--epochs`, `--out`, `--set key=value ...` (any config key),
 `--resume` (continue an interrupted run in `--out`; `--epochs` is the total, counting earlier epochs). As with
 `recjax train`, a second run into a folder that holds one, or a resume with other settings, is refused (a script
-that runs several checks every run's folder before the first trains), and bad
-input (`recjax.errors.RecjaxError`, an unwritable path) prints as one line `SCRIPT: error: ...` and exits with
-status 2: each script's entry point runs under `exit_on_error`.
+that runs several checks every run's folder before the first trains), and bad input (`recjax.errors.RecjaxError`,
+an unwritable path) prints as one line `SCRIPT: error: ...` and exits with status 2: each script's entry point
+runs under `exit_on_error`.
 """
 from __future__ import annotations
 

@@ -64,16 +64,17 @@ def _abandoned_read_report(unraisable) -> bool:
   return closed_loop or _orbax_coroutine(unraisable.object)
 
 
-def _abandoned_read_log(message: str) -> bool:
-  """Whether asyncio's log line is a failed restore's echo: a read task of orbax (or its TensorStore read of the
+def _keep_log_record(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of a failed restore's echo: a read task of orbax (or its TensorStore read of the
   checkpoint's zarr / OCDBT files) that failed and was never awaited."""
-  return "Task exception was never retrieved" in message and any(m in message for m in ("orbax", "OCDBT", "zarr"))
+  message = record.getMessage()
+  return not ("Task exception was never retrieved" in message and any(m in message for m in ("orbax", "OCDBT", "zarr")))
 
 
 def _quiet_abandoned_reads() -> None:
   """Hides, for the rest of the process, what a restore's other reads print after one read has failed: they go
   on in the background, and as they finish they raise into orbax's closed event loop (`_abandoned_read_report`)
-  or are never awaited (`_abandoned_read_log`). These repeat the one error the restore raises, as screens of
+  or are never awaited (`_keep_log_record`). These repeat the one error the restore raises, as screens of
   tracebacks and TensorStore specs, from threads and at exit, so they are filtered before the restore (and its
   metadata read, which opens the arrays too) starts. A successful restore prints none of them."""
   if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
@@ -86,7 +87,7 @@ def _quiet_abandoned_reads() -> None:
 
   hook.quiets_abandoned_reads = True
   sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(lambda record: not _abandoned_read_log(record.getMessage()))
+  logging.getLogger("asyncio").addFilter(_keep_log_record)   # one function: logging adds it once
 
 
 def _abstract(tree):
