@@ -87,6 +87,18 @@ def test_split_by_domain_keeps_every_domain_in_every_part():
     domains.only_domain(split, "s7")
 
 
+def test_split_by_domain_with_two_ratios_is_train_and_test():
+  inter = domains.assign_domains(_rated(200), "column")
+  names = domains.domain_names(inter)
+  split = domains.split_by_domain(inter, (0.9, 0.1), seed=3)
+  total = domains.domain_sizes(inter, names)
+  expected = ratio_counts(np.array([total[name] for name in names]), (0.9, 0.1))   # [D, 2]: train, test
+  assert len(split.valid) == 0
+  for p, part in enumerate(("train", "test")):
+    sizes = domains.domain_sizes(getattr(split, part), names)
+    assert [sizes[name] for name in names] == list(expected[:, p])
+
+
 def test_split_by_domain_rejects_a_domain_too_small_to_split():
   inter = _rated(30)
   column = inter.columns["domain"].copy()

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from recjax.data.interactions import Interactions, from_columns
-from recjax.data.splits import PARTS, Split, ratio_counts
+from recjax.data.splits import PARTS, Split, part_counts
 from recjax.errors import ConfigError, DataError
 
 DOMAIN = "domain"
@@ -131,8 +131,9 @@ def domain_sizes(inter: Interactions, names: Sequence[str]) -> dict[str, int]:
 
 
 def split_by_domain(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
-  """Random rows cut within each domain by `ratio_counts` (RecBole's counts), so every domain has rows in
-  train, valid and test in the same shares; rows keep their order inside each part.
+  """Random rows cut within each domain by `part_counts` (RecBole's counts), so every domain has rows in
+  train, valid and test in the same shares (2 ratios: train and test, valid empty); rows keep their order
+  inside each part.
 
   Raises:
     DataError: no domain column, or a domain with fewer than 3 rows (it cannot be in all three parts).
@@ -144,7 +145,7 @@ def split_by_domain(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.
   if small:
     raise DataError(inter.name or "dataset", f"domain(s) {', '.join(small)} have too few rows for train, valid and "
                     "test: merge them or drop them")
-  counts = ratio_counts(sizes, ratios)                                     # [D, 3]
+  counts = part_counts(sizes, ratios)                                      # [D, 3]
   part = np.empty(len(inter), np.int8)
   rng = np.random.default_rng([seed, 11])
   for d in range(len(names)):

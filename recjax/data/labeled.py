@@ -18,7 +18,7 @@ import numpy as np
 
 from recjax.data.domains import domain_ids
 from recjax.data.interactions import Interactions
-from recjax.data.splits import Split, ratio_counts
+from recjax.data.splits import Split, part_counts
 from recjax.errors import ConfigError, DataError
 
 TASKS = ("labeled", "rating")                   # binary labels from a threshold | the rating itself
@@ -32,9 +32,7 @@ def random_rows(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.1), 
   `_calcu_split_ids(tot=len, ratios)` (see `ratio_counts`), so a user may land in one part only.
   Rows keep their original order inside each part.
   """
-  counts = ratio_counts(np.array([len(inter)]), ratios)[0]           # [parts]
-  if len(counts) == 2:
-    counts = np.array([counts[0], 0, counts[1]])                      # (train, test): valid stays empty
+  counts = part_counts(np.array([len(inter)]), ratios)[0]            # [3]
   perm = np.random.default_rng(seed).permutation(len(inter))
   bounds = np.concatenate([[0], np.cumsum(counts)])
   train, valid, test = (inter.subset(np.sort(perm[bounds[p]:bounds[p + 1]])) for p in range(3))

@@ -104,12 +104,10 @@ def global_temporal(inter: Interactions, ratios: Sequence[float] = (0.8, 0.1, 0.
   later part), so part sizes can differ slightly from the counts.
   """
   time = _time(inter)
-  cnt = ratio_counts(np.array([len(inter)]), ratios)[0]
+  cnt = part_counts(np.array([len(inter)]), ratios)[0]
   sorted_time = np.append(np.sort(time, kind="stable"), np.inf)
-  cuts = sorted_time[np.cumsum(cnt)[:-1]]                      # [parts-1]
+  cuts = sorted_time[np.cumsum(cnt)[:-1]]                      # [2]
   part = (time[:, None] >= cuts[None, :]).sum(1)
-  if len(cnt) == 2:
-    part = part * 2                                            # (train, test): valid stays empty
   return _from_parts(inter, np.arange(len(inter)), part, "global_temporal")
 
 
@@ -183,16 +181,20 @@ def _group_rank(sorted_groups: np.ndarray, counts: np.ndarray) -> np.ndarray:
   return np.arange(len(sorted_groups)) - offsets[sorted_groups]
 
 
+def part_counts(n: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
+  """`ratio_counts` as (train, valid, test) columns, int64 [G, 3]: 2 ratios are (train, test), valid empty."""
+  cnt = ratio_counts(n, ratios)
+  return cnt if cnt.shape[1] == 3 else np.insert(cnt, 1, 0, axis=1)
+
+
 def _by_user_order(inter: Interactions, order: np.ndarray, ratios: Sequence[float], name: str) -> Split:
   """Cut each user's rows, taken in `order` (sorted by user), by `ratio_counts`."""
   counts = np.bincount(inter.user, minlength=inter.num_users)
-  cnt = ratio_counts(counts, ratios)                             # [num_users, P]
+  cnt = part_counts(counts, ratios)                              # [num_users, 3]
   user_sorted = inter.user[order]
   rank = _group_rank(user_sorted, counts)
-  bounds = np.cumsum(cnt, axis=1)[user_sorted, :-1]              # [n, P-1]
+  bounds = np.cumsum(cnt, axis=1)[user_sorted, :-1]              # [n, 2]
   part = (rank[:, None] >= bounds).sum(1)
-  if cnt.shape[1] == 2:
-    part = part * 2
   return _from_parts(inter, order, part, name)
 
 
