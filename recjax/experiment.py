@@ -447,12 +447,6 @@ def make_labeled_evaluator(exp: Experiment, phase: str) -> Callable[[Any], dict[
   return run
 
 
-def eval_interval(config: dict[str, Any], protocol: protocols.Protocol) -> int:
-  """Epochs between evaluations: the config's `eval_every`, or all of them (only after the last epoch) when
-  the protocol evaluates once."""
-  return config["epochs"] if protocol.evaluate_once else config["eval_every"]
-
-
 def sampling_counts(split: splits.Split) -> np.ndarray:
   """int64 `[N]`: each item's interactions in train, valid and test together, the popularity that a
   sampled protocol draws negatives by (BERT4Rec's code counts the whole sequences, RecBole all parts)."""
@@ -890,8 +884,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     eval_s.append(time.perf_counter() - start)
   else:
     result = fit(state, step, device_batches(exp, sampler), evaluators["valid"], steps_per_epoch=sampler.num_batches,
-                 epochs=config["epochs"], eval_every=eval_interval(config, exp.protocol), valid_metric=exp.valid_metric,
-                 higher_is_better=exp.higher_is_better, patience=config["patience"], out_dir=out, resume=resume,
+                 epochs=config["epochs"], eval_every=config["eval_every"], final_only=exp.protocol.evaluate_once,
+                 valid_metric=exp.valid_metric, higher_is_better=exp.higher_is_better, patience=config["patience"],
+                 out_dir=out, resume=resume,
                  keep=config["keep_checkpoints"], on_epoch=save_config if resume else None, log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run
     train_s, eval_s = result.train_epoch_s, result.eval_s

@@ -127,6 +127,12 @@ def test_bert4rec_code_evaluates_test_once_after_the_last_epoch(tmp_path):
   records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records if "valid" in r] == [2]
   assert read_metrics(out)["test"] == read_metrics(out)["valid"]
+  # extended: the new last epoch is the one tested, whether or not epoch 2 scored better
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--protocol", "bert4rec-code", "--epochs", "5",
+                 "--set", "eval_every=1", "--out", out, "--resume") == 0
+  records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records if "valid" in r] == [2, 4]
+  assert read_metrics(out)["test"] == read_metrics(out)["valid"] == records[-1]["valid"]
 
 
 def test_the_epochs_flag_is_checked_as_the_config_key(tmp_path, capsys):

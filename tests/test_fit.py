@@ -93,6 +93,22 @@ def test_eval_every_and_final_epoch():
   assert len(result.eval_s) == 3 and "eval_s" not in result.history[0]
 
 
+def test_final_only_evaluates_the_last_epoch_and_takes_it_even_over_a_resumed_runs_better_one(tmp_path):
+  scores = iter([0.9, 0.2])
+
+  def scripted(params):
+    return {"mrr@10": next(scores)}
+
+  first = run(scores=scripted, epochs=2, eval_every=1, final_only=True, out_dir=tmp_path)
+  assert [r["epoch"] for r in first.history if "valid" in r] == [1] and first.best_valid == {"mrr@10": 0.9}
+  longer = run(scores=scripted, epochs=4, final_only=True, out_dir=tmp_path, resume=True)   # worse at the end
+  assert [r["epoch"] for r in longer.history if "valid" in r] == [1, 3]
+  assert longer.best_epoch == 3 and longer.best_valid == {"mrr@10": 0.2}
+  assert_tree_equal(longer.best_params, longer.state.params)
+  with Checkpointer(tmp_path / "checkpoints") as ckpt:
+    assert ckpt.best_epoch() == 3
+
+
 def test_early_stopping_after_patience():
   scores = iter([0.5, 0.7, 0.6, 0.7, 0.65, 0.6, 0.69, 0.9, 1.0])
 

@@ -77,18 +77,19 @@ def _train_epoch(state, train_step, batches: Iterable[dict], bar: ProgressBar):
 
 
 def _record_eval(book: dict, epoch: int, valid: dict, valid_metric: str, patience: int,
-                 higher_is_better: bool = True) -> bool:
+                 higher_is_better: bool = True, replace: bool = False) -> bool:
   """Updates the best / early-stopping bookkeeping; returns whether this evaluation is the best.
 
   RecBole's rule (`stopping_step` = patience): a value >= the best so far (<= when lower is better,
   as RecBole's `valid_metric_bigger: False`) is an improvement (ties included); the run stops once
-  more than `patience` evaluations in a row are not.
+  more than `patience` evaluations in a row are not. `replace`: this evaluation is the best, whatever
+  came before.
   """
   if valid_metric not in valid:
     raise TrainingError(f"valid_metric {valid_metric!r} is not among the evaluation metrics {sorted(valid)}")
   value = valid[valid_metric]
   best = book["best_value"]
-  if math.isfinite(value) and (best is None or (value >= best if higher_is_better else value <= best)):
+  if replace or (math.isfinite(value) and (best is None or (value >= best if higher_is_better else value <= best))):
     book.update(best_value=value, best_epoch=epoch, best_valid=valid, bad_evals=0)
     return True
   book["bad_evals"] += 1
@@ -148,7 +149,8 @@ def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
 
 def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterable[dict]],
         evaluate: Callable[[Any], dict[str, float]], *, epochs: int, eval_every: int = 1,
-        valid_metric: str = "mrr@10", higher_is_better: bool = True, patience: int = 10, out_dir=None,
+        valid_metric: str = "mrr@10", higher_is_better: bool = True, patience: int = 10, final_only: bool = False,
+        out_dir=None,
         resume: bool = False, keep: int = 3, plot: bool = True, steps_per_epoch: int | None = None,
         on_epoch: Callable[[int, TrainState, dict], None] | None = None,
         log: Callable[[str], None] = print) -> FitResult:
@@ -156,7 +158,9 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
 
   Epoch `e` (0-based) runs `train_step` over `batches(e)`; every `eval_every` epochs and at the
   last epoch, `evaluate(state.params)` returns metrics (`higher_is_better` says which way
-  `valid_metric` improves).
+  `valid_metric` improves). `final_only`: only the last epoch is evaluated and its model is the
+  best, even over an evaluation saved by a shorter run this one resumes (a protocol whose "valid"
+  set is its test set must select nothing on it).
   With `out_dir`: `log.jsonl` (one row per epoch), `checkpoints/latest/<epoch>` every epoch,
   `checkpoints/best/<epoch>`, and `curves.png` at the end. A resumed run (`resume=True`)
   continues after the newest checkpoint and, when `batches(e)` depends only on the seed and
@@ -216,12 +220,12 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
       row = {"epoch": epoch, "train_loss": loss_sum / steps, "train_epoch_s": train_s}
       book["train_epoch_s"].append(train_s)
       improved = False
-      if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
+      if epoch == epochs - 1 or ((epoch + 1) % eval_every == 0 and not final_only):
         start = time.perf_counter()
         valid = {k: float(v) for k, v in evaluate(state.params).items()}
         row.update(eval_s=time.perf_counter() - start, valid=valid)
         book["eval_s"].append(row["eval_s"])
-        improved = _record_eval(book, epoch, valid, valid_metric, patience, higher_is_better)
+        improved = _record_eval(book, epoch, valid, valid_metric, patience, higher_is_better, replace=final_only)
         if improved:
           best_params = jax.tree.map(jnp.copy, state.params)  # the next step donates state.params
       book["epoch"] = epoch
