@@ -778,7 +778,7 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
     return None
   saved = saved_config(out)
   if saved is None:
-    if (out / "checkpoints").exists():
+    if any(step.name.isdigit() for kind in ("latest", "best") for step in (out / "checkpoints" / kind).glob("*")):
       raise ConfigError(f"resume: {out} holds checkpoints but no config.json, so nothing says which run they "
                         "belong to; restore its config.json or choose another output folder")
     return None
@@ -855,8 +855,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   """Train and test one config; returns (and writes to `out_dir/metrics.json`) the results dict.
   `check_run_folder` guards `out_dir` first."""
   out = Path(out_dir) if out_dir else None
-  if out:
-    check_run_folder(config, out, resume)
+  if out and check_run_folder(config, out, resume) is None:
+    resume = False   # nothing saved to resume: a fresh run, whose config is written before it trains
   exp = build(config)
   rng = jax.random.PRNGKey(config["seed"])
   sampler = None if exp.kind == "popularity" or config["epochs"] == 0 else make_sampler(exp)

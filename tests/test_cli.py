@@ -363,6 +363,25 @@ def test_library_train_guards_its_run_folder_as_the_command_does(tmp_path):
     experiment.train({**config, "epochs": 3}, out, resume=True, log=lambda line: None)
 
 
+def test_a_resume_that_finds_no_run_starts_afresh_and_can_be_resumed_after_failing_in_its_first_epoch(tmp_path):
+  """A script run again with --resume resumes every run, including one that never started: that one is a fresh
+  run, whose config is written before it trains, so a failure in its first epoch leaves a resumable folder."""
+  from recjax import experiment
+
+  config = apply_overrides(build_config("bpr"), ["epochs=2", "model.dim=8"])
+  whole = experiment.train(config, tmp_path / "whole", log=lambda line: None)
+
+  def interrupt(line):   # the first epoch's line comes before its checkpoint
+    raise KeyboardInterrupt
+
+  out = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    experiment.train(config, out, resume=True, log=interrupt)
+  assert (out / "config.json").exists() and (out / "split.json").exists()
+  resumed = experiment.train(config, out, resume=True, log=lambda line: None)
+  assert resumed["test"] == whole["test"] and resumed["epochs_run"] == 2
+
+
 def test_a_split_under_other_dense_ids_is_refused(tmp_path):
   from recjax import experiment
   from recjax.data.interactions import from_columns
