@@ -859,10 +859,13 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     resume = False   # nothing saved to resume: a fresh run, whose config is written before it trains
   exp = build(config)
   rng = jax.random.PRNGKey(config["seed"])
-  sampler = None if exp.kind == "popularity" or config["epochs"] == 0 else make_sampler(exp)
-  if sampler is not None:   # every setting checked, every source run read, before the run folder is written
+  # Every setting checked and every source run read before the run folder is written, with zero epochs too.
+  sampler = None if exp.kind == "popularity" else make_sampler(exp)
+  if sampler is not None:
     check_trainable(exp, sampler, rng)
     sampler, state, step = training_setup(exp, rng, sampler)
+  if sampler is None or config["epochs"] == 0:   # nothing to train: tested as initialised
+    params = initial_params(exp, rng) if sampler is None else state.params
   evaluators = {phase: make_evaluator(exp, phase) for phase in ("valid", "test", "cold") if phase in exp.eval_sets}
   save_config = None
   if out:
@@ -877,8 +880,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)
       save_config()
 
-  if sampler is None:   # nothing to train
-    params = initial_params(exp, rng)
+  if sampler is None or config["epochs"] == 0:
     start = time.perf_counter()
     best_params, best_valid, epochs_run, train_s, eval_s = params, evaluators["valid"](params), 0, [], []
     eval_s.append(time.perf_counter() - start)

@@ -216,8 +216,9 @@ def test_an_unknown_valid_metric_is_refused_before_anything_is_written(tmp_path,
     ("sasrec", "protocol='bert4rec-sampled'", "ranks each 'valid' item against 100 sampled negatives, but the data "
                                               "has too few items"),
 ])
+@pytest.mark.parametrize("epochs", [[], ["--epochs", "0"]])   # a run that trains nothing is checked alike
 def test_a_config_the_model_cannot_train_with_is_refused_before_anything_is_written(tmp_path, capsys, model,
-                                                                                    override, message):
+                                                                                    override, message, epochs):
   untrained = tmp_path / "untrained"
   assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "0", "--out", untrained) == 0
   data = ["--dataset", "synthetic"]
@@ -226,7 +227,7 @@ def test_a_config_the_model_cannot_train_with_is_refused_before_anything_is_writ
     rows = [f"{user} {item}" for user in range(1, 21) for item in np.random.default_rng(user).permutation(30)[:6] + 1]
     (tmp_path / "few" / "beauty" / "beauty.txt").write_text("\n".join(rows) + "\n")
     data = ["--dataset", "beauty", "--data-dir", tmp_path / "few"]
-  args = [*data, "--set", override.format(untrained=untrained), "--out", tmp_path / "run"]
+  args = [*data, *epochs, "--set", override.format(untrained=untrained), "--out", tmp_path / "run"]
   assert run_cli("train", model, *args) == 2
   assert re.search(message, capsys.readouterr().err)
   assert not (tmp_path / "run").exists()
