@@ -875,6 +875,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     def save_config(*_):   # the run's config and split record
       write_json(out / "config.json", config)
       write_json(out / SPLIT_RECORD, record)
+      (out / "metrics.json").unlink(missing_ok=True)   # a resumed finished run's results no longer describe it
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)

@@ -381,6 +381,17 @@ def test_a_resume_that_finds_no_run_starts_afresh_and_can_be_resumed_after_faili
   assert (out / "config.json").exists() and (out / "split.json").exists()
   resumed = experiment.train(config, out, resume=True, log=lambda line: None)
   assert resumed["test"] == whole["test"] and resumed["epochs_run"] == 2
+  lines = []
+
+  def interrupt_second_epoch(line):   # extended to 4 epochs, interrupted once epoch 2 is saved
+    lines.append(line)
+    if sum(text.startswith("epoch") for text in lines) == 2:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    experiment.train({**config, "epochs": 4}, out, resume=True, log=interrupt_second_epoch)
+  assert not (out / "metrics.json").exists()   # the 2-epoch results no longer describe the run
+  assert json.loads((out / "config.json").read_text())["epochs"] == 4
 
 
 def test_a_split_under_other_dense_ids_is_refused(tmp_path):

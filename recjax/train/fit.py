@@ -161,7 +161,8 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
   `valid_metric` improves). `final_only`: only the last epoch is evaluated and its model is the
   best, even over an evaluation saved by a shorter run this one resumes (a protocol whose "valid"
   set is its test set must select nothing on it).
-  With `out_dir`: `log.jsonl` (one row per epoch), `checkpoints/latest/<epoch>` every epoch,
+  With `out_dir`: `log.jsonl` (one row per epoch; its `train_loss` is the mean of the epoch's step losses,
+  so a short last batch counts as much as a full one), `checkpoints/latest/<epoch>` every epoch,
   `checkpoints/best/<epoch>`, and `curves.png` at the end. A resumed run (`resume=True`)
   continues after the newest checkpoint and, when `batches(e)` depends only on the seed and
   `e`, ends with the same state, history and log rows as an uninterrupted one (timings aside).
@@ -174,6 +175,7 @@ def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterab
     evaluate: `evaluate(params) -> {metric: float}`.
     epochs: the total number of epochs, counting those before a resume.
     patience: RecBole's `stopping_step`; see `_record_eval`.
+    final_only: evaluate only the last epoch, and take its model (see above).
     keep: how many latest checkpoints to keep.
     plot: write `out_dir/curves.png` at the end (skipped with a message without matplotlib).
     steps_per_epoch: progress-bar total (defaults to `len(batches(e))` or the last epoch's count).
