@@ -864,7 +864,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
   if sampler is not None:
     check_trainable(exp, sampler, rng)
     sampler, state, step = training_setup(exp, rng, sampler)
-  if sampler is None or config["epochs"] == 0:   # nothing to train: tested as initialised
+  trains = sampler is not None and config["epochs"] > 0
+  if not trains:   # tested as initialised (Pop: as counted)
     params = initial_params(exp, rng) if sampler is None else state.params
   evaluators = {phase: make_evaluator(exp, phase) for phase in ("valid", "test", "cold") if phase in exp.eval_sets}
   save_config = None
@@ -881,7 +882,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)
       save_config()
 
-  if sampler is None or config["epochs"] == 0:
+  if not trains:
     start = time.perf_counter()
     best_params, best_valid, epochs_run, train_s, eval_s = params, evaluators["valid"](params), 0, [], []
     eval_s.append(time.perf_counter() - start)
@@ -889,8 +890,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     result = fit(state, step, device_batches(exp, sampler), evaluators["valid"], steps_per_epoch=sampler.num_batches,
                  epochs=config["epochs"], eval_every=config["eval_every"], final_only=exp.protocol.evaluate_once,
                  valid_metric=exp.valid_metric, higher_is_better=exp.higher_is_better, patience=config["patience"],
-                 out_dir=out, resume=resume,
-                 keep=config["keep_checkpoints"], on_epoch=save_config if resume else None, log=log)
+                 out_dir=out, resume=resume, keep=config["keep_checkpoints"],
+                 on_epoch=save_config if resume else None, log=log)
     best_params, best_valid, epochs_run = result.best_params, result.best_valid, result.epochs_run
     train_s, eval_s = result.train_epoch_s, result.eval_s
     if best_params is None:

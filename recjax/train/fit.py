@@ -150,8 +150,7 @@ def _resume(ckpt: Checkpointer, state, log) -> tuple[Any, dict, Any]:
 def fit(state: TrainState, train_step: Callable, batches: Callable[[int], Iterable[dict]],
         evaluate: Callable[[Any], dict[str, float]], *, epochs: int, eval_every: int = 1,
         valid_metric: str = "mrr@10", higher_is_better: bool = True, patience: int = 10, final_only: bool = False,
-        out_dir=None,
-        resume: bool = False, keep: int = 3, plot: bool = True, steps_per_epoch: int | None = None,
+        out_dir=None, resume: bool = False, keep: int = 3, plot: bool = True, steps_per_epoch: int | None = None,
         on_epoch: Callable[[int, TrainState, dict], None] | None = None,
         log: Callable[[str], None] = print) -> FitResult:
   """Trains for up to `epochs` epochs with validation, early stopping and checkpoints.
