@@ -7,21 +7,24 @@ there:
   x_t = E[s_t] + P_t                       (item + learned position embedding; [mask] has its own row)
   x   = Drop(LN(x))
   x   = Block_b(x, padding mask)           for b = 1..num_blocks   (the blocks SASRec uses, no causal mask)
-  h_t = LN(GELU(W x_t + c))                (output head)
+  h_t = LN(act(W x_t + c))                 (output head; act = `activation`, GELU by default)
   score(t, i) = <h_t, E_i> + b_i           (tied item table, a bias per item)
 
 To score through a plain dot product, `user_repr` / `sequence_repr` return `[h, 1]` and
 `item_repr` returns `[E_i, b_i]` (width dim + 1), so the evaluation and every next-item loss are
 the ones SASRec uses. At test time the [mask] token is appended after the history (the oldest item
-drops out of the L-item window) and its state ranks the items (Sec. 3.6 of the paper).
+drops out of the L-item window when the history fills it; RecBole drops it always) and its state ranks the
+items (Sec. 3.6 of the paper). The head's activation follows `activation`, as in the authors' code
+(RecBole's head is GELU whatever `hidden_act`).
 
 Training masks on device (`recjax.tasks.masked_item_loss_fn`): each real item of the L-item window
 is masked with probability `mask_ratio`, and with probability `last_ratio` a row masks only its
-newest item instead (the paper's extra samples that mimic the test input; RecBole's `ft_ratio`,
-which it applies to whole batches). Each row's newest `max_scored` hidden items are scored: by default
-enough for almost every row (mean + 3 sd of the masked count, 19 of 50 at p = 0.2); RecBole scores
-int(p L) = 10, so `max_scored=10` does exactly its work, about half the output layer's. Sequences are
-left-padded (latest at L-1) and positions are counted from the right, as in `recjax.models.sasrec`.
+newest item instead (the paper's extra samples that mimic the test input; RecBole's `ft_ratio`, which it
+applies to whole batches, so half its steps train on newest items alone; here a last-only row is one target
+beside the other rows' several, about a tenth of the batch's loss at p = 0.2). Each row's newest `max_scored`
+hidden items are scored: by default enough for almost every row (mean + 3 sd of the masked count, 19 of 50 at
+p = 0.2); RecBole scores int(p L) = 10, so `max_scored=10` does exactly its work, about half the output layer's.
+Sequences are left-padded (latest at L-1) and positions are counted from the right, as in `recjax.models.sasrec`.
 
 Defaults are RecBole 1.2.1's BERT4Rec (`hidden_size=64, inner_size=256, n_layers=2, n_heads=2,
 hidden_dropout_prob=0.2, attn_dropout_prob=0.2, hidden_act="gelu", layer_norm_eps=1e-12,
