@@ -633,7 +633,7 @@ def finetune_init(exp: Experiment, params):
   hparams = models.hashable_hparams({k: v for k, v in config["model"].items() if k != "name"})
   source_exp = dataclasses.replace(exp, config=config, model=exp.model.clone(**hparams))
   pretrained = restore_best_params(source_exp, source)
-  return adapt.merge_pretrained(params, pretrained, str(source))
+  return adapt.merge_pretrained(params, pretrained, f"finetune.from_run: {source}")
 
 
 def restore_best_params(exp: Experiment, run_dir: str | os.PathLike):
@@ -745,7 +745,9 @@ def pretrained_init(exp: Experiment, params):
                       f"for model {exp.config['model']['name']!r}")
   gmf = restore_pretrained(exp, runs["gmf_run"], "gmf", {"dim": "mf_dim"}, "pretrain.gmf_run")
   mlp = restore_pretrained(exp, runs["mlp_run"], "ncf_mlp", {"dim": "mlp_dim", "hidden": "hidden"}, "pretrain.mlp_run")
-  return models.neumf_from_pretrained(gmf, mlp, exp.config["pretrain"]["alpha"])
+  # into this run's tables: a source trained on another device layout has other padding rows
+  return adapt.merge_pretrained(params, models.neumf_from_pretrained(gmf, mlp, exp.config["pretrain"]["alpha"]),
+                                f"pretrain: {runs['gmf_run']} and {runs['mlp_run']}")
 
 
 def write_json(path: Path, obj: Any) -> None:

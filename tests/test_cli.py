@@ -652,6 +652,27 @@ def test_evaluate_on_two_host_devices(tmp_path):
   assert json.loads(stdout)["test"] == pytest.approx(read_metrics(out)["test"], rel=1e-5)
 
 
+def test_neumf_pretrained_from_runs_of_another_device_layout_keeps_its_own_tables(tmp_path):
+  """GMF and NCF-MLP trained with item tables row-sharded over 2 devices (padded to an even row count), NeuMF on
+  one: NeuMF's tables take its own (unpadded) rows, so its checkpoint evaluates."""
+  env = host_devices_env(2)
+  sharded = ["--set", "devices=2", "--set", "model_parallel=2", "--set", "shard_tables_mb=0"]
+  hidden = ["--set", "model.hidden=(16,8)"]
+  for model, sizes in (("gmf", []), ("ncf_mlp", hidden)):
+    done = _cli(["train", model, "--dataset", "synthetic", "--epochs", "1", "--set", "model.dim=8", *sizes, *sharded,
+                 "--out", tmp_path / model], env=env)
+    assert done.wait() == 0, done.stderr.read()
+  out = tmp_path / "neumf"
+  done = _cli(["train", "neumf", "--dataset", "synthetic", "--epochs", "1", "--set", "model.mf_dim=8", "--set",
+               "model.mlp_dim=8", *hidden, "--set", f"pretrain.gmf_run='{tmp_path / 'gmf'}'", "--set",
+               f"pretrain.mlp_run='{tmp_path / 'ncf_mlp'}'", "--out", out], env=env)
+  assert done.wait() == 0, done.stderr.read()
+  evaluate = _cli(["evaluate", "--run", out], env=env)
+  stdout, stderr = evaluate.communicate()
+  assert evaluate.returncode == 0, stderr
+  assert json.loads(stdout)["test"] == pytest.approx(read_metrics(out)["test"], rel=1e-5)
+
+
 def test_a_run_saved_before_newer_config_keys_loads_with_their_defaults(tmp_path):
   """A config.json without keys recjax added later (here adam_b1, pair_sampling, model.norm_queries_only)
   resumes and evaluates with their defaults, which keep the earlier behaviour; saved values stay."""

@@ -53,7 +53,9 @@ def partial_optimizer(optimizer: optax.GradientTransformation, variables: dict, 
 
 def merge_pretrained(fresh: dict, pretrained: dict, source: str) -> dict:
   """`fresh` variables with every leaf that `pretrained` also has replaced by its value: parameters
-  the pretrained model lacks (e.g. adapters added for fine-tuning) keep their initial values.
+  the pretrained model lacks (e.g. adapters added for fine-tuning) keep their initial values. Embedding
+  tables take `fresh`'s padding rows (`_repadded`). `source` names the pretrained runs in errors
+  ("finetune.from_run: runs/x").
 
   Raises:
     ConfigError: a shared leaf whose shape differs, or pretrained leaves this model has no place for.
@@ -61,14 +63,14 @@ def merge_pretrained(fresh: dict, pretrained: dict, source: str) -> dict:
   new, old = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(pretrained)
   unused = sorted("/".join(p) for p in old if p not in new)
   if unused:
-    raise ConfigError(f"finetune.from_run: {source} has parameters this model lacks: {unused[:5]}"
+    raise ConfigError(f"{source} has parameters this model lacks: {unused[:5]}"
                       f"{' ...' if len(unused) > 5 else ''} (model sizes must match)")
   for path, value in list(old.items()):
     if value.shape == new[path].shape:
       continue
     repadded = _repadded(value, new[path].shape) if path[-1] == "embedding" else None
     if repadded is None:
-      raise ConfigError(f"finetune.from_run: {source} parameter {'/'.join(path)} has shape {value.shape}, "
+      raise ConfigError(f"{source} parameter {'/'.join(path)} has shape {value.shape}, "
                         f"this model {new[path].shape} (model sizes and data must match)")
     old[path] = repadded
   return traverse_util.unflatten_dict({path: old.get(path, value) for path, value in new.items()})
