@@ -332,7 +332,8 @@ def test_pretraining_route_restores_runs_and_rejects_bad_ones(tmp_path):
   gmf, gmf_params = saved_run(tmp_path / "gmf", exp, "gmf")
   mlp, mlp_params = saved_run(tmp_path / "mlp", exp, "ncf_mlp")
   exp.config["pretrain"] = {"gmf_run": gmf, "mlp_run": mlp, "alpha": 0.25}
-  jax.tree.map(np.testing.assert_array_equal, experiment.pretrained_init(exp, None),
+  fresh = experiment.init_params(exp, jax.random.PRNGKey(0))
+  jax.tree.map(np.testing.assert_array_equal, experiment.pretrained_init(exp, fresh),
                neumf_from_pretrained(gmf_params, mlp_params, 0.25))
   cases = [
       ({"gmf_run": gmf}, "needs both"),
@@ -355,7 +356,7 @@ def test_pretraining_route_restores_runs_and_rejects_bad_ones(tmp_path):
     if message == "needs both":
       exp.config["pretrain"]["mlp_run"] = None
     with pytest.raises(ConfigError, match=message):
-      experiment.pretrained_init(exp, None)
+      experiment.pretrained_init(exp, fresh)
   exp.config["pretrain"] = {"gmf_run": None, "mlp_run": None, "alpha": 0.5}
   assert experiment.pretrained_init(exp, "unchanged") == "unchanged"
 
