@@ -780,7 +780,7 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
     return None
   saved = saved_config(out)
   if saved is None:
-    if any(step.name.isdigit() for kind in ("latest", "best") for step in (out / "checkpoints" / kind).glob("*")):
+    if _saved_epochs(out, "latest") or _saved_epochs(out, "best"):
       raise ConfigError(f"resume: {out} holds checkpoints but no config.json, so nothing says which run they "
                         "belong to; restore its config.json or choose another output folder")
     return None
@@ -799,12 +799,16 @@ def check_run_folder(config: dict[str, Any], out: Path, resume: bool, keys=None)
   return saved
 
 
+def _saved_epochs(out: Path, kind: str) -> list[int]:
+  """The epochs of a run folder's finished `kind` ("latest" or "best") checkpoints, read from their folder names:
+  orbax writes a step under a temporary name and renames it when complete. No JAX call: a multi-host run checks
+  this before `jax.distributed.initialize`."""
+  return sorted(int(step.name) for step in (out / "checkpoints" / kind).glob("*") if step.name.isdigit())
+
+
 def completed_epochs(out: Path) -> int:
   """Epochs a run folder's newest finished checkpoint has completed (0 without one)."""
-  if not (out / "checkpoints" / "latest").is_dir():
-    return 0
-  with Checkpointer(out / "checkpoints", read_only=True) as checkpoints:   # opens `latest` only, writes nothing
-    epochs = checkpoints.latest_epochs()
+  epochs = _saved_epochs(out, "latest")
   return epochs[-1] + 1 if epochs else 0
 
 

@@ -69,3 +69,23 @@ def test_two_processes_agree_with_one(two_process_run, tmp_path, name):
   assert (name == "sasrec") == bool(key_bias)
   assert max(d for path, d in diffs.items() if path not in key_bias) < 1e-5, diffs
   assert all(d < 1e-3 for d in key_bias.values()), key_bias
+
+
+def test_the_command_resumes_a_two_process_run(tmp_path):
+  """`recjax train --resume` over two processes: its run-folder checks come before `jax.distributed.initialize`,
+  so they must not start JAX."""
+  env, out = host_devices_env(1), tmp_path / "run"
+
+  def train(*flags: str) -> None:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "recjax.cli", "train", "bpr", "--dataset", "synthetic", "--set",
+                               "model.dim=8", "--out", str(out), "--coordinator", coordinator, "--num-processes", "2",
+                               "--process-id", str(i), *flags], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for i, p in enumerate(procs):
+      _, stderr = p.communicate(timeout=300)
+      assert p.returncode == 0, f"process {i}:\n{stderr[-4000:]}"
+
+  train("--epochs", "1")
+  train("--epochs", "2", "--resume")
+  assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
