@@ -379,6 +379,8 @@ def test_a_resume_that_finds_no_run_starts_afresh_and_can_be_resumed_after_faili
   with pytest.raises(KeyboardInterrupt):
     experiment.train(config, out, resume=True, log=interrupt)
   assert (out / "config.json").exists() and (out / "split.json").exists()
+  assert run_cli("train", "bpr", "--epochs", "1", "--out", tmp_path / "typo", "--resume") == 2   # the command
+  assert not (tmp_path / "typo").exists()                                   # refuses a folder with no run in it
   resumed = experiment.train(config, out, resume=True, log=lambda line: None)
   assert resumed["test"] == whole["test"] and resumed["epochs_run"] == 2
   lines = []

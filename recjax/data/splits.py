@@ -188,7 +188,7 @@ def part_counts(n: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
 
 
 def _by_user_order(inter: Interactions, order: np.ndarray, ratios: Sequence[float], name: str) -> Split:
-  """Cut each user's rows, taken in `order` (sorted by user), by `ratio_counts`."""
+  """Cut each user's rows, taken in `order` (sorted by user), by `part_counts`."""
   counts = np.bincount(inter.user, minlength=inter.num_users)
   cnt = part_counts(counts, ratios)                              # [num_users, 3]
   user_sorted = inter.user[order]
