@@ -30,7 +30,7 @@ from recjax.eval import classification, protocols, ranking
 from recjax.models.multidomain import param_group
 from recjax.nn.graph import normalized_adjacency
 from recjax.optim import create_optimizer, no_decay_on_biases_and_norms, warmup_linear_decay
-from recjax.train import Checkpointer, adapt, create_train_state, fit, make_train_step
+from recjax.train import Checkpointer, adapt, create_train_state, distributed, fit, make_train_step
 from recjax.train.logging import json_line, write_atomic
 from recjax.train.mesh import (
   batch_sharding,
@@ -882,8 +882,10 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     def save_config(*_):   # the run's config and split record
       write_json(out / "config.json", config)
       write_json(out / SPLIT_RECORD, record)
-      (out / "metrics.json").unlink(missing_ok=True)   # a resumed finished run's results no longer describe it
+      if jax.process_index() == 0:   # a resumed finished run's results no longer describe it; removed, like every
+        (out / "metrics.json").unlink(missing_ok=True)   # run file is written, by the first process alone
 
+    distributed.sync_processes("recjax: run folder checked")   # by every process, before the first writes into it
     out.mkdir(parents=True, exist_ok=True)
     if not resume:   # a resumed run's are rewritten once its checkpoint has restored (after an epoch)
       save_config()

@@ -1,12 +1,14 @@
 """One process of the two-process run in `test_multihost.py`: joins `jax.distributed` on loopback, then
 trains BPR-MF and SASRec for one epoch into `OUT/<model>`, and resumes each for a second epoch from the
-orbax checkpoint the two processes saved together.
+orbax checkpoint the two processes saved together. The second process lags the first at each of its (skipped)
+run-file writes, so that a file touched by the wrong process shows in the run folder every time.
 
     python tests/multihost_worker.py COORDINATOR PROCESS_ID OUT
 """
 from __future__ import annotations
 
 import sys
+import time
 
 from recjax.train import distributed
 
@@ -24,6 +26,16 @@ def config_for(name: str, epochs: int) -> dict:
   return config
 
 
+def _lag_writes(experiment) -> None:
+  write_json = experiment.write_json
+
+  def lagging(path, obj) -> None:
+    time.sleep(0.5)
+    write_json(path, obj)
+
+  experiment.write_json = lagging
+
+
 def main(coordinator: str, process_id: int, out: str) -> None:
   distributed.initialize(coordinator, 2, process_id)
   import jax
@@ -31,6 +43,8 @@ def main(coordinator: str, process_id: int, out: str) -> None:
   from recjax import experiment
 
   assert jax.process_count() == 2, jax.process_count()
+  if process_id == 1:
+    _lag_writes(experiment)
   for name in CONFIGS:
     experiment.train(config_for(name, 1), f"{out}/{name}", log=lambda line: None)
     experiment.train(config_for(name, 2), f"{out}/{name}", resume=True, log=lambda line: None)

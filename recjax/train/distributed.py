@@ -59,3 +59,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator_address=settings["coordinator"],
                                num_processes=settings["num_processes"], process_id=settings["process_id"])
   return True
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process of a multi-host run has reached the point `name` (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
