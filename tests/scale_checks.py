@@ -209,6 +209,21 @@ def check_merged_hits() -> dict:
   return out
 
 
+def check_merged_eval_in_chunks(users: int = 6000, num_items: int = 1500, k: int = 600) -> dict:
+  """Merged full ranking (a 1 x 2 mesh, the items split in two) of many small chunks against one device's; the
+  test runs it on one core, where chunks sent back to back deadlocked XLA:CPU's collectives."""
+  rng = np.random.default_rng(0)
+  params = {"users": rng.normal(size=(users, 8)).astype(np.float32),
+            "items": rng.normal(size=(num_items, 8)).astype(np.float32)}
+  score = lambda params, inputs: params["users"][inputs["user"]] @ params["items"].T   # noqa: E731
+  inputs = {"user": np.arange(users, dtype=np.int32)}
+  positives = rng.integers(1, num_items, (users, 3)).astype(np.int32)
+  exclude = rng.integers(1, num_items, (users, 20)).astype(np.int32)
+  evaluate = functools.partial(ranking.evaluate_full, score, inputs=inputs, positives=positives, exclude=exclude,
+                               ks=(10, k), metrics=("ndcg", "recall"), chunk_size=4)
+  return {"single": evaluate(params), "merged": evaluate(params, sharding=batch_sharding(make_mesh(2, 2)))}
+
+
 def check_big_table(rows: int = 4_000_000, dim: int = 64, steps: int = 3) -> dict:
   """A BPR-MF item table of `rows` x `dim` float32 row-sharded over 4 devices, trained with Adam."""
   mesh = make_mesh(4, 4)
@@ -261,10 +276,11 @@ CHECKS = {
     "eval": check_eval,
     "eval_collectives": check_eval_collectives,
     "merged_hits": check_merged_hits,
+    "merged_eval_in_chunks": check_merged_eval_in_chunks,
     "big_table": check_big_table,
     "default_devices": check_default_devices,
 }
 
 if __name__ == "__main__":
-  names = sys.argv[1:] or list(CHECKS)
+  names = sys.argv[1:] or [name for name in CHECKS if name != "merged_eval_in_chunks"]
   print(json.dumps({name: CHECKS[name]() for name in names}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,22 @@ def test_users_split_over_devices_are_ranked_without_collectives(checks):
 
 def test_merged_ranking_equals_the_single_device_one(checks):
   assert checks["merged_hits"] == {"37/10/4": True, "37/40/2": True, "9/12/4": True, "64/5/2": True}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity to run on one core")
+def test_merged_ranking_in_many_chunks_on_one_core():
+  """1,500 chunks of the merged full ranking on two host devices sharing one core: sent back to back, they
+  deadlocked XLA:CPU's collectives (it aborts after its 40 s rendezvous timeout) in 4 test runs of 4. Fewer
+  chunks, and tcmalloc's timing, let some runs through, so the check runs many chunks under the system malloc.
+  Sent one at a time, they equal one device's ranking."""
+  core = min(os.sched_getaffinity(0))
+  env = {name: value for name, value in host_devices_env(2).items() if name != "LD_PRELOAD"}
+  done = subprocess.run([sys.executable, str(CHECKS), "merged_eval_in_chunks"], env=env,
+                        capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+  assert done.returncode == 0, done.stderr[-4000:]
+  got = json.loads(done.stdout.strip().splitlines()[-1])["merged_eval_in_chunks"]
+  assert got["merged"] == pytest.approx(got["single"], rel=1e-6)
+  assert got["single"]["recall@600"] > 0.3   # k=600 of 1,500 items: a real ranking, not empty lists
 
 
 def test_a_table_too_big_to_replicate_trains_in_quarters(checks):

@@ -287,14 +287,30 @@ def _sharded(step: Callable, chunk: int, params, sharding) -> tuple[int, Callabl
   return chunk, lambda params, *rows: step(params, *put_global(rows, sharding)), on_mesh(params, sharding.mesh)
 
 
-def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable) -> tuple[dict, float]:
+def _collectives_on_host_devices(params, mesh=None) -> bool:
+  """Whether a chunk evaluator may run collectives between XLA:CPU host devices: the merged top-k (a `model`
+  axis) or parameters split over several devices (row-sharded tables). Chunks sent back to back deadlock
+  such collectives when the devices outnumber the threads free to run them (a 1 x 2 mesh on one core, a 2 x 2
+  mesh on two at k=600: XLA aborts the process after its 40 s rendezvous timeout), so these are sent one at
+  a time. Accelerators, and host devices that only rank their own users, keep chunks in flight."""
+  arrays = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
+  split = (mesh is not None and mesh.shape.get("model", 1) > 1) or any(not x.is_fully_replicated for x in arrays)
+  devices = {d for x in arrays for d in x.sharding.device_set} | (set(mesh.devices.flat) if mesh is not None else set())
+  return split and all(d.platform == "cpu" for d in devices)
+
+
+def _run_chunks(step: Callable, num_rows: int, chunk: int, make_args: Callable,
+                one_at_a_time: bool = False) -> tuple[dict, float]:
   """Sums of the per-user rows `step(*make_args(start, stop), weight)` returns for each chunk, fetched
-  once at the end and added exactly (`math.fsum`), so they do not depend on the chunking or the devices."""
+  once at the end and added exactly (`math.fsum`), so they do not depend on the chunking or the devices.
+  `one_at_a_time`: each chunk finishes before the next is sent (`_collectives_on_host_devices`)."""
   outs = []
   for start in range(0, num_rows, chunk):
     stop = min(start + chunk, num_rows)
     weight = _pad_rows(np.ones(stop - start, np.float32), chunk)
     outs.append(step(*make_args(start, stop), weight))
+    if one_at_a_time:
+      jax.block_until_ready(outs[-1])
   outs = fetch(outs)
   exact_sum = lambda parts: math.fsum(np.concatenate([np.ravel(p) for p in parts]).tolist())  # noqa: E731
   sums = {key: exact_sum([rows[key] for rows, _ in outs]) for key in outs[0][0]}
@@ -362,7 +378,8 @@ def evaluate_full(score_fn: ScoreFn, params, inputs: Mapping[str, np.ndarray], p
   make_args = lambda start, stop: (
       params, _chunk_inputs(inputs, start, stop, chunk),
       _pad_rows(_exclude_rows(exclude, start, stop, width), chunk), _pad_rows(positives[start:stop], chunk))
-  return _means(*_run_chunks(step, num_rows, chunk, make_args), ks, metrics)
+  in_order = _collectives_on_host_devices(params, None if sharding is None else sharding.mesh)
+  return _means(*_run_chunks(step, num_rows, chunk, make_args, in_order), ks, metrics)
 
 
 # ----------------------------------------------------------------------------- sampled ranking
@@ -511,4 +528,5 @@ def evaluate_sampled(score_fn_items: ItemScoreFn, params, inputs: Mapping[str, n
   step = make_sampled_eval(score_fn_items, ks, metrics)
   make_args = lambda start, stop: (
       params, _chunk_inputs(inputs, start, stop, chunk), _pad_rows(candidates[start:stop], chunk))
-  return _means(*_run_chunks(step, num_rows, chunk, make_args), ks, metrics, prefix=SAMPLED_PREFIX)
+  in_order = _collectives_on_host_devices(params)
+  return _means(*_run_chunks(step, num_rows, chunk, make_args, in_order), ks, metrics, prefix=SAMPLED_PREFIX)
