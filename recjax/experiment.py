@@ -882,8 +882,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     def save_config(*_):   # the run's config and split record
       write_json(out / "config.json", config)
       write_json(out / SPLIT_RECORD, record)
-      if jax.process_index() == 0:   # a resumed finished run's results no longer describe it; removed, like every
-        (out / "metrics.json").unlink(missing_ok=True)   # run file is written, by the first process alone
+      if jax.process_index() == 0:   # the one process that writes the run's files removes them too
+        (out / "metrics.json").unlink(missing_ok=True)   # a resumed finished run's results no longer describe it
 
     distributed.sync_processes("recjax: run folder checked")   # by every process, before the first writes into it
     out.mkdir(parents=True, exist_ok=True)

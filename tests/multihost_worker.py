@@ -27,6 +27,7 @@ def config_for(name: str, epochs: int) -> dict:
 
 
 def _lag_writes(experiment) -> None:
+  """Half a second before each of this process's `write_json` calls (which write nothing outside process 0)."""
   write_json = experiment.write_json
 
   def lagging(path, obj) -> None:
