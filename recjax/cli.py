@@ -174,15 +174,12 @@ def _load_run(run_dir: str, data_dir: str | None):
     raise ConfigError(f"--run {run_dir}: no config.json there; is it a recjax run folder?")
   if data_dir:
     config["data_dir"] = data_dir
-  exp = experiment.build(config)
+  exp = experiment.build(experiment.fitting_layout(config, f"--run {run_dir}"))   # on the devices this process has
   experiment.check_split(exp.split, run_dir, experiment.reads_features(exp))
   try:
     return exp, experiment.restore_best_params(exp, run_dir)
-  except ValueError as e:   # a stored shape differs: an edited config, or tables padded for another device layout
-    hint = ("; a run with model_parallel > 1 stores its row-sharded tables padded to its device count: evaluate "
-            "it with the run's devices and model_parallel, or copy its parameters into a run with "
-            "finetune.from_run (which re-pads them)") if config["model_parallel"] > 1 else ""
-    raise ConfigError(f"--run {run_dir}: {e}{hint}") from None
+  except ValueError as e:   # a stored shape differs: an edited config.json
+    raise ConfigError(f"--run {run_dir}: {e}") from None
 
 
 def cmd_evaluate(args) -> int:

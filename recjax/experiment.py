@@ -533,6 +533,22 @@ def train_mesh(config: dict[str, Any]):
   return mesh
 
 
+def fitting_layout(config: dict[str, Any], what: str) -> dict[str, Any]:
+  """A saved run's `config` with `devices` this process can build the run's mesh on, to restore its checkpoint:
+  the run's own when it can, else `model_parallel` devices (its row-sharded tables are padded for that count
+  alone; data parallelism changes no shape). ConfigError naming `what` when fewer devices are visible."""
+  try:
+    train_mesh(config)
+    return config
+  except ConfigError:
+    parallel, visible = config["model_parallel"], jax.device_count()
+    if parallel > visible:
+      raise ConfigError(f"{what}: the run's tables are row-sharded over model_parallel={parallel} devices and stored "
+                        f"padded for them; {visible} are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_"
+                        f"device_count={parallel} set before the process starts gives that many)") from None
+    return {**config, "devices": parallel}
+
+
 def device_batches(exp: Experiment, sampler) -> Callable[[int], Any]:
   """epoch -> the sampler's batches on device, split over the run's mesh, prefetched."""
   if exp.mesh is None:
@@ -626,8 +642,9 @@ def finetune_init(exp: Experiment, params):
                     ("model.name", *_SAME_DATA_KEYS, "domain.rule", "domain.column", "label_columns"),
                     full if source_only is None else domains.only_domain(full, source_only),   # as the source had it
                     "fine-tuning continues a run of the same model on the same data")
-  config = {**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
-            "finetune": {**config["finetune"], "from_run": None}}   # its optimizer state's layout
+  config = fitting_layout({**config, "data_dir": exp.config["data_dir"], "domain": {**config["domain"], "only": None},
+                           "finetune": {**config["finetune"], "from_run": None}},   # its optimizer state's layout
+                          f"finetune.from_run: {source}")
   # Same data and split, so this run's model with the source's hyperparameters (e.g. without adapters) has
   # the source's parameter shapes: no second load of the data.
   hparams = models.hashable_hparams({k: v for k, v in config["model"].items() if k != "name"})
@@ -718,6 +735,7 @@ def restore_pretrained(exp: Experiment, run_dir: str | os.PathLike, name: str, s
     if _as_list(config["model"].get(key)) != _as_list(exp.config["model"][ours]):
       raise ConfigError(f"{what}: {run_dir} has model.{key}={config['model'].get(key)!r}, this run model.{ours}="
                         f"{exp.config['model'][ours]!r} (sizes must match)")
+  config = fitting_layout(config, f"{what}: {run_dir}")
   hparams = {k: v for k, v in config["model"].items() if k != "name"}
   model = models.create_model(name, num_users=exp.split.train.num_users, num_items=exp.split.train.num_items,
                               **hparams)

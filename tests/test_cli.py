@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from testutil import host_devices_env
@@ -652,6 +653,25 @@ def test_evaluate_on_two_host_devices(tmp_path):
   stdout, stderr = evaluate.communicate()
   assert evaluate.returncode == 0, stderr
   assert json.loads(stdout)["test"] == pytest.approx(read_metrics(out)["test"], rel=1e-5)
+
+
+def test_a_run_of_more_devices_loads_in_a_process_with_fewer(tmp_path, capsys):
+  """A data-parallel run of 2 devices evaluates and seeds fine-tuning in this one-device process (its shapes do
+  not depend on the devices); a run with tables row-sharded over 2 devices needs 2, and says how to get them."""
+  assert jax.device_count() == 1
+  env = host_devices_env(2)
+  for name, layout in (("data", []), ("rows", ["--set", "model_parallel=2", "--set", "shard_tables_mb=0"])):
+    train = _cli(["train", "bpr", "--dataset", "synthetic", "--epochs", "1", "--set", "model.dim=8", "--set",
+                  "devices=2", *layout, "--out", tmp_path / name], env=env)
+    assert train.wait() == 0, train.stderr.read()
+  capsys.readouterr()
+  assert run_cli("evaluate", "--run", tmp_path / "data") == 0
+  assert json.loads(capsys.readouterr().out)["test"] == pytest.approx(read_metrics(tmp_path / "data")["test"], rel=1e-5)
+  assert run_cli("train", "bpr", "--dataset", "synthetic", "--epochs", "1", "--set", "model.dim=8", "--set",
+                 f"finetune.from_run='{tmp_path / 'data'}'", "--out", tmp_path / "tuned") == 0
+  assert run_cli("evaluate", "--run", tmp_path / "rows") == 2
+  err = capsys.readouterr().err
+  assert "model_parallel=2" in err and "xla_force_host_platform_device_count=2" in err, err
 
 
 def test_neumf_pretrained_from_runs_of_another_device_layout_keeps_its_own_tables(tmp_path):
