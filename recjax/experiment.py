@@ -523,6 +523,10 @@ def train_mesh(config: dict[str, Any]):
   if config["grad_accum"] < 1 or config["batch_size"] % config["grad_accum"]:
     raise ConfigError(f"grad_accum={config['grad_accum']} must divide batch_size={config['batch_size']}")
   count = config["devices"] or default_device_count(config)
+  if jax.process_count() > 1 and count != jax.device_count():   # each process must hold its part of the mesh
+    why = " (text.finetune_layers > 0 trains on one device)" if config["text"]["finetune_layers"] else ""
+    raise ConfigError(f"devices={count}{why}: a multi-host run trains on every process's devices, "
+                      f"{jax.device_count()} here; leave devices unset")
   if count == 1 and config["model_parallel"] == 1:
     return None
   try:
@@ -546,7 +550,7 @@ def fitting_layout(config: dict[str, Any], what: str) -> dict[str, Any]:
       raise ConfigError(f"{what}: the run's tables are row-sharded over model_parallel={parallel} devices and stored "
                         f"padded for them; {visible} are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_"
                         f"device_count={parallel} set before the process starts gives that many)") from None
-    return {**config, "devices": parallel}
+    return {**config, "devices": parallel if jax.process_count() == 1 else None}
 
 
 def device_batches(exp: Experiment, sampler) -> Callable[[int], Any]:

@@ -159,6 +159,20 @@ def test_mesh_errors_are_clear():
   assert MODEL in make_mesh(1, 1).shape
 
 
+def test_a_multi_host_run_trains_on_every_device(monkeypatch):
+  """A mesh leaving out another process's devices (devices=1, or text fine-tuning's one device) is refused before
+  anything is written: orbax cannot save one process's local arrays in a multi-host run (it failed after epoch 0)."""
+  from recjax import experiment
+  from recjax.config import apply_overrides, default_config
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  with pytest.raises(ConfigError, match="devices=1: a multi-host run trains on every process's devices, 2 here"):
+    experiment.train_mesh(apply_overrides(default_config("bpr"), ["devices=1"]))
+  with pytest.raises(ConfigError, match=r"devices=1 \(text.finetune_layers > 0 trains on one device\)"):
+    experiment.train_mesh(apply_overrides(default_config("bpr"), ["text.finetune_layers=1"]))
+
+
 def test_bad_step_options_are_config_errors():
   from recjax import experiment
   from recjax.config import apply_overrides, default_config
