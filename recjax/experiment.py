@@ -40,6 +40,7 @@ from recjax.train.mesh import (
   on_mesh,
   pad_tables,
   put_global,
+  unsplit_tables,
 )
 
 
@@ -393,6 +394,12 @@ def init_state(exp: Experiment, optimizer, rng: jax.Array):
     make = lambda: create_train_state(init_params(exp, rng), optimizer, key)  # noqa: E731
   if exp.mesh is None:
     return make(), None
+  unsplit = unsplit_tables(jax.eval_shape(make).params, exp.mesh, shard_min_bytes(exp.config))
+  if unsplit:
+    raise ConfigError(f"model_parallel={exp.config['model_parallel']}: {', '.join(unsplit)} reach shard_tables_mb="
+                      f"{exp.config['shard_tables_mb']}, but recjax row-shards only id embedding tables, not feature "
+                      "tables: they would be whole on every device. Train data-parallel (model_parallel=1), or set "
+                      "shard_tables_mb above them")
   return create_sharded(make, exp.mesh, shard_min_bytes(exp.config))
 
 

@@ -674,6 +674,16 @@ def test_a_run_of_more_devices_loads_in_a_process_with_fewer(tmp_path, capsys):
   assert "model_parallel=2" in err and "xla_force_host_platform_device_count=2" in err, err
 
 
+def test_feature_tables_are_not_left_whole_under_model_parallel_unannounced(tmp_path):
+  """DeepFM's feature tables are not row-sharded: asked to shard tables of any size over 2 devices, the run
+  says so before it writes anything."""
+  done = _cli(["train", "deepfm", "--dataset", "synthetic", "--epochs", "1", "--set", "devices=2", "--set",
+               "model_parallel=2", "--set", "shard_tables_mb=0", "--out", tmp_path / "run"], env=host_devices_env(2))
+  _, stderr = done.communicate()
+  assert done.returncode == 2 and "token_embedding reach shard_tables_mb=0.0" in stderr, stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_neumf_pretrained_from_runs_of_another_device_layout_keeps_its_own_tables(tmp_path):
   """GMF and NCF-MLP trained with item tables row-sharded over 2 devices (padded to an even row count), NeuMF on
   one: NeuMF's tables take its own (unpadded) rows, so its checkpoint evaluates."""

@@ -78,6 +78,18 @@ def _is_big_table(path, leaf, mesh: Mesh, shard_min_bytes: int) -> bool:
           and int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize >= shard_min_bytes)
 
 
+def unsplit_tables(params, mesh: Mesh, shard_min_bytes: int) -> list[str]:
+  """Paths of the 2-D `*_embedding` params other than `embedding` tables (feature-field tables of the CTR and
+  multi-domain models) of at least `shard_min_bytes` on a mesh with a `model` axis: tables big enough to
+  split by rows that row-sharding does not cover, so they would stay whole on every device."""
+  def unsplit(path, leaf) -> bool:
+    shape, name = getattr(leaf, "shape", ()), jax.tree_util.keystr(path[-1:], simple=True)
+    return (axis_size(mesh, MODEL) > 1 and len(shape) == 2 and name.endswith("embedding") and name != TABLE_LEAF
+            and int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize >= shard_min_bytes)
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if unsplit(path, leaf)]
+
+
 def table_spec(path, leaf, mesh: Mesh, shard_min_bytes: int) -> PartitionSpec:
   """Row-sharded on `model` for a big embedding table whose rows split evenly over the `model` axis
   (`pad_tables` makes them); replicated otherwise."""
