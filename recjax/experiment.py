@@ -786,6 +786,12 @@ def write_json(path: Path, obj: Any) -> None:
   write_atomic(path, json_line(obj, indent=2, sort_keys=True) + "\n")
 
 
+def remove_file(path: Path) -> None:
+  """Removes a run file if it is there, by the first process only: the one that writes them (`write_json`)."""
+  if jax.process_index() == 0:
+    path.unlink(missing_ok=True)
+
+
 # What a resumed run may change: `epochs` (the total: train longer) and `data_dir` (the data moved).
 RESUMABLE_KEYS = ("epochs", "data_dir")
 
@@ -911,8 +917,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None, *, r
     def save_config(*_):   # the run's config and split record
       write_json(out / "config.json", config)
       write_json(out / SPLIT_RECORD, record)
-      if jax.process_index() == 0:   # the one process that writes the run's files removes them too
-        (out / "metrics.json").unlink(missing_ok=True)   # a resumed finished run's results no longer describe it
+      remove_file(out / "metrics.json")   # a resumed finished run's results no longer describe it
 
     distributed.sync_processes("recjax: run folder checked")   # by every process, before the first writes into it
     out.mkdir(parents=True, exist_ok=True)

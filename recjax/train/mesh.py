@@ -69,25 +69,30 @@ def check_divisible(batch_size: int, mesh: Mesh) -> None:
     raise ValueError(f"batch size {batch_size} does not split over {axis_size(mesh, DATA)} data-parallel devices")
 
 
-def _is_big_table(path, leaf, mesh: Mesh, shard_min_bytes: int) -> bool:
-  """Whether `leaf` is an embedding table (a 2-D flax `embedding` param) of at least `shard_min_bytes`
-  on a mesh with a `model` axis: one to split by rows."""
+def _big_matrix(leaf, mesh: Mesh, shard_min_bytes: int) -> bool:
+  """Whether `leaf` is 2-D, of at least `shard_min_bytes`, on a mesh with a `model` axis: one to split by rows."""
   shape = getattr(leaf, "shape", ())
-  name = jax.tree_util.keystr(path[-1:], simple=True)   # the leaf's own key
-  return (axis_size(mesh, MODEL) > 1 and len(shape) == 2 and name == TABLE_LEAF
+  return (axis_size(mesh, MODEL) > 1 and len(shape) == 2
           and int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize >= shard_min_bytes)
 
 
+def _leaf_name(path) -> str:
+  return jax.tree_util.keystr(path[-1:], simple=True)   # the leaf's own key
+
+
+def _is_big_table(path, leaf, mesh: Mesh, shard_min_bytes: int) -> bool:
+  """Whether `leaf` is a flax `embedding` table to split by rows (`_big_matrix`)."""
+  return _leaf_name(path) == TABLE_LEAF and _big_matrix(leaf, mesh, shard_min_bytes)
+
+
 def unsplit_tables(params, mesh: Mesh, shard_min_bytes: int) -> list[str]:
-  """Paths of the 2-D `*_embedding` params other than `embedding` tables (feature-field tables of the CTR and
-  multi-domain models) of at least `shard_min_bytes` on a mesh with a `model` axis: tables big enough to
-  split by rows that row-sharding does not cover, so they would stay whole on every device."""
-  def unsplit(path, leaf) -> bool:
-    shape, name = getattr(leaf, "shape", ()), jax.tree_util.keystr(path[-1:], simple=True)
-    return (axis_size(mesh, MODEL) > 1 and len(shape) == 2 and name.endswith("embedding") and name != TABLE_LEAF
-            and int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize >= shard_min_bytes)
+  """Paths of the `*_embedding` params other than `embedding` tables (feature-field tables of the CTR and
+  multi-domain models) big enough to split by rows (`_big_matrix`): row-sharding does not cover them, so they
+  would stay whole on every device."""
   return [jax.tree_util.keystr(path, simple=True, separator="/")
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if unsplit(path, leaf)]
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+          if _leaf_name(path).endswith("embedding") and _leaf_name(path) != TABLE_LEAF
+          and _big_matrix(leaf, mesh, shard_min_bytes)]
 
 
 def table_spec(path, leaf, mesh: Mesh, shard_min_bytes: int) -> PartitionSpec:
